@@ -1,0 +1,55 @@
+"""Machine-readable results, the same for every `eval` and `bench` command:
+JSON {"command": ..., "settings": {...}, "rows": [{...}, ...]} plus a markdown table of the same rows on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Rates are fractions in [0, 1]; these keys are printed with 4 decimals, times with 2.
+_RATE_KEYS = {"accuracy", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut", "top1_psr", "top5_psr", "asr", "ssim",
+              "threshold", "mmd", "retained", "fraction"}
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}" if key in _RATE_KEYS else f"{value:.2f}"
+    if isinstance(value, list | tuple):
+        return "+".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(k, row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | None) -> dict:
+    """Print the markdown table and write the JSON document (if asked). Returns the document."""
+    doc = {"command": command, "settings": settings, "rows": rows}
+    print(markdown_table(rows))
+    if json_out:
+        write_json_atomic(json_out, doc)
+    return doc
