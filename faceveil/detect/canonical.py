@@ -1,0 +1,134 @@
+"""The canonical face space: one face-centred square geometry large enough to hold every recogniser's crop
+(ArcFace-112 tight, loose-224, dlib-150 chip), with differentiable warps from canonical space to each model's crop
+and from canonical space to the photo, a feathered face mask, and paste-back onto the full-resolution photo.
+
+A perturbation that lives in canonical space (a person mask, or an image-specific mask) is pasted onto the photo
+through the inverse similarity warp. When the face is smaller in the photo than in canonical space, the
+perturbation is first low-pass resized (antialiased), so pasting never aliases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from faceveil.detect.align import ARCFACE_112, CropGeometry, get_geometry, inverse_matrix, register, warp_matrix
+
+CANONICAL_SIZE = 256
+# ArcFace-112 units -> canonical pixels. 1.55 makes the loosest crop (loose224, 1.4x the ArcFace field of view)
+# span 243 of the 256 canonical pixels, and gives ~55 px between the eyes.
+CANONICAL_ZOOM = 1.55
+CANONICAL = register(CropGeometry(
+    "canonical", CANONICAL_SIZE,
+    tuple(((x - 55.5) * CANONICAL_ZOOM + (CANONICAL_SIZE - 1) / 2,
+           (y - 55.5) * CANONICAL_ZOOM + (CANONICAL_SIZE - 1) / 2) for x, y in ARCFACE_112),
+))
+# The perturbed area: the ArcFace-112 crop (what the papers perturb), as a rounded square with soft edges.
+MASK_HALF_SIDE = 112 * CANONICAL_ZOOM / 2
+MASK_FEATHER = 6.0
+
+
+def face_mask(size: int = CANONICAL_SIZE) -> torch.Tensor:
+    """[1, size, size] in [0, 1]: 1 inside the face area, feathered to 0 over a few pixels (no seams)."""
+    c = (size - 1) / 2
+    k = size / CANONICAL_SIZE
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                          indexing="ij")
+    r = ((x - c).abs() ** 4 + (y - c).abs() ** 4) ** 0.25  # superellipse: a square with rounded corners
+    return torch.sigmoid((MASK_HALF_SIDE * k - r) / (MASK_FEATHER * k / 4)).float()[None]
+
+
+def _affine3(m: torch.Tensor) -> torch.Tensor:
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=m.dtype).expand(*m.shape[:-2], 1, 3)
+    return torch.cat([m, bottom], dim=-2)
+
+
+def compose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a after b, for 2x3 affine matrices (batched)."""
+    return (_affine3(a) @ _affine3(b))[..., :2, :]
+
+
+def canonical_to_crop_matrices(landmarks: torch.Tensor | np.ndarray, geometry: str) -> torch.Tensor:
+    """Crop-pixel -> canonical-pixel matrices [..., 2, 3] for a model geometry: the crop taken from the canonical
+    image equals the crop taken from the photo (both fitted to the same photo landmarks)."""
+    photo_to_canonical = warp_matrix(landmarks, CANONICAL)
+    crop_to_photo = inverse_matrix(warp_matrix(landmarks, geometry))
+    return compose(photo_to_canonical, crop_to_photo)
+
+
+def sample(src: torch.Tensor, dst_to_src: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Differentiable bilinear resampling: out[b, :, v, u] = src[b] at pixel dst_to_src[b] @ (u, v, 1);
+    zeros outside. src [B,C,h,w], dst_to_src [B,2,3] in pixel-centre coordinates."""
+    h, w = src.shape[-2:]
+    oh, ow = out_hw
+    m = torch.as_tensor(dst_to_src, dtype=torch.float64)
+    to_pixels = torch.tensor([[ow / 2, 0, (ow - 1) / 2], [0, oh / 2, (oh - 1) / 2], [0, 0, 1]], dtype=torch.float64)
+    to_norm = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1]], dtype=torch.float64)
+    theta = (to_norm @ _affine3(m) @ to_pixels).to(src.dtype)
+    grid = F.affine_grid(theta, [src.shape[0], src.shape[1], oh, ow], align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def model_crops(canonical: torch.Tensor, crop_to_canonical: torch.Tensor, geometry: str) -> torch.Tensor:
+    """Model crops [B,C,S,S] from canonical images [B,C,256,256]."""
+    size = get_geometry(geometry).size
+    return sample(canonical, crop_to_canonical, (size, size))
+
+
+def linear_scale(m: torch.Tensor) -> float:
+    """Isotropic scale of a similarity matrix (pixels out per pixel in)."""
+    return float(math.sqrt(abs(float(torch.linalg.det(torch.as_tensor(m, dtype=torch.float64)[..., :2])))))
+
+
+def canonical_to_region(delta: torch.Tensor, canonical_to_photo: torch.Tensor, box: tuple[int, int, int, int]):
+    """Warp canonical tensors [B,C,256,256] into the photo region box=(x0,y0,x1,y1) -> [B,C,y1-y0,x1-x0].
+    Downscaling warps are antialiased first (resize by the warp's scale), so fine detail does not alias."""
+    x0, y0, x1, y1 = box
+    scale = linear_scale(canonical_to_photo)
+    m = torch.as_tensor(canonical_to_photo, dtype=torch.float64)
+    if scale < 0.95:
+        small = max(8, round(delta.shape[-1] * scale))
+        k = delta.shape[-1] / small
+        delta = F.interpolate(delta, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+        # small pixel p <-> canonical pixel (p + 0.5) k - 0.5
+        m = compose(m, torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64))
+    region_to_canonical = compose(inverse_matrix(m), torch.tensor([[1.0, 0, x0], [0, 1.0, y0]], dtype=torch.float64))
+    return sample(delta, region_to_canonical.expand(delta.shape[0], 2, 3), (y1 - y0, x1 - x0))
+
+
+def region_box(canonical_to_photo: torch.Tensor, width: int, height: int, margin: int = 2) -> tuple[int, int, int, int]:
+    """Photo pixel box (x0, y0, x1, y1) covering the canonical square, clipped to the photo."""
+    c = CANONICAL_SIZE - 1
+    corners = torch.tensor([[0.0, 0.0, 1.0], [c, 0, 1], [0, c, 1], [c, c, 1]], dtype=torch.float64)
+    pts = corners @ torch.as_tensor(canonical_to_photo, dtype=torch.float64).T
+    x0 = max(0, int(math.floor(float(pts[:, 0].min()))) - margin)
+    y0 = max(0, int(math.floor(float(pts[:, 1].min()))) - margin)
+    x1 = min(width, int(math.ceil(float(pts[:, 0].max()))) + margin + 1)
+    y1 = min(height, int(math.ceil(float(pts[:, 1].max()))) + margin + 1)
+    return x0, y0, x1, y1
+
+
+def quantise_ste(x: torch.Tensor) -> torch.Tensor:
+    """8-bit rounding with a straight-through gradient: the forward pass sees what a saved file holds."""
+    return x + (torch.round(x * 255) / 255 - x).detach()
+
+
+def paste(photo: np.ndarray, landmarks: np.ndarray, delta: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
+    """Paste a canonical-space perturbation [3,256,256] (in [0,1] units) onto a uint8 photo HxWx3 for the face with
+    these landmarks: feathered by the face mask, clipped to the valid range, rounded to 8 bits. Returns a copy."""
+    h, w = photo.shape[:2]
+    canonical_to_photo = inverse_matrix(warp_matrix(landmarks, CANONICAL))
+    box = region_box(canonical_to_photo, w, h)
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return photo.copy()
+    mask = face_mask() if mask is None else mask
+    masked = (delta.detach().float() * mask)[None]
+    region_delta = canonical_to_region(masked, canonical_to_photo, box)[0].permute(1, 2, 0).numpy()
+    out = photo.copy()
+    region = out[y0:y1, x0:x1].astype(np.float32) / 255 + region_delta
+    out[y0:y1, x0:x1] = np.clip(np.rint(region * 255), 0, 255).astype(np.uint8)
+    return out
