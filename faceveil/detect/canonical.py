@@ -116,7 +116,8 @@ def quantise_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x * 255) / 255 - x).detach()
 
 
-def paste(photo: np.ndarray, landmarks: np.ndarray, delta: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
+def paste(photo: np.ndarray, landmarks: np.ndarray, delta: torch.Tensor,
+          mask: torch.Tensor | None = None) -> np.ndarray:
     """Paste a canonical-space perturbation [3,256,256] (in [0,1] units) onto a uint8 photo HxWx3 for the face with
     these landmarks: feathered by the face mask, clipped to the valid range, rounded to 8 bits. Returns a copy."""
     h, w = photo.shape[:2]
