@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from faceveil.errors import FaceveilError
 
@@ -70,6 +71,96 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+STRENGTHS = {  # eps (0..255 units), iterations
+    "low": (4.0, 30),
+    "mid": (8.0, 50),
+    "high": (12.0, 50),
+}
+
+
+def _protect_settings(args: argparse.Namespace):
+    from faceveil.attacks.core import AttackConfig
+    from faceveil.models import zoo
+    from faceveil.protect import ProtectSettings
+
+    eps, iters = STRENGTHS[args.strength]
+    eps = args.eps if args.eps is not None else eps
+    iters = args.iters if args.iters is not None else iters
+    alpha = args.alpha if args.alpha is not None else max(eps / 255 * 2.5 / iters, 1.0 / 255)
+    attack = AttackConfig(eps=eps / 255, alpha=alpha if args.alpha is None else alpha / 255, steps=iters,
+                          momentum=args.momentum, diversity=args.diversity, seed=args.seed)
+    return ProtectSettings(method=args.method, surrogates=zoo.parse_models(args.surrogates), attack=attack,
+                           judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
+                           jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
+                           copy_unprotected=args.copy_unprotected)
+
+
+def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> int:
+    from faceveil.io.batch import expand_inputs, run_batch
+    from faceveil.io.paths import ensure_safe_out_dir
+    from faceveil.protect import PhotoProtector
+
+    settings = _protect_settings(args)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    items = expand_inputs(inputs, kinds=("image",), exclude=out_dir, recursive=args.recursive)
+    for item in items:
+        ensure_safe_out_dir(item.path, Path(out_dir))
+    protector = PhotoProtector(settings, Path(out_dir))
+    report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
+    _print_protect_table(report.results, settings.judges)
+    if report.interrupted:
+        return 130
+    return 2 if any(r.status == "error" for r in report.results) else 0
+
+
+def _print_protect_table(results, judges: list[str]) -> None:
+    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised."""
+    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
+    for r in results:
+        faces = (r.details or {}).get("faces") or [{}]
+        for face in faces:
+            cells = []
+            for j in judges:
+                v = face.get(j)
+                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
+            lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")
+
+
+def _cmd_protect(args: argparse.Namespace) -> int:
+    return _run_protect(args.inputs, args.output, args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from faceveil import weights
+
+    samples = [str(p) for p in weights.sample_photos()]
+    print(f"faceveil demo: protecting {len(samples)} sample photos into {args.output}/", file=sys.stderr)
+    return _run_protect(samples, args.output, args)
+
+
+def _add_protect_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="pgd", choices=["pgd"], help="protection method")
+    p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
+    p.add_argument("--judges", default="all", help="models that check the result")
+    p.add_argument("--strength", default="mid", choices=sorted(STRENGTHS), help="preset budget and iterations")
+    p.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides strength)")
+    p.add_argument("--iters", type=int, default=None, help="iterations (overrides strength)")
+    p.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units")
+    p.add_argument("--momentum", type=float, default=1.0, help="MI-FGSM momentum (0 = off)")
+    p.add_argument("--diversity", type=float, default=0.0, help="input-diversity probability")
+    p.add_argument("--faces", default="all", help="all | largest | N")
+    p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
+    p.add_argument("--copy-unprotected", action="store_true", help="copy photos with no face unchanged")
+    p.add_argument("--recursive", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
+    p.add_argument("--quiet", action="store_true")
+
+
 def _threads() -> int:
     import torch
 
@@ -103,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-thresholds", metavar="FILE", help="write the calibrated thresholds (registry data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_verification)
+
+    p = sub.add_parser("protect", help="protect faces in photos (image-specific identity masks)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    _add_protect_flags(p)
+    p.set_defaults(func=_cmd_protect)
+    p = sub.add_parser("demo", help="protect the sample photos that the install brought")
+    p.add_argument("-o", "--output", default="faceveil-demo", metavar="OUTDIR")
+    _add_protect_flags(p)
+    p.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="speed benchmarks that write JSON").add_subparsers(
         dest="bench_command", required=True)

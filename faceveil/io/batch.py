@@ -60,6 +60,7 @@ class ItemResult:
     faces: int = 0
     seconds: float = 0.0
     output: str | None = None
+    details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +213,7 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     return ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
+        details=outcome.get("details"),
     )
 
 

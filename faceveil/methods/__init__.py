@@ -1,0 +1,1 @@
+"""Protection methods, each a small file composed from the attack core (faceveil.attacks)."""

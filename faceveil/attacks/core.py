@@ -1,0 +1,124 @@
+"""The shared optimisation core: an ensemble of surrogate recognisers, each seeing its own crop of the same
+canonical-space perturbation, and one iterative loop (I-FGSM / PGD with optional momentum, input diversity,
+DFANet feature dropout, L-inf or L2 budget) that every method composes with its own objective."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from faceveil.attacks.diversity import input_diversity
+from faceveil.attacks.faces import FaceBatch
+from faceveil.attacks.norms import momentum_update, normalise_step, project, random_init
+from faceveil.detect import canonical as C
+from faceveil.models import zoo
+
+Embeddings = dict[str, torch.Tensor]  # model name -> [B, D]
+
+
+class Ensemble:
+    """Surrogate recognisers with weights; `embed` crops each model's view of the perturbed regions."""
+
+    def __init__(self, names: list[str], weights: list[float] | None = None):
+        if not names:
+            raise ValueError("an ensemble needs at least one surrogate")
+        self.names = list(names)
+        self.models = {n: zoo.load(n) for n in names}
+        w = weights or [1.0] * len(names)
+        self.weights = {n: float(x) / sum(w) for n, x in zip(names, w, strict=True)}
+
+    @property
+    def geometries(self) -> list[str]:
+        return sorted({m.spec.geometry for m in self.models.values()})
+
+    def embed(self, batch: FaceBatch, regions: torch.Tensor, diversity: float = 0.0,
+              generator: torch.Generator | None = None) -> Embeddings:
+        out = {}
+        for geometry in self.geometries:
+            crops = batch.crops(regions, geometry)
+            for name, model in self.models.items():
+                if model.spec.geometry != geometry:
+                    continue
+                view = input_diversity(crops, diversity, generator) if generator is not None else crops
+                out[name] = model(view.contiguous())
+        return out
+
+    def metric(self, name: str) -> str:
+        return self.models[name].spec.metric
+
+
+@contextlib.contextmanager
+def feature_dropout(models: list[nn.Module], p: float, generator: torch.Generator) -> Iterator[None]:
+    """DFANet (Zhong & Deng 2020): dropout on the surrogates' intermediate conv features during the attack,
+    an implicit ensemble of many thinned models. Seeded, and removed when the context ends."""
+    if p <= 0:
+        yield
+        return
+
+    def hook(_module, _inputs, output):
+        keep = (torch.rand(output.shape, generator=generator) >= p).to(output.dtype)
+        return output * keep / (1 - p)
+
+    handles = [m.register_forward_hook(hook) for model in models for m in model.modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class AttackConfig:
+    eps: float = 8 / 255
+    alpha: float = 1.5 / 255
+    steps: int = 50
+    norm: str = "linf"
+    momentum: float = 0.0  # mu of MI-FGSM; 0 = plain I-FGSM
+    diversity: float = 0.0  # probability of the DI transform
+    dropout: float = 0.0  # DFANet feature dropout rate
+    random_start: bool = False
+    seed: int = 0
+
+
+Objective = Callable[[Embeddings, int], torch.Tensor]  # (embeddings, step) -> per-face loss [B], minimised
+
+
+def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: AttackConfig,
+               delta: torch.Tensor | None = None, progress: bool = False,
+               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Minimise `objective` over a canonical perturbation within the budget; returns delta [B,3,256,256]."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (len(batch), 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE)
+    if delta is None:
+        delta = random_init(torch.Size(shape), cfg.norm, cfg.eps, gen) if cfg.random_start else torch.zeros(shape)
+    velocity = None
+    with feature_dropout(list(ensemble.models.values()), cfg.dropout, gen):
+        for step in tqdm(range(cfg.steps), desc="optimise", disable=not progress, leave=False):
+            grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen)
+            if cfg.momentum > 0:
+                velocity = momentum_update(velocity, grad, cfg.momentum)
+                grad = velocity
+            delta = project(delta - cfg.alpha * normalise_step(grad, cfg.norm), cfg.norm, cfg.eps)
+            if on_step is not None:
+                on_step(step, delta)
+    return delta.detach()
+
+
+def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, delta: torch.Tensor, step: int,
+                  cfg: AttackConfig, gen: torch.Generator) -> torch.Tensor:
+    d = delta.detach().requires_grad_(True)
+    emb = ensemble.embed(batch, batch.perturbed(d), cfg.diversity, gen if cfg.diversity > 0 else None)
+    loss = objective(emb, step).sum()
+    (grad,) = torch.autograd.grad(loss, d)
+    return grad
+
+
+@torch.no_grad()
+def clean_embeddings(batch: FaceBatch, ensemble: Ensemble) -> Embeddings:
+    return ensemble.embed(batch, batch.regions)

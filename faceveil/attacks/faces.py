@@ -1,0 +1,95 @@
+"""A batch of faces ready for optimisation: every perturbation lives in canonical space [B,3,256,256], and every
+surrogate sees its own crop of the same perturbed face through differentiable warps.
+
+Two modes:
+- `crops`: the region IS the canonical image of each face (the papers' setting: perturb the aligned face).
+- `photos`: the region is the face's neighbourhood in the photo at (nearly) native resolution; the perturbation is
+  pasted into it exactly as the saved file will get it (antialiased warp, feathered mask, clip, 8-bit rounding with
+  a straight-through gradient), and the crops are taken from that. What the optimiser sees is what gets saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from faceveil.detect import canonical as C
+from faceveil.detect.align import get_geometry, inverse_matrix, warp_matrix
+
+# In photos mode, faces much larger than canonical space are optimised on a downscaled copy of their region
+# (eye distance at most this many canonical eye distances): the canonical perturbation has no finer detail anyway.
+MAX_REGION_ZOOM = 2.0
+
+
+@dataclass
+class FaceBatch:
+    regions: torch.Tensor  # [B,3,h,w] clean pixels in [0,1] (zero-padded to a common size)
+    canonical_to_region: torch.Tensor  # [B,2,3] canonical pixel -> region pixel
+    crop_to_region: dict[str, torch.Tensor]  # geometry -> [B,2,3] crop pixel -> region pixel
+    quantise: bool = True
+    mask: torch.Tensor = field(default_factory=C.face_mask)
+
+    def __len__(self) -> int:
+        return self.regions.shape[0]
+
+    def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
+        """Regions with the canonical perturbation pasted in (what the saved photo will hold)."""
+        masked = delta * self.mask
+        h, w = self.regions.shape[-2:]
+        pasted = torch.cat([C.canonical_to_region(masked[i:i + 1], self.canonical_to_region[i], (0, 0, w, h))
+                            for i in range(len(self))])
+        out = (self.regions + pasted).clamp(0, 1)
+        return C.quantise_ste(out) if self.quantise else out
+
+    def crops(self, regions: torch.Tensor, geometry: str) -> torch.Tensor:
+        size = get_geometry(geometry).size
+        return C.sample(regions, self.crop_to_region[geometry], (size, size))
+
+
+def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
+    h = max(im.shape[-2] for im in images)
+    w = max(im.shape[-1] for im in images)
+    return torch.stack([F.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im in images])
+
+
+def from_photos(photos: list[np.ndarray], landmarks: list[np.ndarray], geometries: list[str],
+                mode: str = "photos") -> FaceBatch:
+    """One FaceBatch entry per (photo, face landmarks) pair; photos uint8 HxWx3."""
+    regions, c2r, crops = [], [], {g: [] for g in geometries}
+    for photo, marks in zip(photos, landmarks, strict=True):
+        region, to_region, marks_in_region = _face_region(photo, np.asarray(marks, dtype=np.float64), mode)
+        regions.append(region)
+        c2r.append(to_region)
+        for g in geometries:
+            crops[g].append(inverse_matrix(warp_matrix(marks_in_region, g)))
+    return FaceBatch(_stack_padded(regions), torch.stack(c2r),
+                     {g: torch.stack(m) for g, m in crops.items()}, quantise=(mode == "photos"))
+
+
+def _face_region(photo: np.ndarray, marks: np.ndarray, mode: str):
+    """(region [3,h,w], canonical->region matrix, landmarks in region pixels)."""
+    image = torch.from_numpy(photo).permute(2, 0, 1).float().div(255)
+    canonical_to_photo = inverse_matrix(warp_matrix(marks, C.CANONICAL))
+    if mode == "crops":
+        canonical = C.sample(image[None], canonical_to_photo[None], (C.CANONICAL_SIZE, C.CANONICAL_SIZE))[0]
+        to_canonical = warp_matrix(marks, C.CANONICAL).numpy()
+        return canonical, torch.eye(2, 3, dtype=torch.float64), marks @ to_canonical[:, :2].T + to_canonical[:, 2]
+    if mode != "photos":
+        raise ValueError(f"unknown mode {mode!r} (crops or photos)")
+    x0, y0, x1, y1 = C.region_box(canonical_to_photo, photo.shape[1], photo.shape[0])
+    region = image[:, y0:y1, x0:x1]
+    marks = marks - [x0, y0]
+    shift = torch.tensor([[1.0, 0, -x0], [0, 1.0, -y0]], dtype=torch.float64)
+    to_region = C.compose(shift, canonical_to_photo)
+    zoom = C.linear_scale(to_region)
+    if zoom > MAX_REGION_ZOOM:
+        k = MAX_REGION_ZOOM / zoom
+        size = (max(1, round(region.shape[1] * k)), max(1, round(region.shape[2] * k)))
+        region = F.interpolate(region[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        down = torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64)
+        to_region = C.compose(down, to_region)
+        marks = (marks + 0.5) * k - 0.5
+    return region, to_region, marks
