@@ -101,10 +101,10 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     from faceveil.protect import PhotoProtector
 
     settings = _protect_settings(args)
+    for raw in inputs:  # before expanding: the output folder is excluded from the inputs
+        ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), Path(out_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     items = expand_inputs(inputs, kinds=("image",), exclude=out_dir, recursive=args.recursive)
-    for item in items:
-        ensure_safe_out_dir(item.path, Path(out_dir))
     protector = PhotoProtector(settings, Path(out_dir))
     report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
     _print_protect_table(report.results, settings.judges)

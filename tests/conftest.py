@@ -1,0 +1,17 @@
+"""Shared skip conditions: weights (fetched by ./setup.sh) and LFW (../shared/datasets/lfw or $FACEVEIL_LFW)."""
+
+from __future__ import annotations
+
+import pytest
+
+from faceveil import weights
+from faceveil.evaluate.lfw import default_lfw_root
+
+WEIGHTS_READY = all(r["present"] for r in weights.file_status())
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS_READY, reason=f"weights missing under {weights.home()}: run ./setup.sh or `faceveil models fetch`"
+)
+LFW_ROOT = default_lfw_root()
+needs_lfw = pytest.mark.skipif(
+    LFW_ROOT is None, reason="LFW not found: set FACEVEIL_LFW or place it at ../shared/datasets/lfw beside the repo"
+)

@@ -1,0 +1,90 @@
+"""The canonical face space: crops taken from it equal crops taken from the photo; paste-back is local, feathered,
+clipped, and survives a re-crop; the straight-through rounding passes gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from faceveil.attacks.faces import from_photos
+from faceveil.attacks.norms import momentum_update, normalise_step, project
+from faceveil.detect import canonical as C
+from faceveil.detect.align import ARCFACE_112, align, warp_faces
+
+
+def _synthetic_photo(size: int = 480, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random image and a rotated, scaled face landmark set inside it."""
+    gen = np.random.default_rng(seed)
+    coarse = gen.uniform(0, 255, (12, 12, 3))
+    image = np.kron(coarse, np.ones((size // 12, size // 12, 1)))
+    image = np.clip(image + gen.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    angle, scale = 0.2, 1.8  # face a little larger than in canonical space: paste upsamples
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
+    marks = (np.asarray(ARCFACE_112) - 56) @ rot.T + size / 2
+    return image, marks
+
+
+def test_canonical_crops_equal_photo_crops():
+    image, marks = _synthetic_photo()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    canonical = warp_faces(x, torch.as_tensor(marks)[None], "canonical")
+    for geometry in ("arcface112", "loose224", "dlib150"):
+        m = C.canonical_to_crop_matrices(torch.as_tensor(marks)[None], geometry)
+        from_canonical = C.model_crops(canonical, m, geometry)
+        direct = torch.from_numpy(align(image, marks, geometry)).permute(2, 0, 1)[None].float() / 255
+        assert float((from_canonical - direct).abs().mean()) < 0.02, geometry  # two resamplings vs one
+
+
+def test_paste_is_local_clipped_and_recoverable():
+    image, marks = _synthetic_photo()
+    delta = (torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 8 / 255
+    out = C.paste(image, marks, delta)
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    changed = np.argwhere(np.any(out != image, axis=2))
+    box = C.region_box(C.inverse_matrix(C.warp_matrix(marks, C.CANONICAL)), image.shape[1], image.shape[0])
+    assert changed[:, 1].min() >= box[0] and changed[:, 1].max() < box[2]
+    assert np.abs(out.astype(int) - image.astype(int)).max() <= 9  # eps 8/255 plus rounding
+    before = warp_faces(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, torch.as_tensor(marks)[None],
+                        "canonical")
+    after = warp_faces(torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255, torch.as_tensor(marks)[None],
+                       "canonical")
+    mask = C.face_mask()
+    recovered = torch.nn.functional.cosine_similarity(((after - before)[0] * mask).flatten(),
+                                                      (delta * mask).flatten(), dim=0)
+    assert float(recovered) > 0.8
+
+
+def test_optimiser_view_equals_saved_pixels():
+    """photos mode: the region the optimiser perturbs is exactly what paste() writes (faces at native scale)."""
+    image, marks = _synthetic_photo()
+    batch = from_photos([image], [marks], ["arcface112"], "photos")
+    delta = (torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 8 / 255
+    seen = batch.crops(batch.perturbed(delta), "arcface112")
+    saved = align(C.paste(image, marks, delta[0]), marks, "arcface112")
+    saved = torch.from_numpy(saved).permute(2, 0, 1)[None].float() / 255
+    assert float((seen - saved).abs().mean()) < 2 / 255
+
+
+def test_quantise_straight_through():
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    y = C.quantise_ste(x)
+    assert torch.allclose(y * 255, torch.round(y * 255))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_face_mask_feathered():
+    mask = C.face_mask()[0]
+    assert float(mask[128, 128]) > 0.99 and float(mask[0, 0]) < 0.01
+    row = mask[128]
+    assert float(row.diff().abs().max()) < 0.25  # no hard seam
+
+
+def test_norms():
+    d = torch.randn(4, 3, 8, 8)
+    assert float(project(d, "linf", 0.1).abs().max()) <= 0.1 + 1e-7
+    assert torch.all(project(d, "l2", 1.0).flatten(1).norm(dim=1) <= 1.0 + 1e-5)
+    assert torch.equal(normalise_step(d, "linf"), d.sign())
+    assert torch.allclose(normalise_step(d, "l2").flatten(1).norm(dim=1), torch.ones(4))
+    v = momentum_update(None, d, 1.0)
+    assert torch.allclose(v.abs().flatten(1).mean(1), torch.ones(4))

