@@ -101,3 +101,12 @@ def test_models_fetch_is_idempotent_when_present():
     stamp = {r["file"]: (weights.home() / r["file"]).stat().st_mtime_ns for r in weights.file_status()}
     assert main(["models", "fetch"]) == 0
     assert stamp == {r["file"]: (weights.home() / r["file"]).stat().st_mtime_ns for r in weights.file_status()}
+
+
+@needs_weights
+def test_models_check_passes(tmp_path: Path):
+    out = tmp_path / "check.json"
+    assert main(["models", "check", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    converted = [r for r in rows if r["check"] == "equals original runtime"]
+    assert len(converted) == 6 and all(r["relative_diff"] < 1e-4 for r in converted)

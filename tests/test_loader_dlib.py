@@ -1,5 +1,5 @@
 """The dlib `.dat` loader against the ORIGINAL runtime (dlib 19.24 C++), through the committed fixture
-tests/fixtures/ref_dlib.npz (made by tools/make_references/make_dlib_reference.py; no C++ needed here), and
+faceveil/data/references/ref_dlib.npz (made by tools/make_references/make_dlib_reference.py; no C++ needed here), and
 its input gradients against finite differences."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from faceveil import weights
 from faceveil.models.loaders.dlib_dat import DlibFormatError, load_dlib_resnet, parse_dlib_resnet
 
 MODEL = weights.home() / "dlib" / "dlib_face_recognition_resnet_model_v1.dat"
-FIXTURE = Path(__file__).parent / "fixtures" / "ref_dlib.npz"
+FIXTURE = Path(__file__).parents[1] / "faceveil" / "data" / "references" / "ref_dlib.npz"
 
 needs_model = pytest.mark.skipif(
     not MODEL.is_file(), reason=f"dlib weight file {MODEL} missing: run ./setup.sh or `faceveil models fetch`"

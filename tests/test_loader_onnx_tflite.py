@@ -1,5 +1,5 @@
 """The ONNX (mfn512) and TFLite (mfn192) loaders against their ORIGINAL runtimes (onnxruntime 1.31.1 and
-TensorFlow Lite via ai-edge-litert 2.3.0), through the committed fixtures tests/fixtures/ref_mfn512.npz and
+TensorFlow Lite via ai-edge-litert 2.3.0), through the committed fixtures faceveil/data/references/ref_mfn512.npz and
 ref_mfn192.npz (made by tools/make_references/make_onnx_tflite_references.py), and their input gradients
 against finite differences. onnxruntime, when importable, is also compared live."""
 
@@ -18,7 +18,7 @@ from faceveil.models.loaders import tflite_graph
 from faceveil.models.loaders.onnx_graph import OnnxConversionError, load_onnx
 from faceveil.models.loaders.tflite_graph import TfliteConversionError, load_tflite
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "faceveil" / "data" / "references"
 MODELS = {
     "mfn512": (weights.home() / "onnx" / "fr_feature.onnx", load_onnx, 512),
     "mfn192": (weights.home() / "tflite" / "MobileFaceNet.tflite", load_tflite, 192),

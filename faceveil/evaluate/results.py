@@ -18,6 +18,8 @@ def _cell(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.2e}"  # tiny figures (converter differences) keep their magnitude
         return f"{value:.4f}" if key in _RATE_KEYS else f"{value:.2f}"
     if isinstance(value, list | tuple):
         return "+".join(str(v) for v in value)

@@ -1,4 +1,4 @@
-"""Write tests/fixtures/ref_dlib.npz: fixed 150x150 inputs and the descriptors the ORIGINAL dlib runtime (C++,
+"""Write faceveil/data/references/ref_dlib.npz: fixed 150x150 inputs and the descriptors the ORIGINAL dlib runtime (C++,
 Debian `libdlib-dev` 19.24) computes for them, so that tests/test_loader_dlib.py can check our PyTorch loader
 without a C++ toolchain.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from faceveil import weights  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-FIXTURE = ROOT / "tests" / "fixtures" / "ref_dlib.npz"
+FIXTURE = ROOT / "faceveil" / "data" / "references" / "ref_dlib.npz"
 MODEL = "dlib/dlib_face_recognition_resnet_model_v1.dat"
 SIDE = 150
 SEED = 20240615

@@ -1,6 +1,6 @@
 """Reference outputs of mfn512 (ONNX) and mfn192 (TFLite) computed by their ORIGINAL runtimes.
 
-Writes tests/fixtures/ref_mfn512.npz (onnxruntime) and tests/fixtures/ref_mfn192.npz (TensorFlow Lite). Each
+Writes faceveil/data/references/ref_mfn512.npz (onnxruntime) and ref_mfn192.npz (TensorFlow Lite). Each
 holds `inputs` (uint8, [3, 112, 112, 3] RGB), `outputs` (float32, [3, D]), the normalisation `mean`/`scale`
 (the runtime is fed (inputs - mean) / scale, float32), `model` (the weight file) and `runtime` (name and
 version of what computed the outputs). Inputs are made here, deterministically: a smooth pattern, a
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from faceveil.weights import home  # noqa: E402  (stdlib-only module; needs no torch)
 
-FIXTURES = REPO / "tests" / "fixtures"
+FIXTURES = REPO / "faceveil" / "data" / "references"
 SIZE = 112
 
 
