@@ -24,13 +24,10 @@ from onnx import numpy_helper
 from torch import nn
 
 from faceveil.errors import FaceveilError
+from faceveil.models.loaders.fx_common import f32, to_channels_last
 
 __all__ = ["load_onnx", "OnnxConversionError"]
 
-
-def _f32(array: np.ndarray) -> torch.Tensor:
-    """A float32 torch copy (own, writable, contiguous memory) of a numpy array."""
-    return torch.tensor(np.asarray(array, dtype=np.float32))
 
 
 class OnnxConversionError(FaceveilError):
@@ -54,12 +51,6 @@ class BatchReshape(nn.Module):
         return f"rest={self.rest}"
 
 
-class ChannelsLast(nn.Module):
-    """Puts a 4-d input in channels_last memory layout (same values; faster convolutions on this CPU)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
 
 def load_onnx(path: str | Path, *, channels_last: bool = True) -> nn.Module:
     """Compile the ONNX file at `path` (one input, one output) into an eval-mode `nn.Module`."""
@@ -72,22 +63,9 @@ def load_onnx(path: str | Path, *, channels_last: bool = True) -> nn.Module:
     module = _Builder(model.graph).build()
     module.eval().requires_grad_(False)
     if channels_last:
-        _to_channels_last(module)
+        to_channels_last(module)
     return module
 
-
-def _to_channels_last(module: fx.GraphModule) -> None:
-    """Convert conv weights to channels_last and insert a layout change right after the input placeholder."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last)
-    graph = module.graph
-    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
-    module.add_submodule("to_channels_last", ChannelsLast())
-    with graph.inserting_after(placeholder):
-        node = graph.call_module("to_channels_last", (placeholder,))
-    placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-    module.recompile()
 
 
 class _Builder:
@@ -179,8 +157,8 @@ def _conv(b: _Builder, node: onnx.NodeProto) -> fx.Node:
         stride=tuple(at.get("strides", [1, 1])), dilation=tuple(at.get("dilations", [1, 1])),
         groups=at.get("group", 1), padding=(pads[0], pads[1]) if pads[:2] == pads[2:] else 0,
     )
-    conv.weight.data = _f32(weight)
-    conv.bias.data = _f32(bias)
+    conv.weight.data = f32(weight)
+    conv.bias.data = f32(bias)
     x = b._value(node.input[0])
     if pads[:2] != pads[2:]:  # ONNX order: top, left, bottom, right
         x = b._module("pad", nn.ZeroPad2d((pads[1], pads[3], pads[0], pads[2])), x)
@@ -201,7 +179,7 @@ def _batchnorm(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     bn = nn.BatchNorm2d(gamma.shape[0], eps=_attrs(node).get("epsilon", 1e-5))
     for tensor, value in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var),
                              (gamma, beta, mean, var), strict=True):
-        tensor.data = _f32(value)
+        tensor.data = f32(value)
     return b._module("bn", bn, b._value(node.input[0]))
 
 
@@ -212,7 +190,7 @@ def _prelu(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     per_channel = slope.ndim >= 3 and trailing == (1, 1) and slope.size == slope.shape[-3]
     if slope.size == 1 or per_channel:  # one slope, or (C, 1, 1) broadcast over NCHW: a real nn.PReLU
         prelu = nn.PReLU(slope.size)
-        prelu.weight.data = _f32(slope.reshape(-1))
+        prelu.weight.data = f32(slope.reshape(-1))
         return b._module("prelu", prelu, x)
     neg = b.graph.call_function(torch.mul, (x, b._value(node.input[1])))
     return b.graph.call_function(torch.where, (b.graph.call_function(operator.gt, (x, 0.0)), x, neg))
@@ -239,8 +217,8 @@ def _matmul(b: _Builder, node: onnx.NodeProto) -> fx.Node:
 
 def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0])
-    linear.weight.data = _f32(weight)
-    linear.bias.data = _f32(bias)
+    linear.weight.data = f32(weight)
+    linear.bias.data = f32(bias)
     return linear
 
 

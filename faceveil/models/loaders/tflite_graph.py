@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from faceveil.errors import FaceveilError
+from faceveil.models.loaders.fx_common import f32, to_channels_last
 
 __all__ = ["load_tflite", "TfliteConversionError"]
 
@@ -36,10 +37,6 @@ _DTYPES = {tflite.TensorType.FLOAT32: np.float32, tflite.TensorType.FLOAT16: np.
            tflite.TensorType.INT32: np.int32, tflite.TensorType.INT64: np.int64}
 _NHWC_TO_NCHW = (0, 3, 1, 2)
 
-
-def _f32(array: np.ndarray) -> torch.Tensor:
-    """A float32 torch copy (own, writable, contiguous memory) of a numpy array."""
-    return torch.tensor(np.asarray(array, dtype=np.float32))
 
 
 class TfliteConversionError(FaceveilError):
@@ -76,12 +73,6 @@ class L2Normalize(nn.Module):
         return x / torch.clamp(norm, min=1e-6)
 
 
-class ChannelsLast(nn.Module):
-    """Puts a 4-d input in channels_last memory layout (same values; faster convolutions on this CPU)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
 
 @dataclass
 class _Op:
@@ -105,22 +96,9 @@ def load_tflite(path: str | Path, *, channels_last: bool = True) -> nn.Module:
     module = _Builder(model, data).build()
     module.eval().requires_grad_(False)
     if channels_last:
-        _to_channels_last(module)
+        to_channels_last(module)
     return module
 
-
-def _to_channels_last(module: fx.GraphModule) -> None:
-    """Convert conv weights to channels_last and insert a layout change right after the input placeholder."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last)
-    graph = module.graph
-    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
-    module.add_submodule("to_channels_last", ChannelsLast())
-    with graph.inserting_after(placeholder):
-        node = graph.call_module("to_channels_last", (placeholder,))
-    placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-    module.recompile()
 
 
 class _Builder:
@@ -233,7 +211,7 @@ class _Builder:
 
     def _emit_prelu(self, x: int, slope: np.ndarray, out: int) -> None:
         prelu = nn.PReLU(slope.size)
-        prelu.weight.data = _f32(2.0 * slope.astype(np.float32).reshape(-1))
+        prelu.weight.data = f32(2.0 * slope.astype(np.float32).reshape(-1))
         self.env[out] = self.module("prelu", prelu, self._value(x))
 
 
@@ -313,10 +291,10 @@ def _conv_module(b: _Builder, op: _Op, weight: np.ndarray, groups: int, opts: An
     symmetric = pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]
     conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], (kh, kw), stride=stride, dilation=dilation,
                      groups=groups, padding=(pads[0][0], pads[1][0]) if symmetric else 0)
-    conv.weight.data = _f32(weight)
+    conv.weight.data = f32(weight)
     has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
     bias = b.need_const(op.inputs[2]) if has_bias else np.zeros(weight.shape[0])
-    conv.bias.data = _f32(bias)
+    conv.bias.data = f32(bias)
     x = b._value(op.inputs[0])
     if not symmetric:
         x = b.module("pad", nn.ZeroPad2d((pads[1][0], pads[1][1], pads[0][0], pads[0][1])), x)
@@ -340,10 +318,10 @@ def _fully_connected(b: _Builder, op: _Op) -> fx.Node:
     opts = _options(op, tflite.FullyConnectedOptions)
     weight = b.need_const(op.inputs[1]).astype(np.float32)
     linear = nn.Linear(weight.shape[1], weight.shape[0])
-    linear.weight.data = _f32(weight)
+    linear.weight.data = f32(weight)
     has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
     bias = b.need_const(op.inputs[2]) if has_bias else np.zeros(weight.shape[0])
-    linear.bias.data = _f32(bias)
+    linear.bias.data = f32(bias)
     x = b._value(op.inputs[0])
     if len(b.shape(op.inputs[0])) != 2:
         if opts is not None and opts.KeepNumDims():
@@ -394,7 +372,7 @@ def _prelu(b: _Builder, op: _Op) -> fx.Node:
     x = b._value(op.inputs[0])
     if slope.size in (1, channels) and slope.shape[-1:] in ((), (1,), (channels,)):
         prelu = nn.PReLU(slope.size)
-        prelu.weight.data = _f32(slope.reshape(-1))
+        prelu.weight.data = f32(slope.reshape(-1))
         return b.module("prelu", prelu, x)
     neg = b.graph.call_function(torch.mul, (x, b._value(op.inputs[1], len(b.shape(op.inputs[0])))))
     return b.graph.call_function(torch.where, (b.graph.call_function(operator.gt, (x, 0.0)), x, neg))
