@@ -110,3 +110,13 @@ def test_models_check_passes(tmp_path: Path):
     rows = json.loads(out.read_text())["rows"]
     converted = [r for r in rows if r["check"] == "equals original runtime"]
     assert len(converted) == 6 and all(r["relative_diff"] < 1e-4 for r in converted)
+
+
+@needs_weights
+def test_bench_models_writes_json(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "models", "--models", "mobileface", "--batches", "1,2", "--repeats", "1", "--json",
+                 str(out), "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "bench models" and len(doc["rows"]) == 2
+    assert all(r["ms_forward"] > 0 and r["ms_forward_backward"] > 0 for r in doc["rows"])
