@@ -9,7 +9,10 @@ perturbation is first low-pass resized (antialiased), so pasting never aliases.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,10 +32,18 @@ CANONICAL = register(CropGeometry(
 # The perturbed area: the ArcFace-112 crop (what the papers perturb), as a rounded square with soft edges.
 MASK_HALF_SIDE = 112 * CANONICAL_ZOOM / 2
 MASK_FEATHER = 6.0
+# A perturbation value (in [0,1] units) this small cannot change an 8-bit pixel: paste skips where all are.
+_NO_CHANGE = 1e-3
 
 
 def face_mask(size: int = CANONICAL_SIZE) -> torch.Tensor:
     """[1, size, size] in [0, 1]: 1 inside the face area, feathered to 0 over a few pixels (no seams)."""
+    return _cached_face_mask(size).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_face_mask(size: int) -> torch.Tensor:
+    """face_mask, computed once per size (read-only: callers get clones)."""
     c = (size - 1) / 2
     k = size / CANONICAL_SIZE
     y, x = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
@@ -62,13 +73,36 @@ def canonical_to_crop_matrices(landmarks: torch.Tensor | np.ndarray, geometry: s
 def sample(src: torch.Tensor, dst_to_src: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """Differentiable bilinear resampling: out[b, :, v, u] = src[b] at pixel dst_to_src[b] @ (u, v, 1);
     zeros outside. src [B,C,h,w], dst_to_src [B,2,3] in pixel-centre coordinates."""
+    oh, ow = out_hw
+    theta = _theta(src, dst_to_src, out_hw)
+    grid = F.affine_grid(theta, [src.shape[0], src.shape[1], oh, ow], align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _theta(src: torch.Tensor, dst_to_src: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """F.affine_grid's theta (normalised coordinates, align_corners=False) for `sample`."""
     h, w = src.shape[-2:]
     oh, ow = out_hw
     m = torch.as_tensor(dst_to_src, dtype=torch.float64)
     to_pixels = torch.tensor([[ow / 2, 0, (ow - 1) / 2], [0, oh / 2, (oh - 1) / 2], [0, 0, 1]], dtype=torch.float64)
     to_norm = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1]], dtype=torch.float64)
-    theta = (to_norm @ _affine3(m) @ to_pixels).to(src.dtype)
-    grid = F.affine_grid(theta, [src.shape[0], src.shape[1], oh, ow], align_corners=False)
+    return (to_norm @ _affine3(m) @ to_pixels).to(src.dtype)
+
+
+def _sample_window(src: torch.Tensor, dst_to_src: torch.Tensor, out_hw: tuple[int, int],
+                   window: tuple[int, int, int, int]) -> torch.Tensor:
+    """`sample(src, dst_to_src, out_hw)[..., v0:v1, u0:u1]` for window (u0, v0, u1, v1), computed on the window
+    only, with the same arithmetic: F.affine_grid's base grid (its linspace formula), sliced, times theta."""
+    oh, ow = out_hw
+    u0, v0, u1, v1 = window
+    theta = _theta(src, dst_to_src, out_hw)
+    xs = (torch.linspace(-1, 1, ow, dtype=theta.dtype) * (ow - 1) / ow)[u0:u1]
+    ys = (torch.linspace(-1, 1, oh, dtype=theta.dtype) * (oh - 1) / oh)[v0:v1]
+    base = torch.empty(1, v1 - v0, u1 - u0, 3, dtype=theta.dtype)
+    base[..., 0].copy_(xs)
+    base[..., 1].copy_(ys.unsqueeze(-1))
+    base[..., 2].fill_(1)
+    grid = base.view(1, -1, 3).bmm(theta.transpose(1, 2)).view(1, v1 - v0, u1 - u0, 2)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -87,6 +121,13 @@ def canonical_to_region(delta: torch.Tensor, canonical_to_photo: torch.Tensor, b
     """Warp canonical tensors [B,C,256,256] into the photo region box=(x0,y0,x1,y1) -> [B,C,y1-y0,x1-x0].
     Downscaling warps are antialiased first (resize by the warp's scale), so fine detail does not alias."""
     x0, y0, x1, y1 = box
+    delta, region_to_src = _prepare_warp(delta, canonical_to_photo, x0, y0)
+    return sample(delta, region_to_src.expand(delta.shape[0], 2, 3), (y1 - y0, x1 - x0))
+
+
+def _prepare_warp(delta: torch.Tensor, canonical_to_photo: torch.Tensor, x0: int, y0: int):
+    """(source, region -> source pixel matrix) for canonical_to_region: the canonical tensors, low-pass resized
+    when the warp shrinks them, and where each pixel of a region starting at photo pixel (x0, y0) samples them."""
     scale = linear_scale(canonical_to_photo)
     m = torch.as_tensor(canonical_to_photo, dtype=torch.float64)
     if scale < 0.95:
@@ -95,8 +136,8 @@ def canonical_to_region(delta: torch.Tensor, canonical_to_photo: torch.Tensor, b
         delta = F.interpolate(delta, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
         # small pixel p <-> canonical pixel (p + 0.5) k - 0.5
         m = compose(m, torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64))
-    region_to_canonical = compose(inverse_matrix(m), torch.tensor([[1.0, 0, x0], [0, 1.0, y0]], dtype=torch.float64))
-    return sample(delta, region_to_canonical.expand(delta.shape[0], 2, 3), (y1 - y0, x1 - x0))
+    region_to_src = compose(inverse_matrix(m), torch.tensor([[1.0, 0, x0], [0, 1.0, y0]], dtype=torch.float64))
+    return delta, region_to_src
 
 
 def region_box(canonical_to_photo: torch.Tensor, width: int, height: int, margin: int = 2) -> tuple[int, int, int, int]:
@@ -120,16 +161,78 @@ def paste(photo: np.ndarray, landmarks: np.ndarray, delta: torch.Tensor,
           mask: torch.Tensor | None = None) -> np.ndarray:
     """Paste a canonical-space perturbation [3,256,256] (in [0,1] units) onto a uint8 photo HxWx3 for the face with
     these landmarks: feathered by the face mask, clipped to the valid range, rounded to 8 bits. Returns a copy."""
-    h, w = photo.shape[:2]
-    canonical_to_photo = inverse_matrix(warp_matrix(landmarks, CANONICAL))
-    box = region_box(canonical_to_photo, w, h)
-    x0, y0, x1, y1 = box
-    if x1 <= x0 or y1 <= y0:
-        return photo.copy()
-    mask = face_mask() if mask is None else mask
-    masked = (delta.detach().float() * mask)[None]
-    region_delta = canonical_to_region(masked, canonical_to_photo, box)[0].permute(1, 2, 0).numpy()
     out = photo.copy()
-    region = out[y0:y1, x0:x1].astype(np.float32) / 255 + region_delta
-    out[y0:y1, x0:x1] = np.clip(np.rint(region * 255), 0, 255).astype(np.uint8)
+    paste_into(out, landmarks, delta, mask)
     return out
+
+
+def paste_into(photo: np.ndarray, landmarks: np.ndarray, delta: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[int, int, int, int] | None:
+    """`paste`, in place: only the face's region of `photo` (a writable uint8 HxWx3 array) is touched.
+
+    Returns the region box (x0, y0, x1, y1), or None when the face lies outside the photo. Pasting several faces
+    one after another gives the same pixels as chaining `paste`, without copying the frame. Only the part of the
+    region where the masked perturbation can change a pixel is computed (see _changing_window), with the same
+    arithmetic as the whole region: the pixels are exactly those of the original whole-region paste. The torch
+    work runs on one thread: it is small, and multi-threading it on a busy CPU is many times slower.
+    """
+    h, w = photo.shape[:2]
+    with _one_thread():
+        canonical_to_photo = inverse_matrix(warp_matrix(landmarks, CANONICAL))
+        box = region_box(canonical_to_photo, w, h)
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            return None
+        mask = _cached_face_mask(CANONICAL_SIZE) if mask is None else mask
+        masked = (delta.detach().float() * mask)[None]
+        src, region_to_src = _prepare_warp(masked, canonical_to_photo, x0, y0)
+        window = _changing_window(src, region_to_src, (y1 - y0, x1 - x0))
+        if window is None:
+            return box
+        region_delta = _sample_window(src, region_to_src[None], (y1 - y0, x1 - x0), window)
+        region_delta = region_delta[0].permute(1, 2, 0).contiguous().numpy()
+    u0, v0, u1, v1 = window
+    pixels = photo[y0 + v0:y0 + v1, x0 + u0:x0 + u1]
+    region = pixels.astype(np.float32)
+    region /= 255
+    region += region_delta
+    region *= 255
+    np.rint(region, out=region)
+    pixels[...] = np.clip(region, 0, 255, out=region)  # whole numbers in [0, 255]: the uint8 cast is exact
+    return box
+
+
+def _changing_window(src: torch.Tensor, region_to_src: torch.Tensor,
+                     region_hw: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The part (u0, v0, u1, v1) of the region that the perturbation can change; None if it changes nothing.
+
+    Elsewhere every source pixel that bilinear sampling reads is at most _NO_CHANGE in size, and so is the
+    sampled value (the weights are positive and sum to at most 1); 255 * _NO_CHANGE plus float32 rounding is
+    far below 0.5, so rounding gives back every 8-bit pixel unchanged there: skipping it changes nothing.
+    """
+    active = ~(src[0].abs().amax(dim=0) <= _NO_CHANGE)  # NaN counts as active
+    rows, cols = torch.nonzero(active.any(dim=1)), torch.nonzero(active.any(dim=0))
+    if len(rows) == 0:
+        return None
+    # a sample at s reads pixels floor(s) and floor(s) + 1: grow by 1, plus 1 for float32 grid rounding
+    sx0, sx1, sy0, sy1 = int(cols[0]) - 2, int(cols[-1]) + 2, int(rows[0]) - 2, int(rows[-1]) + 2
+    corners = torch.tensor([[sx0, sy0, 1.0], [sx1, sy0, 1], [sx0, sy1, 1], [sx1, sy1, 1]], dtype=torch.float64)
+    pts = corners @ _affine3(region_to_src).inverse()[:2].T
+    oh, ow = region_hw
+    u0, v0 = max(0, math.floor(float(pts[:, 0].min())) - 1), max(0, math.floor(float(pts[:, 1].min())) - 1)
+    u1, v1 = min(ow, math.ceil(float(pts[:, 0].max())) + 2), min(oh, math.ceil(float(pts[:, 1].max())) + 2)
+    return (u0, v0, u1, v1) if u1 > u0 and v1 > v0 else None
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block (torch.set_num_threads is process-wide)."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
