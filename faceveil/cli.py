@@ -185,6 +185,38 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _cmd_bench_video(args: argparse.Namespace) -> int:
+    from faceveil.bench import video as bench_video
+    from faceveil.evaluate.results import emit
+
+    stats = bench_video.bench_video(args.seconds, args.detect_every, progress=not args.quiet)
+    settings = {"seconds": args.seconds, "detect_every": args.detect_every, "resolution": "1280x720",
+                "load_average_1min": round(os.getloadavg()[0], 2)}
+    emit("bench video", settings, bench_video.rows(stats), args.json)
+    return 0
+
+
+def _cmd_bench_detect(args: argparse.Namespace) -> int:
+    from faceveil.bench import pipeline
+    from faceveil.evaluate.results import emit
+
+    rows = pipeline.bench_detect_12mp(args.repeats)
+    emit("bench detect", {"repeats": args.repeats, "load_average_1min": round(os.getloadavg()[0], 2)}, rows,
+         args.json)
+    return 0
+
+
+def _cmd_bench_roundtrip(args: argparse.Namespace) -> int:
+    from faceveil.bench import pipeline
+    from faceveil.evaluate.results import emit
+    from faceveil.models import zoo
+
+    surrogates, judges = zoo.parse_models(args.surrogates), zoo.parse_models(args.judges)
+    rows = pipeline.roundtrip_drift(surrogates, judges, args.iters)
+    emit("bench roundtrip", {"surrogates": surrogates, "iters": args.iters, "jpeg_quality": 95}, rows, args.json)
+    return 0
+
+
 def _threads() -> int:
     import torch
 
@@ -238,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_models)
+    p = bench.add_parser("video", help="720p detection + tracking + paste-back frames per second")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--detect-every", type=int, default=10)
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench_video)
+    p = bench.add_parser("detect", help="face detection seconds on 12-megapixel photos")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=_cmd_bench_detect)
+    p = bench.add_parser("roundtrip", help="embedding drift: optimiser crop vs re-detected saved file (PNG, JPEG)")
+    p.add_argument("--surrogates", default="mobileface,mfn512")
+    p.add_argument("--judges", default="all")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=_cmd_bench_roundtrip)
     return parser
 
 
@@ -251,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("faceveil: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless the user asks for the traceback
+        if os.environ.get("FACEVEIL_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"faceveil: internal error: {type(exc).__name__}: {message} (set FACEVEIL_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
