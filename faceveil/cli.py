@@ -116,7 +116,7 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     for raw in inputs:  # before expanding: the output folder is excluded from the inputs
         ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), Path(out_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    items = expand_inputs(inputs, kinds=("image",), exclude=out_dir, recursive=args.recursive)
+    items = expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=args.recursive)
     protector = PhotoProtector(settings, Path(out_dir))
     report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
     _print_protect_table(report.results, settings.judges)
@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_verification)
 
-    p = sub.add_parser("protect", help="protect faces in photos (image-specific identity masks)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos or folders")
+    p = sub.add_parser("protect", help="protect faces in photos and mp4 videos (identity masks)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     _add_protect_flags(p)
     p.set_defaults(func=_cmd_protect)

@@ -21,9 +21,13 @@ from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.errors import FaceveilError
 from faceveil.io.batch import BatchItem
 from faceveil.io.images import read_image, write_image
+from faceveil.methods.targets import DEFAULT_MAX_TARGETS, TargetedResult, TargetSet, load_targets
 from faceveil.models import zoo
 
-Method = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor]
+# A method returns the perturbation, or (targeted methods) the perturbation with each face's chosen target.
+Method = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor | TargetedResult]
+TARGETED_METHODS = ("tip-im", "center-opt", "mim", "dim", "mt-dim", "single-target")
+METHODS = ("pgd", *TARGETED_METHODS)
 
 
 @dataclass
@@ -38,6 +42,12 @@ class ProtectSettings:
     keep_metadata: bool = False
     copy_unprotected: bool = False
     verify: bool = True
+    # targeted methods (TIP-IM and its baselines)
+    gamma: float = 0.0  # weight of TIP-IM's MMD naturalness term (tip_im.DEFAULT_GAMMA)
+    gain: str = "g"  # g | g1 | g2 | rand
+    targets_dir: Path | None = None  # None: the faces in the sample photos
+    max_targets: int = DEFAULT_MAX_TARGETS
+    best_of_targets: bool = False  # single-target methods: try every target, keep the best (paper protocol)
 
 
 def select_faces(faces: list[Face], which: str) -> list[Face]:
@@ -52,12 +62,31 @@ def select_faces(faces: list[Face], which: str) -> list[Face]:
     raise FaceveilError(f"--faces takes all, largest or a positive number, got {which!r}")
 
 
-def method_function(name: str) -> Method:
+def method_function(name: str, settings: ProtectSettings | None = None, target_set: TargetSet | None = None) -> Method:
     if name == "pgd":
         from faceveil.methods import pgd
 
         return pgd.protect
-    raise FaceveilError(f"unknown method {name!r}")
+    if name in TARGETED_METHODS:
+        if target_set is None:
+            raise FaceveilError(f"method {name!r} needs a target set")
+        return _targeted_method(name, settings or ProtectSettings(method=name), target_set)
+    raise FaceveilError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+
+
+def _targeted_method(name: str, s: ProtectSettings, target_set: TargetSet) -> Method:
+    from faceveil.methods import baselines, tip_im
+
+    if s.gain not in tip_im.GAINS:
+        raise FaceveilError(f"--gain takes {', '.join(tip_im.GAINS)}, got {s.gain!r}")
+    options = tip_im.TipImOptions(gamma=s.gamma, gain="g1" if name == "center-opt" else s.gain,
+                                  max_targets=s.max_targets)
+    if name in ("tip-im", "center-opt"):
+        return lambda batch, ensemble, cfg: tip_im.protect(batch, ensemble, cfg, target_set, options)
+    if name == "mt-dim":
+        return lambda batch, ensemble, cfg: baselines.mt_dim(batch, ensemble, cfg, target_set, options)
+    single = {"mim": baselines.mim, "dim": baselines.dim, "single-target": baselines.single_target}[name]
+    return lambda batch, ensemble, cfg: single(batch, ensemble, cfg, target_set, options, best_of=s.best_of_targets)
 
 
 class PhotoProtector:
@@ -68,9 +97,13 @@ class PhotoProtector:
         self.out_dir = Path(out_dir)
         self.detector = MTCNN()
         self.ensemble = Ensemble(settings.surrogates)
-        self.method = method_function(settings.method)
+        self.targets = (load_targets(settings.targets_dir, self.detector, self.ensemble)
+                        if settings.method in TARGETED_METHODS else None)
+        self.method = method_function(settings.method, settings, self.targets)
 
     def __call__(self, item: BatchItem) -> dict:
+        if item.kind == "video":
+            return self.protect_video(item)
         s = self.settings
         photo = read_image(item.path)
         out_path = item.output_path(self.out_dir, s.fmt)
@@ -83,7 +116,8 @@ class PhotoProtector:
         start = time.perf_counter()
         marks = [f.landmarks for f in faces]
         batch = from_photos([photo.rgb] * len(faces), marks, self.ensemble.geometries, "photos")
-        delta = self.method(batch, self.ensemble, s.attack)
+        result = self.method(batch, self.ensemble, s.attack)
+        delta = result.delta if isinstance(result, TargetedResult) else result
         protected = photo.rgb
         for m, d in zip(marks, delta, strict=True):
             protected = C.paste(protected, m, d)
@@ -91,13 +125,49 @@ class PhotoProtector:
         write_image(dataclasses.replace(photo, rgb=protected), out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality,
                     keep_metadata=s.keep_metadata)
         details = {"seconds_per_face": seconds / len(faces), "faces": []}
+        targets = self._target_rows(result) if isinstance(result, TargetedResult) else None
         if s.verify:
-            details["faces"] = self.verify(item.path, out_path, faces)
+            details["faces"] = self.verify(item.path, out_path, faces, targets)
+        elif targets is not None:
+            details["faces"] = [{"face": i, "target": t} for i, t in enumerate(targets)]
         return {"status": "ok", "faces": len(faces), "output": out_path, "details": details}
 
-    def verify(self, original: Path, saved: Path, faces: list[Face]) -> list[dict]:
-        """Re-read both files, re-detect, re-align: each judge's score original -> protected per face."""
-        return verify_faces(original, saved, faces, self.settings.judges, self.detector)
+    def _target_rows(self, result: TargetedResult) -> list[dict]:
+        """Per face: the chosen target identity and for how many iterations it was the one aimed at."""
+        return [{"identity": name, "chosen_steps": int((result.history[:, i] == index).sum()),
+                 "steps": int(result.history.shape[0])}
+                for i, (name, index) in enumerate(zip(result.targets, result.target_index, strict=True))]
+
+    def protect_video(self, item: BatchItem) -> dict:
+        """Each tracked face gets its mask optimised once, on the frame where the track is first seen, and that
+        mask follows the face through the warp on every later frame (a per-track mask: no per-frame optimisation)."""
+        from faceveil.video_pipeline import protect_video
+
+        masks: dict[int, torch.Tensor] = {}
+
+        def delta_for_track(track, frame: np.ndarray) -> torch.Tensor:
+            if track.id not in masks:
+                batch = from_photos([frame], [track.landmarks], self.ensemble.geometries, "photos")
+                masks[track.id] = self.method(batch, self.ensemble, self.settings.attack)[0]
+            return masks[track.id]
+
+        out_path = item.output_path(self.out_dir)
+        stats = protect_video(item.path, out_path, delta_for_track, progress=False,
+                              keep_metadata=self.settings.keep_metadata)
+        return {"status": "ok" if masks else "no_face", "faces": len(masks), "output": out_path,
+                "details": {"frames": stats.get("frames"), "tracks": len(masks), "fps": stats.get("fps")}}
+
+    def verify(self, original: Path, saved: Path, faces: list[Face], targets: list[dict] | None = None) -> list[dict]:
+        """Re-read both files, re-detect, re-align: each judge's score original -> protected per face, and with
+        targets, each surrogate's score protected -> chosen target identity."""
+        centres = None
+        if targets is not None and self.targets is not None:
+            index = {name: i for i, name in enumerate(self.targets.names)}
+            centres = [{m: c[index[t["identity"]]] for m, c in self.targets.centres.items()} for t in targets]
+        rows = verify_faces(original, saved, faces, self.settings.judges, self.detector, centres)
+        for row, target in zip(rows, targets or [], strict=False):
+            row["target"] = {**target, **row.pop("target_scores", {})}
+        return rows
 
 
 def _match(face: Face, candidates: list[Face]) -> Face | None:
@@ -110,7 +180,10 @@ def _match(face: Face, candidates: list[Face]) -> Face | None:
 
 
 @torch.no_grad()
-def verify_faces(original: Path, saved: Path, faces: list[Face], judges: list[str], detector: MTCNN) -> list[dict]:
+def verify_faces(original: Path, saved: Path, faces: list[Face], judges: list[str], detector: MTCNN,
+                 target_centres: list[dict[str, torch.Tensor]] | None = None) -> list[dict]:
+    """Per face: each judge's score original -> protected; with target_centres (per face, model -> identity
+    centre embedding), also 'target_scores': each of those models' score protected -> target."""
     before = read_image(original).rgb
     after = read_image(saved).rgb
     found_after = detector.detect_large(after)
@@ -126,5 +199,18 @@ def verify_faces(original: Path, saved: Path, faces: list[Face], judges: list[st
                 emb = zoo.embed_crops(model, crops)
                 score = float(model.score(emb[:1], emb[1:])[0])
                 row[name] = {"score": round(score, 4), "matches": score >= zoo.threshold(name)}
+            if target_centres is not None:
+                row["target_scores"] = _target_scores(after, again, target_centres[i])
         rows.append(row)
     return rows
+
+
+def _target_scores(photo: np.ndarray, face: Face, centres: dict[str, torch.Tensor]) -> dict:
+    """Each model's similarity of the (re-detected, re-aligned) protected face to a target identity's centre."""
+    out = {}
+    for name, centre in centres.items():
+        model = zoo.load(name)
+        emb = zoo.embed_crops(model, align(photo, face.landmarks, model.spec.geometry)[None])
+        score = float(model.score(emb, centre[None])[0])
+        out[name] = {"score": round(score, 4), "matches": score >= zoo.threshold(name)}
+    return out

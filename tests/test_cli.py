@@ -120,3 +120,20 @@ def test_bench_models_writes_json(tmp_path: Path):
     doc = json.loads(out.read_text())
     assert doc["command"] == "bench models" and len(doc["rows"]) == 2
     assert all(r["ms_forward"] > 0 and r["ms_forward_backward"] > 0 for r in doc["rows"])
+
+
+@needs_weights
+def test_protect_video(tmp_path: Path):
+    from faceveil.bench.video import make_test_clip
+    from faceveil.io.video import probe_video
+
+    src = tmp_path / "in" / "clip.mp4"
+    src.parent.mkdir()
+    make_test_clip(src, seconds=2.0)
+    report = tmp_path / "r.json"
+    assert main(["protect", str(src), "-o", str(tmp_path / "out"), "--iters", "2", "--surrogates", "mobileface",
+                 "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())["results"][0]
+    assert result["status"] == "ok" and result["faces"] >= 1
+    before, after = probe_video(src), probe_video(tmp_path / "out" / "clip.mp4")
+    assert after.frame_count == before.frame_count and after.has_audio
