@@ -137,3 +137,33 @@ def test_protect_video(tmp_path: Path):
     assert result["status"] == "ok" and result["faces"] >= 1
     before, after = probe_video(src), probe_video(tmp_path / "out" / "clip.mp4")
     assert after.frame_count == before.frame_count and after.has_audio
+
+
+def _twenty_faces(path: Path) -> None:
+    """A 5 x 4 grid of the sample photos' faces (each with a margin), like a group photo."""
+    from faceveil.detect.mtcnn import MTCNN
+
+    detector, tiles = MTCNN(), []
+    for sample in weights.sample_photos():
+        with Image.open(sample) as im:
+            rgb = im.convert("RGB")
+        for face in detector.detect_large(np.asarray(rgb)):
+            x1, y1, x2, y2 = face.box
+            m = 0.6 * (x2 - x1)
+            tiles.append(rgb.crop((int(x1 - m), int(y1 - m), int(x2 + m), int(y2 + m))).resize((200, 200)))
+    grid = Image.new("RGB", (1000, 800))
+    for i in range(20):
+        grid.paste(tiles[i % len(tiles)], ((i % 5) * 200, (i // 5) * 200))
+    grid.save(path, quality=95)
+
+
+@needs_weights
+def test_twenty_faces_all_protected(tmp_path: Path):
+    src = tmp_path / "in" / "group.jpg"
+    src.parent.mkdir()
+    _twenty_faces(src)
+    report = tmp_path / "r.json"
+    assert main(["protect", str(src), "-o", str(tmp_path / "out"), "--iters", "1", "--surrogates", "mobileface",
+                 "--judges", "mobileface", "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())["results"][0]
+    assert result["status"] == "ok" and result["faces"] >= 19, result["faces"]
