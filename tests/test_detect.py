@@ -195,11 +195,11 @@ def test_geometry_templates() -> None:
     assert np.allclose(dlib, [[47.2322, 46.2884], [99.8063, 46.2884], [73.5193, 76.0521],
                               [50.0788, 102.3365], [96.9597, 102.3365]], atol=1e-3)
     loose = A.get_geometry("loose224")
-    assert loose.scale == pytest.approx(1 / 1.4)
+    assert loose.scale == pytest.approx(1 / 1.2)
     tight = loose.with_scale(1.0).template
     assert np.allclose(tight, np.asarray(A.ARCFACE_112) * 2 + 0.5)
     centre = (loose.size - 1) / 2
-    assert np.allclose(loose.template - centre, (tight - centre) / 1.4)
+    assert np.allclose(loose.template - centre, (tight - centre) / 1.2)
     with pytest.raises(ValueError, match="unknown crop geometry"):
         A.get_geometry("nope")
 

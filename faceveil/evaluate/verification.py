@@ -91,8 +91,14 @@ def run(root: Path, model_names: list[str], limit: int | None, progress: bool = 
 
 
 def save_thresholds(rows: list[dict], path: str | Path) -> None:
-    """Write {model: {threshold, accuracy, pairs}} — the registry's calibrated decision thresholds."""
+    """Write {model: {threshold, accuracy, pairs}} — the registry's calibrated decision thresholds. Models not in
+    `rows` keep the entry the file already has."""
+    import json
+
     from faceveil.evaluate.results import write_json_atomic
 
-    write_json_atomic(path, {r["model"]: {"threshold": r["threshold"], "accuracy": r["accuracy"],
-                                          "pairs": r["pairs"], "metric": r["metric"]} for r in rows})
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table.update({r["model"]: {"threshold": r["threshold"], "accuracy": r["accuracy"], "pairs": r["pairs"],
+                               "metric": r["metric"]} for r in rows})
+    write_json_atomic(path, table)
