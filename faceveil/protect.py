@@ -116,8 +116,7 @@ class PhotoProtector:
         start = time.perf_counter()
         marks = [f.landmarks for f in faces]
         batch = from_photos([photo.rgb] * len(faces), marks, self.ensemble.geometries, "photos")
-        result = self.method(batch, self.ensemble, s.attack)
-        delta = result.delta if isinstance(result, TargetedResult) else result
+        delta, result = self.optimise(batch)
         protected = photo.rgb
         for m, d in zip(marks, delta, strict=True):
             protected = C.paste(protected, m, d)
@@ -125,12 +124,17 @@ class PhotoProtector:
         write_image(dataclasses.replace(photo, rgb=protected), out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality,
                     keep_metadata=s.keep_metadata)
         details = {"seconds_per_face": seconds / len(faces), "faces": []}
-        targets = self._target_rows(result) if isinstance(result, TargetedResult) else None
+        targets = self._target_rows(result) if result is not None else None
         if s.verify:
             details["faces"] = self.verify(item.path, out_path, faces, targets)
         elif targets is not None:
             details["faces"] = [{"face": i, "target": t} for i, t in enumerate(targets)]
         return {"status": "ok", "faces": len(faces), "output": out_path, "details": details}
+
+    def optimise(self, batch: FaceBatch) -> tuple[torch.Tensor, TargetedResult | None]:
+        """The perturbation [B,3,256,256], and for targeted methods the full result (chosen targets)."""
+        result = self.method(batch, self.ensemble, self.settings.attack)
+        return (result.delta, result) if isinstance(result, TargetedResult) else (result, None)
 
     def _target_rows(self, result: TargetedResult) -> list[dict]:
         """Per face: the chosen target identity and for how many iterations it was the one aimed at."""
@@ -148,7 +152,7 @@ class PhotoProtector:
         def delta_for_track(track, frame: np.ndarray) -> torch.Tensor:
             if track.id not in masks:
                 batch = from_photos([frame], [track.landmarks], self.ensemble.geometries, "photos")
-                masks[track.id] = self.method(batch, self.ensemble, self.settings.attack)[0]
+                masks[track.id] = self.optimise(batch)[0][0]
             return masks[track.id]
 
         out_path = item.output_path(self.out_dir)

@@ -87,12 +87,18 @@ class AttackConfig:
 
 
 Objective = Callable[[Embeddings, int], torch.Tensor]  # (embeddings, step) -> per-face loss [B], minimised
+# (perturbed regions [B,3,h,w], step) -> per-face loss [B], minimised: terms on the image itself (naturalness)
+ImageTerm = Callable[[torch.Tensor, int], torch.Tensor]
+StepHook = Callable[[int, torch.Tensor], None]  # (step, current delta)
 
 
 def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: AttackConfig,
                delta: torch.Tensor | None = None, progress: bool = False,
-               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Minimise `objective` over a canonical perturbation within the budget; returns delta [B,3,256,256]."""
+               on_step: StepHook | None = None, before_step: StepHook | None = None,
+               image_term: ImageTerm | None = None) -> torch.Tensor:
+    """Minimise `objective` (+ `image_term`) over a canonical perturbation within the budget; returns delta
+    [B,3,256,256]. `before_step` sees the iterate before each gradient, so a method can re-decide what the
+    objective aims at (e.g. TIP-IM's per-iteration target choice); `on_step` sees it after each update."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (len(batch), 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE)
     if delta is None:
@@ -100,23 +106,60 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
     velocity = None
     with feature_dropout(list(ensemble.models.values()), cfg.dropout, gen):
         for step in tqdm(range(cfg.steps), desc="optimise", disable=not progress, leave=False):
-            grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen)
+            if before_step is not None:
+                before_step(step, delta)
+            grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen, image_term)
             if cfg.momentum > 0:
                 velocity = momentum_update(velocity, grad, cfg.momentum)
                 grad = velocity
-            delta = project(delta - cfg.alpha * normalise_step(grad, cfg.norm), cfg.norm, cfg.eps)
+            delta = candidate_step(delta, grad, cfg)
             if on_step is not None:
                 on_step(step, delta)
     return delta.detach()
 
 
+def candidate_step(delta: torch.Tensor, grad: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    """One normalised descent step, projected onto the budget (Eq. 5 of TIP-IM without momentum)."""
+    return project(delta - cfg.alpha * normalise_step(grad, cfg.norm), cfg.norm, cfg.eps)
+
+
 def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, delta: torch.Tensor, step: int,
-                  cfg: AttackConfig, gen: torch.Generator) -> torch.Tensor:
+                  cfg: AttackConfig, gen: torch.Generator, image_term: ImageTerm | None = None) -> torch.Tensor:
     d = delta.detach().requires_grad_(True)
-    emb = ensemble.embed(batch, batch.perturbed(d), cfg.diversity, gen if cfg.diversity > 0 else None)
-    loss = objective(emb, step).sum()
-    (grad,) = torch.autograd.grad(loss, d)
+    regions = batch.perturbed(d)
+    emb = ensemble.embed(batch, regions, cfg.diversity, gen if cfg.diversity > 0 else None)
+    loss = objective(emb, step)
+    if image_term is not None:
+        loss = loss + image_term(regions, step)
+    (grad,) = torch.autograd.grad(loss.sum(), d)
     return grad
+
+
+def loss_gradients(batch: FaceBatch, ensemble: Ensemble, objectives: list[Objective], delta: torch.Tensor,
+                   step: int) -> list[torch.Tensor]:
+    """Gradients of several objectives at the same iterate, from one forward pass (no diversity): the
+    activations are shared, only the backward passes differ (e.g. one per candidate target)."""
+    d = delta.detach().requires_grad_(True)
+    emb = ensemble.embed(batch, batch.perturbed(d))
+    grads = []
+    for i, objective in enumerate(objectives):
+        (grad,) = torch.autograd.grad(objective(emb, step).sum(), d, retain_graph=i < len(objectives) - 1)
+        grads.append(grad)
+    return grads
+
+
+@torch.no_grad()
+def perturbed_embeddings(batch: FaceBatch, ensemble: Ensemble, delta: torch.Tensor,
+                         chunk: int | None = None) -> Embeddings:
+    """What the surrogates see of the faces with `delta` pasted in (no diversity, no gradient), at most `chunk`
+    faces per forward pass (many candidates at once run faster batched, but photo regions can be large)."""
+    chunk = chunk or len(batch)
+    parts = []
+    for start in range(0, len(batch), chunk):
+        index = torch.arange(start, min(start + chunk, len(batch)))
+        part = batch if len(index) == len(batch) else batch.take(index)
+        parts.append(ensemble.embed(part, part.perturbed(delta[index])))
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 @torch.no_grad()

@@ -48,6 +48,15 @@ class FaceBatch:
         size = get_geometry(geometry).size
         return C.sample(regions, self.crop_to_region[geometry], (size, size))
 
+    def take(self, index: torch.Tensor) -> FaceBatch:
+        """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair."""
+        return FaceBatch(self.regions[index], self.canonical_to_region[index],
+                         {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask)
+
+    def canonical(self, regions: torch.Tensor) -> torch.Tensor:
+        """Canonical-space images [B,3,256,256] of (perturbed) regions, differentiably."""
+        return C.sample(regions, self.canonical_to_region, (C.CANONICAL_SIZE, C.CANONICAL_SIZE))
+
 
 def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
     h = max(im.shape[-2] for im in images)
