@@ -99,7 +99,7 @@ def _protect_settings(args: argparse.Namespace):
     alpha_255 = args.alpha if args.alpha is not None else preset_alpha
     alpha = alpha_255 / 255 if alpha_255 is not None else max(eps / 255 * 2.5 / iters, 1.0 / 255)
     attack = AttackConfig(eps=eps / 255, alpha=alpha, steps=iters, norm="linf", momentum=momentum,
-                          diversity=args.diversity, seed=args.seed)
+                          diversity=args.diversity, jitter=args.jitter, seed=args.seed)
     return ProtectSettings(method=args.method, surrogates=zoo.parse_models(args.surrogates), attack=attack,
                            judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
                            jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
@@ -163,6 +163,9 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=None, help="iterations (overrides strength)")
     p.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units")
     p.add_argument("--momentum", type=float, default=1.0, help="MI-FGSM momentum (0 = off)")
+    p.add_argument("--jitter", type=float, default=2.0,
+                   help="alignment jitter in crop pixels averaged over while optimising (0 = off), so the mask "
+                        "survives the re-detection of the saved photo")
     p.add_argument("--diversity", type=float, default=0.0, help="input-diversity probability")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "

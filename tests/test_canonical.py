@@ -88,3 +88,14 @@ def test_norms():
     assert torch.allclose(normalise_step(d, "l2").flatten(1).norm(dim=1), torch.ones(4))
     v = momentum_update(None, d, 1.0)
     assert torch.allclose(v.abs().flatten(1).mean(1), torch.ones(4))
+
+
+def test_alignment_jitter_is_small_and_seeded():
+    from faceveil.attacks.faces import alignment_jitter
+
+    a = alignment_jitter(4, 112, 2.0, torch.Generator().manual_seed(3))
+    b = alignment_jitter(4, 112, 2.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    corners = torch.tensor([[0.0, 0.0, 1.0], [111.0, 111.0, 1.0]], dtype=torch.float64)
+    moved = corners @ a.transpose(-1, -2)
+    assert float((moved - corners[:, :2]).abs().max()) < 6.0  # a few pixels at most, even at the corners

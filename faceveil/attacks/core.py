@@ -37,10 +37,10 @@ class Ensemble:
         return sorted({m.spec.geometry for m in self.models.values()})
 
     def embed(self, batch: FaceBatch, regions: torch.Tensor, diversity: float = 0.0,
-              generator: torch.Generator | None = None) -> Embeddings:
+              generator: torch.Generator | None = None, jitter: float = 0.0) -> Embeddings:
         out = {}
         for geometry in self.geometries:
-            crops = batch.crops(regions, geometry)
+            crops = batch.crops(regions, geometry, jitter, generator)
             for name, model in self.models.items():
                 if model.spec.geometry != geometry:
                     continue
@@ -82,6 +82,7 @@ class AttackConfig:
     momentum: float = 0.0  # mu of MI-FGSM; 0 = plain I-FGSM
     diversity: float = 0.0  # probability of the DI transform
     dropout: float = 0.0  # DFANet feature dropout rate
+    jitter: float = 0.0  # alignment jitter (crop pixels) averaged over, so masks survive re-detection
     random_start: bool = False
     seed: int = 0
 
@@ -127,7 +128,8 @@ def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, de
                   cfg: AttackConfig, gen: torch.Generator, image_term: ImageTerm | None = None) -> torch.Tensor:
     d = delta.detach().requires_grad_(True)
     regions = batch.perturbed(d)
-    emb = ensemble.embed(batch, regions, cfg.diversity, gen if cfg.diversity > 0 else None)
+    emb = ensemble.embed(batch, regions, cfg.diversity, gen if cfg.diversity > 0 or cfg.jitter > 0 else None,
+                         cfg.jitter)
     loss = objective(emb, step)
     if image_term is not None:
         loss = loss + image_term(regions, step)

@@ -44,9 +44,16 @@ class FaceBatch:
         out = (self.regions + pasted).clamp(0, 1)
         return C.quantise_ste(out) if self.quantise else out
 
-    def crops(self, regions: torch.Tensor, geometry: str) -> torch.Tensor:
+    def crops(self, regions: torch.Tensor, geometry: str, jitter: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each face's crop for a geometry; with `jitter` > 0, through a random similarity of about that many crop
+        pixels (shift, and rotation/scale moving the crop's edge that far): the alignment error a re-detection or
+        an attacker's own aligner introduces, averaged over during optimisation (expectation over transforms)."""
         size = get_geometry(geometry).size
-        return C.sample(regions, self.crop_to_region[geometry], (size, size))
+        matrices = self.crop_to_region[geometry]
+        if jitter > 0 and generator is not None:
+            matrices = C.compose(matrices, alignment_jitter(len(self), size, jitter, generator))
+        return C.sample(regions, matrices, (size, size))
 
     def take(self, index: torch.Tensor) -> FaceBatch:
         """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair."""
@@ -102,3 +109,19 @@ def _face_region(photo: np.ndarray, marks: np.ndarray, mode: str):
         to_region = C.compose(down, to_region)
         marks = (marks + 0.5) * k - 0.5
     return region, to_region, marks
+
+
+def alignment_jitter(count: int, size: int, pixels: float, generator: torch.Generator) -> torch.Tensor:
+    """[count,2,3] random similarities of crop pixels near the identity (uniform, about `pixels` at the edge)."""
+    def uniform(bound: float) -> torch.Tensor:
+        return (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+    half = size / 2
+    angle, zoom = uniform(pixels / half), 1 + uniform(pixels / half)
+    shift_x, shift_y = uniform(pixels), uniform(pixels)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    centre = (size - 1) / 2
+    # rotate/scale about the crop centre, then shift
+    tx = centre - cos * centre + sin * centre + shift_x
+    ty = centre - sin * centre - cos * centre + shift_y
+    return torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], -2)
