@@ -11,7 +11,7 @@ from typing import Any
 
 # Rates are fractions in [0, 1]; these keys are printed with 4 decimals, times with 2.
 _RATE_KEYS = {"accuracy", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut", "top1_psr", "top5_psr", "asr", "ssim",
-              "threshold", "mmd", "retained", "fraction", "cosine_mean", "cosine_min"}
+              "threshold", "mmd", "retained", "fraction", "cosine_mean", "cosine_min", "clean_rank1"}
 
 
 def _cell(key: str, value: Any) -> str:
