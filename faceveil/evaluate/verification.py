@@ -79,9 +79,9 @@ def run(root: Path, model_names: list[str], limit: int | None, progress: bool = 
     same = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     rows = []
-    torch.set_grad_enabled(False)
     for name in tqdm(model_names, desc="models", disable=not progress):
-        scores = pair_scores(name, crops, pairs)
+        with torch.no_grad():
+            scores = pair_scores(name, crops, pairs)
         mean, std = ten_fold_accuracy(scores, same, folds)
         t, _ = best_threshold(scores, same)
         s = zoo.spec(name)
