@@ -17,7 +17,7 @@ from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import FaceBatch, from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align
-from faceveil.detect.mtcnn import MTCNN, Face
+from faceveil.detect.mtcnn import MTCNN, Face, match_face
 from faceveil.errors import FaceveilError
 from faceveil.io.batch import BatchItem
 from faceveil.io.images import read_image, write_image
@@ -174,15 +174,6 @@ class PhotoProtector:
         return rows
 
 
-def _match(face: Face, candidates: list[Face]) -> Face | None:
-    """The re-detected face whose landmarks are nearest the original's (within half the face size)."""
-    if not candidates:
-        return None
-    dist = [float(np.linalg.norm(c.landmarks - face.landmarks, axis=1).mean()) for c in candidates]
-    best = int(np.argmin(dist))
-    return candidates[best] if dist[best] < 0.5 * face.size else None
-
-
 @torch.no_grad()
 def verify_faces(original: Path, saved: Path, faces: list[Face], judges: list[str], detector: MTCNN,
                  target_centres: list[dict[str, torch.Tensor]] | None = None) -> list[dict]:
@@ -193,7 +184,7 @@ def verify_faces(original: Path, saved: Path, faces: list[Face], judges: list[st
     found_after = detector.detect_large(after)
     rows = []
     for i, face in enumerate(faces):
-        again = _match(face, found_after)
+        again = match_face(face, found_after)
         row: dict = {"face": i, "box": [round(float(v), 1) for v in face.box], "redetected": again is not None}
         if again is not None:
             for name in judges:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from faceveil.attacks.diversity import input_diversity
 from faceveil.attacks.faces import FaceBatch
+from faceveil.attacks.losses import feature_distance
 from faceveil.attacks.norms import momentum_update, normalise_step, project, random_init
 from faceveil.detect import canonical as C
 from faceveil.models import zoo
@@ -50,6 +51,20 @@ class Ensemble:
 
     def metric(self, name: str) -> str:
         return self.models[name].spec.metric
+
+
+# dlib's L2 distances are on another scale than cosine distances: divide by its decision distance (0.6).
+L2_SCALE = 0.6
+
+
+def ensemble_distance(ensemble: Ensemble, emb: Embeddings, reference: Embeddings) -> torch.Tensor:
+    """Weighted feature distance D_f [B] between two sets of ensemble embeddings, comparable across metrics."""
+    total = 0
+    for name, w in ensemble.weights.items():
+        metric = ensemble.metric(name)
+        d = feature_distance(emb[name], reference[name], "l2" if metric == "l2" else "cosine")
+        total = total + w * (d / L2_SCALE if metric == "l2" else d)
+    return total
 
 
 @contextlib.contextmanager

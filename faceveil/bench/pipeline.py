@@ -17,11 +17,10 @@ from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align
-from faceveil.detect.mtcnn import MTCNN
+from faceveil.detect.mtcnn import MTCNN, match_face
 from faceveil.io.images import read_image, write_image
 from faceveil.methods import pgd
 from faceveil.models import zoo
-from faceveil.protect import _match
 
 
 def bench_detect_12mp(repeats: int = 5) -> list[dict]:
@@ -66,7 +65,7 @@ def roundtrip_drift(surrogates: list[str], judges: list[str], steps: int = 20, s
             for fmt, suffix in (("png", ".png"), ("jpg", ".jpg")):
                 out = write_image(protected, Path(tmp) / f"{path.stem}{suffix}", fmt=fmt, jpeg_quality=95)
                 again = read_image(out).rgb
-                match = _match(face, detector.detect_large(again))
+                match = match_face(face, detector.detect_large(again))
                 if match is None:  # the mask broke detection itself: no crop to compare, counted apart
                     lost[fmt] = lost.get(fmt, 0) + 1
                     continue

@@ -79,6 +79,16 @@ class Face:
         return nearest_to_center(faces, width, height)
 
 
+def match_face(face: Face, candidates: Sequence[Face]) -> Face | None:
+    """The candidate (e.g. re-detected in a saved photo) whose landmarks are nearest the face's, within half the
+    face size; None when there is none."""
+    if not candidates:
+        return None
+    dist = [float(np.linalg.norm(c.landmarks - face.landmarks, axis=1).mean()) for c in candidates]
+    best = int(np.argmin(dist))
+    return candidates[best] if dist[best] < 0.5 * face.size else None
+
+
 def nearest_to_center(faces: Sequence[Face], width: int, height: int) -> Face | None:
     """The face whose box centre is nearest the image centre (LFW's labelled face); None if no faces."""
     if not faces:

@@ -20,12 +20,12 @@ import torch
 from faceveil import weights
 from faceveil.detect.align import align
 from faceveil.detect.cache import cache_for, detect_file, load_rgb
-from faceveil.detect.mtcnn import MTCNN, Face
+from faceveil.detect.mtcnn import MTCNN, Face, match_face
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import transforms
 from faceveil.io.images import read_image
 from faceveil.models import zoo
-from faceveil.protect import _match, select_faces
+from faceveil.protect import select_faces
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
 LFW_GALLERY_SIZE = 500
@@ -116,7 +116,7 @@ def _probe_embeddings(image: np.ndarray, faces: list[Face], detector: MTCNN,
     found = detector.detect_large(image)
     out: list[dict[str, torch.Tensor] | None] = []
     for face in faces:
-        again = _match(face, found)
+        again = match_face(face, found)
         out.append(None if again is None else {m: e[0] for m, e in embed_faces(image, [again], models).items()})
     return out
 

@@ -47,6 +47,7 @@ from faceveil.attacks.core import (
     Objective,
     candidate_step,
     clean_embeddings,
+    ensemble_distance,
     loss_gradients,
     perturbed_embeddings,
     run_attack,
@@ -55,7 +56,6 @@ from faceveil.attacks.diversity import projective_views, random_homographies
 from faceveil.attacks.faces import FaceBatch
 from faceveil.attacks.losses import gaussian_mmd
 from faceveil.detect import canonical as C
-from faceveil.methods.pgd import distance_to_original as ensemble_distance
 from faceveil.methods.targets import DEFAULT_MAX_TARGETS, FaceTargets, TargetedResult, TargetSet
 
 GAINS = ("g", "g1", "g2", "rand")
