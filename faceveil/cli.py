@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from faceveil.commands import register_all
 from faceveil.errors import FaceveilError
 
 
@@ -67,6 +68,14 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
     from faceveil.evaluate.results import emit
     from faceveil.models import zoo
 
+    if args.protocol == "opom":
+        from faceveil.commands.opom import eval_identification
+
+        return eval_identification(args)
+    args.method = args.method or "pgd"
+    if args.method not in METHODS:
+        raise FaceveilError(f"--method {args.method!r} is not a method of the tip-im protocol; known: "
+                            f"{', '.join(METHODS)}")
     root = parse_dataset_arg(args.dataset)
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
@@ -295,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_verification)
     p = evaluate.add_parser("identification", help="TIP-IM identification protocol: rank-1/5 rates under protection")
-    p.add_argument("--protocol", default="tip-im", choices=["tip-im"])
+    p.add_argument("--protocol", default="tip-im", choices=["tip-im", "opom"],
+                   help="tip-im: image-specific protection (TIP-IM §5.1); opom: person masks (OPOM §4.1)")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
-    p.add_argument("--method", default="pgd", choices=METHODS)
+    p.add_argument("--method", default=None, help=f"tip-im protocol: {', '.join(METHODS)} (default pgd); "
+                   "opom protocol: see `faceveil enroll --help` (default opom-convex)")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--mode", default="crops", choices=["crops", "photos"],
@@ -363,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_bench_roundtrip)
+
+    train = sub.add_parser("train", help="train the networks of APF and AdvCloak").add_subparsers(
+        dest="train_command", required=True)
+    register_all({"root": sub, "eval": evaluate, "bench": bench, "train": train})
     return parser
 
 
