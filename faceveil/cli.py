@@ -69,7 +69,7 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
     from faceveil.models import zoo
 
     if args.protocol == "opom":
-        from faceveil.commands.opom import eval_identification
+        from faceveil.commands.opom_eval import eval_identification
 
         return eval_identification(args)
     args.method = args.method or "pgd"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-WINGS = ("opom", "apf", "advcloak", "robustness")
+WINGS = ("opom", "apf", "apf_server", "advcloak", "robustness")
 
 Groups = dict[str, "argparse._SubParsersAction"]
 
