@@ -12,10 +12,10 @@ from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.evaluate.identification import GALLERY_CAP, TARGET_IDENTITIES, make_split, rank_metrics, surrogate_groups
 from faceveil.evaluate.lfw import identities
-from faceveil.evaluate.quality import psnr, ssim
+from faceveil.evaluate.quality import psnr, set_mmd, ssim
 
 ROW_KEYS = {"judge", "method", "surrogates", "white_box", "mode", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut",
-            "psnr", "ssim", "clean_rank1"}
+            "psnr", "ssim", "mmd", "clean_rank1"}
 
 
 def test_quality_identical_and_noisy():
@@ -24,6 +24,15 @@ def test_quality_identical_and_noisy():
     b = np.clip(a.astype(int) + rng.integers(-8, 9, a.shape), 0, 255).astype(np.uint8)
     assert psnr(a, a) == float("inf") and abs(ssim(a, a) - 1) < 1e-12
     assert 30 < psnr(a, b) < 40 and 0 < ssim(a, b) < 1
+
+
+def test_set_mmd_orders_naturalness():
+    """Identical sets: 0; a lightly perturbed copy: small; a different set of faces: much larger."""
+    rng = np.random.default_rng(1)
+    faces = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(12)]
+    noisy = [np.clip(f.astype(int) + rng.integers(-6, 7, f.shape), 0, 255).astype(np.uint8) for f in faces]
+    assert set_mmd(faces, faces) == 0
+    assert 0 < set_mmd(noisy, faces) < 0.1 * set_mmd(faces[:6], faces[6:])
 
 
 def test_rank_metrics():
@@ -77,4 +86,4 @@ def test_tiny_pgd_run_crops(tmp_path):
     for row in rows.values():
         assert ROW_KEYS <= set(row) and row["mode"] == "crops" and row["surrogates"] == ["mobileface"]
         assert all(0 <= row[k] <= 1 for k in ("rank1_t", "rank5_t", "rank1_ut", "rank5_ut", "ssim", "clean_rank1"))
-        assert row["psnr"] > 25
+        assert row["psnr"] > 25 and row["mmd"] >= 0

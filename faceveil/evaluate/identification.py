@@ -12,7 +12,8 @@ probe:
 
 By default a judge is attacked by the models of the other families (leave-one-family-out); judges sharing a
 surrogate set share one protection run. PSNR and SSIM compare the face area (the perturbation mask's square in the
-canonical face space) of the original and the protected face.
+canonical face space) of the original and the protected face; MMD (the paper's naturalness metric, Eq. 3) compares
+the set of protected face areas with the set of original ones.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from faceveil.detect.align import align, transform_points, warp_matrix
 from faceveil.detect.cache import load_rgb
 from faceveil.evaluate.faces import landmarks_for
 from faceveil.evaluate.lfw import identities
-from faceveil.evaluate.quality import psnr, ssim
+from faceveil.evaluate.quality import psnr, set_mmd, ssim
 from faceveil.methods.targets import TargetedResult, TargetIdentity, TargetSet, target_face
 from faceveil.models import zoo
 
@@ -111,6 +112,9 @@ class Protected:
     landmarks: list[np.ndarray] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
+    # face areas (canonical space) of the originals and the protected probes, for the set-level MMD
+    original_areas: list[np.ndarray] = field(default_factory=list)
+    protected_areas: list[np.ndarray] = field(default_factory=list)
     redetect_failures: int = 0
 
 
@@ -133,6 +137,8 @@ def _record_quality(out: Protected, before: np.ndarray, after: np.ndarray) -> No
     a, b = _face_area(before), _face_area(after)
     out.psnr.append(psnr(a, b))
     out.ssim.append(ssim(a, b))
+    out.original_areas.append(a)
+    out.protected_areas.append(b)
 
 
 def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -254,7 +260,8 @@ def judge_row(judge: str, surrogates: list[str], protected: Protected, split: Sp
                          {n for n, _ in split.targets})
     return {"judge": judge, "method": settings.method, "surrogates": list(surrogates),
             "white_box": judge in surrogates, "mode": settings.mode, **ranks,
-            "psnr": float(np.mean(protected.psnr)), "ssim": float(np.mean(protected.ssim))}
+            "psnr": float(np.mean(protected.psnr)), "ssim": float(np.mean(protected.ssim)),
+            "mmd": set_mmd(protected.protected_areas, protected.original_areas)}
 
 
 def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings, seed: int = 0,

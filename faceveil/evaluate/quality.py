@@ -50,3 +50,23 @@ def ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     c1, c2 = K1**2, K2**2
     value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(value.mean())
+
+
+# Faces are compared at this side length for the set-level MMD: the kernel sees the face area's content, and the
+# pairwise distances stay cheap for hundreds of probes.
+MMD_SIDE = 64
+
+
+def set_mmd(protected: list[np.ndarray], originals: list[np.ndarray]) -> float:
+    """TIP-IM's naturalness metric (§5.1, Table 5): the Gaussian-kernel MMD (Eq. 3) between the set of protected face
+    areas and the set of original face areas, both HxWx3 uint8 / [0,1] images; smaller = more natural."""
+    from faceveil.attacks.losses import gaussian_mmd
+
+    if not protected or len(protected) != len(originals):
+        raise ValueError("set_mmd needs two non-empty image sets of the same size")
+
+    def stack(images: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.cat([_as_float(im).float() for im in images])
+        return F.interpolate(batch, size=(MMD_SIDE, MMD_SIDE), mode="bilinear", antialias=True, align_corners=False)
+
+    return float(gaussian_mmd(stack(protected), stack(originals)))
