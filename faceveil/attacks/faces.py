@@ -32,15 +32,24 @@ class FaceBatch:
     quantise: bool = True
     mask: torch.Tensor = field(default_factory=C.face_mask)
 
+    _region_warps: list[C.RegionWarp] | None = field(default=None, init=False, repr=False, compare=False)
+
     def __len__(self) -> int:
         return self.regions.shape[0]
+
+    @property
+    def region_warps(self) -> list[C.RegionWarp]:
+        """Each face's canonical -> region warp, built once per batch (the optimiser pastes every iteration)."""
+        if self._region_warps is None:
+            h, w = self.regions.shape[-2:]
+            self._region_warps = [C.RegionWarp.make(m, (0, 0, w, h), dtype=self.regions.dtype)
+                                  for m in self.canonical_to_region]
+        return self._region_warps
 
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
         """Regions with the canonical perturbation pasted in (what the saved photo will hold)."""
         masked = delta * self.mask
-        h, w = self.regions.shape[-2:]
-        pasted = torch.cat([C.canonical_to_region(masked[i:i + 1], self.canonical_to_region[i], (0, 0, w, h))
-                            for i in range(len(self))])
+        pasted = torch.cat([warp(masked[i:i + 1]) for i, warp in enumerate(self.region_warps)])
         out = (self.regions + pasted).clamp(0, 1)
         return C.quantise_ste(out) if self.quantise else out
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -120,9 +121,33 @@ def linear_scale(m: torch.Tensor) -> float:
 def canonical_to_region(delta: torch.Tensor, canonical_to_photo: torch.Tensor, box: tuple[int, int, int, int]):
     """Warp canonical tensors [B,C,256,256] into the photo region box=(x0,y0,x1,y1) -> [B,C,y1-y0,x1-x0].
     Downscaling warps are antialiased first (resize by the warp's scale), so fine detail does not alias."""
-    x0, y0, x1, y1 = box
-    delta, region_to_src = _prepare_warp(delta, canonical_to_photo, x0, y0)
-    return sample(delta, region_to_src.expand(delta.shape[0], 2, 3), (y1 - y0, x1 - x0))
+    return RegionWarp.make(canonical_to_photo, box, delta.shape[-1], delta.dtype)(delta)
+
+
+@dataclass(frozen=True)
+class RegionWarp:
+    """`canonical_to_region` for one fixed warp, with its sampling grid computed once: an optimiser pastes the same
+    face thousands of times, and building a photo-sized grid costs as much as the grid sampling itself."""
+
+    small: int | None  # side of the low-pass copy of the canonical tensor, or None when the warp does not shrink
+    grid: torch.Tensor  # [1,h,w,2] F.grid_sample grid into the (low-passed) canonical tensor
+
+    @classmethod
+    def make(cls, canonical_to_photo: torch.Tensor, box: tuple[int, int, int, int], size: int = CANONICAL_SIZE,
+             dtype: torch.dtype = torch.float32) -> RegionWarp:
+        x0, y0, x1, y1 = box
+        probe = torch.empty(1, 1, size, size, dtype=dtype)
+        src, region_to_src = _prepare_warp(probe, canonical_to_photo, x0, y0)
+        theta = _theta(src, region_to_src[None], (y1 - y0, x1 - x0))
+        grid = F.affine_grid(theta, [1, 1, y1 - y0, x1 - x0], align_corners=False)
+        return cls(src.shape[-1] if src.shape[-1] != size else None, grid)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.small is not None:
+            delta = F.interpolate(delta, size=(self.small, self.small), mode="bilinear", antialias=True,
+                                  align_corners=False)
+        grid = self.grid.expand(delta.shape[0], *self.grid.shape[1:])
+        return F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _prepare_warp(delta: torch.Tensor, canonical_to_photo: torch.Tensor, x0: int, y0: int):

@@ -1,0 +1,103 @@
+"""`faceveil bench protect`: seconds per face of `faceveil protect`, next to the pure forward+backward floor.
+
+For each preset (the CLI default, and TIP-IM with the paper's settings) it times
+- `photo`: the whole job on one photo with one face (read, detect, optimise through paste-back, paste, write; no
+  verification), i.e. what a user waits for per face;
+- `optimise-1` / `optimise-16`: the optimisation alone for a batch of 1 and of 16 faces (photos mode, the faces of
+  the sample photos);
+and the floor: iterations x (forward + backward of every surrogate at its input size, same batch) on random crops —
+what the networks alone cost. ratio = measured / floor; the difference is warps, paste-back, 8-bit rounding,
+projection, and for TIP-IM the target search (its candidate passes are algorithmic cost, not overhead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from faceveil import weights
+from faceveil.attacks.faces import from_photos
+from faceveil.detect.mtcnn import MTCNN
+from faceveil.io.batch import BatchItem
+from faceveil.io.images import read_image
+from faceveil.models import zoo
+from faceveil.protect import PhotoProtector, ProtectSettings
+
+BATCH_FACES = 16
+# The sample photo with exactly one face (sample1 has three): the per-photo timing is per face.
+ONE_FACE_PHOTO = "sample6.jpg"
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: int = 3) -> float:
+    """iterations x forward+backward of every surrogate on `batch` random crops at its input size."""
+    gen = torch.Generator().manual_seed(0)
+    models = [zoo.load(name) for name in surrogates]
+    inputs = [torch.rand(batch, 3, m.spec.input_size, m.spec.input_size, generator=gen) for m in models]
+
+    def one_iteration() -> None:
+        for model, x in zip(models, inputs, strict=True):
+            xg = x.clone().requires_grad_(True)
+            model(xg).square().sum().backward()
+
+    one_iteration()  # warm-up
+    return iterations * _median_seconds(one_iteration, repeats)
+
+
+def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`count` (photo, landmarks) pairs from the sample photos, cycling through their faces."""
+    faces = []
+    for path in weights.sample_photos():
+        rgb = read_image(path).rgb
+        faces += [(rgb, f.landmarks) for f in detector.detect_large(rgb)]
+    faces = (faces * (count // len(faces) + 1))[:count]
+    return [p for p, _ in faces], [m for _, m in faces]
+
+
+def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Path) -> list[dict]:
+    settings = dataclasses.replace(settings, verify=False)
+    protector = PhotoProtector(settings, out_dir)
+    iterations = settings.attack.steps
+    photo = next(p for p in weights.sample_photos() if p.name == ONE_FACE_PHOTO)
+    item = BatchItem(path=photo, kind="image")
+    protector(item)  # warm-up (and: the photo really has one face)
+    rows = [{"preset": name, "case": "photo", "faces": 1,
+             "seconds_per_face": _median_seconds(lambda: protector(item), repeats),
+             "floor_seconds_per_face": floor_seconds(settings.surrogates, 1, iterations)}]
+    photos, marks = _sample_faces(protector.detector, BATCH_FACES)
+    for size in (1, BATCH_FACES):
+        batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
+        seconds = _median_seconds(lambda b=batch: protector.optimise(b), repeats if size == 1 else 1)
+        rows.append({"preset": name, "case": f"optimise-{size}", "faces": size, "seconds_per_face": seconds / size,
+                     "floor_seconds_per_face": floor_seconds(settings.surrogates, size, iterations) / size})
+    for row in rows:
+        ratio = row["seconds_per_face"] / row["floor_seconds_per_face"]
+        row.update(method=settings.method, surrogates=settings.surrogates, iterations=iterations,
+                   eps=round(settings.attack.eps * 255, 2), ratio=ratio)
+    return rows
+
+
+def run(presets: dict[str, ProtectSettings], repeats: int = 3, progress: bool = True) -> tuple[list[dict], dict]:
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="faceveil-bench-") as tmp:
+        for name, settings in tqdm(presets.items(), desc="bench protect", disable=not progress):
+            rows += bench_preset(name, settings, repeats, Path(tmp))
+    info = {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    return rows, info
