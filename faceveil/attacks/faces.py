@@ -42,16 +42,22 @@ class FaceBatch:
         """Each face's canonical -> region warp, built once per batch (the optimiser pastes every iteration)."""
         if self._region_warps is None:
             h, w = self.regions.shape[-2:]
-            self._region_warps = [C.RegionWarp.make(m, (0, 0, w, h), dtype=self.regions.dtype)
+            self._region_warps = [C.RegionWarp.make(m, (0, 0, w, h), dtype=self.regions.dtype, support=self.mask)
                                   for m in self.canonical_to_region]
         return self._region_warps
 
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
-        """Regions with the canonical perturbation pasted in (what the saved photo will hold)."""
+        """Regions with the canonical perturbation pasted in (what the saved photo will hold). Only the window of
+        each region that the face mask reaches is computed: elsewhere the masked perturbation rounds to nothing."""
         masked = delta * self.mask
-        pasted = torch.cat([warp(masked[i:i + 1]) for i, warp in enumerate(self.region_warps)])
-        out = (self.regions + pasted).clamp(0, 1)
-        return C.quantise_ste(out) if self.quantise else out
+        out = self.regions.clone()
+        for i, warp in enumerate(self.region_warps):
+            u0, v0, u1, v1 = warp.window
+            if u1 <= u0 or v1 <= v0:  # the face lies outside its region: nothing to paste
+                continue
+            window = (self.regions[i:i + 1, :, v0:v1, u0:u1] + warp(masked[i:i + 1])).clamp(0, 1)
+            out[i:i + 1, :, v0:v1, u0:u1] = C.quantise_ste(window) if self.quantise else window
+        return out
 
     def crops(self, regions: torch.Tensor, geometry: str, jitter: float = 0.0,
               generator: torch.Generator | None = None) -> torch.Tensor:

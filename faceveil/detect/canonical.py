@@ -94,17 +94,22 @@ def _sample_window(src: torch.Tensor, dst_to_src: torch.Tensor, out_hw: tuple[in
                    window: tuple[int, int, int, int]) -> torch.Tensor:
     """`sample(src, dst_to_src, out_hw)[..., v0:v1, u0:u1]` for window (u0, v0, u1, v1), computed on the window
     only, with the same arithmetic: F.affine_grid's base grid (its linspace formula), sliced, times theta."""
+    grid = _window_grid(_theta(src, dst_to_src, out_hw), out_hw, window)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _window_grid(theta: torch.Tensor, out_hw: tuple[int, int], window: tuple[int, int, int, int]) -> torch.Tensor:
+    """F.affine_grid(theta [1,2,3], out_hw)[:, v0:v1, u0:u1] for window (u0, v0, u1, v1), built on the window only:
+    the same base grid (its linspace formula), sliced, times theta."""
     oh, ow = out_hw
     u0, v0, u1, v1 = window
-    theta = _theta(src, dst_to_src, out_hw)
     xs = (torch.linspace(-1, 1, ow, dtype=theta.dtype) * (ow - 1) / ow)[u0:u1]
     ys = (torch.linspace(-1, 1, oh, dtype=theta.dtype) * (oh - 1) / oh)[v0:v1]
     base = torch.empty(1, v1 - v0, u1 - u0, 3, dtype=theta.dtype)
     base[..., 0].copy_(xs)
     base[..., 1].copy_(ys.unsqueeze(-1))
     base[..., 2].fill_(1)
-    grid = base.view(1, -1, 3).bmm(theta.transpose(1, 2)).view(1, v1 - v0, u1 - u0, 2)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return base.view(1, -1, 3).bmm(theta.transpose(1, 2)).view(1, v1 - v0, u1 - u0, 2)
 
 
 def model_crops(canonical: torch.Tensor, crop_to_canonical: torch.Tensor, geometry: str) -> torch.Tensor:
@@ -127,22 +132,29 @@ def canonical_to_region(delta: torch.Tensor, canonical_to_photo: torch.Tensor, b
 @dataclass(frozen=True)
 class RegionWarp:
     """`canonical_to_region` for one fixed warp, with its sampling grid computed once: an optimiser pastes the same
-    face thousands of times, and building a photo-sized grid costs as much as the grid sampling itself."""
+    face thousands of times, and building a photo-sized grid costs as much as the grid sampling itself. With a
+    `support` (where the canonical tensors can be non-zero: the face mask), only the window of the region that the
+    support reaches is sampled; outside it the pasted values are below _NO_CHANGE (see _changing_window)."""
 
     small: int | None  # side of the low-pass copy of the canonical tensor, or None when the warp does not shrink
-    grid: torch.Tensor  # [1,h,w,2] F.grid_sample grid into the (low-passed) canonical tensor
+    grid: torch.Tensor  # [1,v1-v0,u1-u0,2] F.grid_sample grid into the (low-passed) canonical tensor
+    window: tuple[int, int, int, int]  # (u0, v0, u1, v1) of the region that `grid` covers
 
     @classmethod
     def make(cls, canonical_to_photo: torch.Tensor, box: tuple[int, int, int, int], size: int = CANONICAL_SIZE,
-             dtype: torch.dtype = torch.float32) -> RegionWarp:
+             dtype: torch.dtype = torch.float32, support: torch.Tensor | None = None) -> RegionWarp:
         x0, y0, x1, y1 = box
-        probe = torch.empty(1, 1, size, size, dtype=dtype)
-        src, region_to_src = _prepare_warp(probe, canonical_to_photo, x0, y0)
-        theta = _theta(src, region_to_src[None], (y1 - y0, x1 - x0))
-        grid = F.affine_grid(theta, [1, 1, y1 - y0, x1 - x0], align_corners=False)
-        return cls(src.shape[-1] if src.shape[-1] != size else None, grid)
+        out_hw = (y1 - y0, x1 - x0)
+        probe = torch.ones(size, size, dtype=dtype) if support is None else support.to(dtype)
+        src, region_to_src = _prepare_warp(probe.reshape(1, 1, size, size), canonical_to_photo, x0, y0)
+        window = (0, 0, out_hw[1], out_hw[0])
+        if support is not None:
+            window = _changing_window(src, region_to_src, out_hw) or (0, 0, 0, 0)
+        grid = _window_grid(_theta(src, region_to_src[None], out_hw), out_hw, window)
+        return cls(src.shape[-1] if src.shape[-1] != size else None, grid, window)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        """[B,C,256,256] -> the window of the region [B,C,v1-v0,u1-u0]."""
         if self.small is not None:
             delta = F.interpolate(delta, size=(self.small, self.small), mode="bilinear", antialias=True,
                                   align_corners=False)
