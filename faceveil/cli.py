@@ -9,6 +9,7 @@ from pathlib import Path
 
 from faceveil.commands import register_all
 from faceveil.errors import FaceveilError
+from faceveil.report import add_report_flag
 
 
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
@@ -55,7 +56,7 @@ def _cmd_eval_verification(args: argparse.Namespace) -> int:
     models = zoo.parse_models(args.models)
     rows, info = verification.run(root, models, args.limit, progress=not args.quiet)
     settings = {"dataset": str(root), "models": models, "limit": args.limit, **info}
-    emit("eval verification", settings, rows, args.json)
+    emit("eval verification", settings, rows, args.json, report=args.report)
     if args.save_thresholds:
         verification.save_thresholds(rows, args.save_thresholds)
     return 0
@@ -72,6 +73,9 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
         from faceveil.commands.opom_eval import eval_identification
 
         return eval_identification(args)
+    for key in ("eps", "alpha", "iters", "momentum"):  # TIP-IM §5.1 unless given (the opom protocol has its own)
+        if getattr(args, key) is None:
+            setattr(args, key, PAPER_DEFAULTS[key])
     args.method = args.method or "pgd"
     if args.method not in METHODS:
         raise FaceveilError(f"--method {args.method!r} is not a method of the tip-im protocol; known: "
@@ -89,7 +93,7 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
             "judges": judges, "surrogates": surrogates or "leave-one-family-out", "eps": args.eps,
             "alpha": args.alpha, "iters": args.iters, "momentum": args.momentum, "jitter": jitter,
             "gamma": args.gamma, "batch": args.batch, "threads": _threads(), **info}
-    emit("eval identification", meta, rows, args.json)
+    emit("eval identification", meta, rows, args.json, report=args.report)
     return 0
 
 
@@ -119,8 +123,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(markdown_table(verify.display_rows(rows)))  # emit's table, with 4-decimal scores
     print("score = similarity original -> protected (cosine; -L2 for dlib); matches = at the calibrated threshold; "
           "rank of the original in the gallery (1 = recognised first)")
+    doc = {"command": "verify", "settings": settings, "rows": rows}
     if args.json:
-        write_json_atomic(args.json, {"command": "verify", "settings": settings, "rows": rows})
+        write_json_atomic(args.json, doc)
+    if args.report:
+        from faceveil.report import write_report
+
+        write_report(args.report, "verify", doc)
     return 0
 
 
@@ -132,6 +141,7 @@ STRENGTHS = {  # eps (0..255 units), iterations
 # TIP-IM §5.1 for every method: L-inf eps 12, alpha 1.5 (0..255 units), 50 iterations, momentum 1, 10 targets.
 PAPER_DEFAULTS = {"eps": 12.0, "alpha": 1.5, "iters": 50, "momentum": 1.0, "max_targets": 10}
 METHODS = ["pgd", "tip-im", "center-opt", "mim", "dim", "mt-dim", "single-target"]  # = faceveil.protect.METHODS
+APF_METHODS = ["apf", "apf-local"]  # = faceveil.protect.APF_METHODS: protect/demo only (their own eval protocol)
 
 
 def _protect_settings(args: argparse.Namespace):
@@ -154,7 +164,8 @@ def _protect_settings(args: argparse.Namespace):
                            judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
                            jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
                            copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain,
-                           targets_dir=Path(args.targets) if args.targets else None, max_targets=max_targets)
+                           targets_dir=Path(args.targets) if args.targets else None, max_targets=max_targets,
+                           server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset)
 
 
 def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> int:
@@ -170,6 +181,10 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     protector = PhotoProtector(settings, Path(out_dir))
     report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
     _print_protect_table(report.results, settings.judges)
+    if args.report:  # also after Ctrl-C: the photos done so far
+        from faceveil.report import batch_payload, write_report
+
+        write_report(args.report, "protect", batch_payload("protect", settings, report), progress=not args.quiet)
     if report.interrupted:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0
@@ -203,9 +218,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_protect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pgd", choices=METHODS,
+    p.add_argument("--method", default="pgd", choices=[*METHODS, *APF_METHODS],
                    help="protection method: pgd (untargeted); tip-im, center-opt (TIP-IM with gain g1), and the "
-                        "TIP-IM paper's baselines mim, dim, mt-dim, single-target (all steer towards target faces)")
+                        "TIP-IM paper's baselines mim, dim, mt-dim, single-target (all steer towards target faces); "
+                        "apf (end-cloud: only the face's gradient goes to --server, the photo stays here), apf-local "
+                        "(both APF halves in this process, packaged networks)")
+    p.add_argument("--server", metavar="URL", default=None, help="apf: the `faceveil serve` address, e.g. "
+                   "http://127.0.0.1:8765")
+    p.add_argument("--apf-algorithm", default=None, help="apf: the probe gradient algorithm, fgsm, i-fgsm, mi-fgsm, "
+                   "di2-fgsm or m-di2-fgsm (default: the one the server networks were trained on)")
+    p.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
+                   "(APF Eq. 13; seeded by --seed)")
     p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
     p.add_argument("--judges", default="all", help="models that check the result")
     p.add_argument("--strength", default="mid", choices=sorted(STRENGTHS), help="preset budget and iterations")
@@ -235,7 +258,24 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recursive", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
+    add_report_flag(p)
     p.add_argument("--quiet", action="store_true")
+
+
+def _cmd_bench_protect(args: argparse.Namespace) -> int:
+    from faceveil.bench import protect as bench_protect
+    from faceveil.evaluate.results import emit
+
+    def settings(*flags: str):
+        return _protect_settings(build_parser().parse_args(["protect", "IN", "-o", "OUT", *flags]))
+
+    presets = {"default": settings(), "paper": settings("--method", "tip-im", "--paper-defaults")}
+    presets = {k: v for k, v in presets.items() if k in args.presets.split(",")}
+    if not presets:
+        raise FaceveilError("--presets takes default and/or paper")
+    rows, info = bench_protect.run(presets, args.repeats, progress=not args.quiet)
+    emit("bench protect", {"repeats": args.repeats, **info}, rows, args.json)
+    return 0
 
 
 def _cmd_bench_video(args: argparse.Namespace) -> int:
@@ -302,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--save-thresholds", metavar="FILE", help="write the calibrated thresholds (registry data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_report_flag(p)
     p.set_defaults(func=_cmd_eval_verification)
     p = evaluate.add_parser("identification", help="TIP-IM identification protocol: rank-1/5 rates under protection")
     p.add_argument("--protocol", default="tip-im", choices=["tip-im", "opom"],
@@ -316,16 +357,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities (max 500)")
     p.add_argument("--extra", type=int, default=None, metavar="N",
                    help="further gallery identities (default 500, or 50 with --limit)")
-    p.add_argument("--eps", type=float, default=12.0, help="L-inf budget, 0..255 units (paper: 12)")
-    p.add_argument("--alpha", type=float, default=1.5, help="step size, 0..255 units (paper: 1.5)")
-    p.add_argument("--iters", type=int, default=50, help="iterations (paper: 50)")
-    p.add_argument("--momentum", type=float, default=1.0)
+    p.add_argument("--eps", type=float, default=None, help="L-inf budget, 0..255 units (default: the protocol's "
+                   "paper, tip-im 12, opom 8)")
+    p.add_argument("--alpha", type=float, default=None, help="step size, 0..255 units (default: tip-im 1.5, opom 1)")
+    p.add_argument("--iters", type=int, default=None, help="iterations (default: tip-im 50, opom 16)")
+    p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1, opom 0)")
     p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
     p.add_argument("--gamma", type=float, default=0.0, help="TIP-IM MMD naturalness weight")
     p.add_argument("--batch", type=int, default=8, help="probes protected at once")
+    p.add_argument("--masks", type=int, default=1, metavar="N_M",
+                   help="opom protocol only: diverse masks per person (Table 6: M-O per mask, M-M per mask pair)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="opom protocol only: DFANet feature-dropout rate while learning masks (Tables 4-5)")
+    p.add_argument("--distractors", default=None, metavar="N|all",
+                   help="opom protocol only: distractor images, a seeded sample of LFW (default all, or 2000 with "
+                        "--limit)")
+    p.add_argument("--train-images", type=int, default=10,
+                   help="opom protocol only: images per person that learn the mask (paper: 10)")
+    p.add_argument("--min-images", type=int, default=12,
+                   help="opom protocol only: identities with at least this many images are protected")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_report_flag(p)
     p.set_defaults(func=_cmd_eval_identification)
 
     p = sub.add_parser("protect", help="protect faces in photos and mp4 videos (identity masks)")
@@ -347,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faces", default="all", help="original faces checked: all | largest | N")
     p.add_argument("--seed", type=int, default=0, help="seed of the LFW choice and of random transforms")
     p.add_argument("--json", metavar="OUT")
+    add_report_flag(p)
     p.set_defaults(func=_cmd_verify)
 
     bench = sub.add_parser("bench", help="speed benchmarks that write JSON").add_subparsers(
@@ -358,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_models)
+    p = bench.add_parser("protect", help="seconds per face of protect (default and paper presets) vs the "
+                         "forward+backward floor")
+    p.add_argument("--presets", default="default,paper", help="comma list: default, paper")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench_protect)
     p = bench.add_parser("video", help="720p detection + tracking + paste-back frames per second")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--detect-every", type=int, default=10)

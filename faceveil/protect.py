@@ -27,6 +27,8 @@ from faceveil.models import zoo
 # A method returns the perturbation, or (targeted methods) the perturbation with each face's chosen target.
 Method = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor | TargetedResult]
 TARGETED_METHODS = ("tip-im", "center-opt", "mim", "dim", "mt-dim", "single-target")
+# APF (end-cloud): "apf" sends only the probe gradient g to a `faceveil serve` server; "apf-local" runs both halves here
+APF_METHODS = ("apf", "apf-local")
 METHODS = ("pgd", *TARGETED_METHODS)
 
 
@@ -48,6 +50,12 @@ class ProtectSettings:
     targets_dir: Path | None = None  # None: the faces in the sample photos
     max_targets: int = DEFAULT_MAX_TARGETS
     best_of_targets: bool = False  # single-target methods: try every target, keep the best (paper protocol)
+    # APF: the server URL (method apf), the client's gradient algorithm (None = the one the server was trained on),
+    # the Eq. 13 feature offset, and the probe model that computes g on the device
+    server: str | None = None
+    apf_algorithm: str | None = None
+    apf_offset: bool = False
+    apf_probe: str = "mobileface"
 
 
 def select_faces(faces: list[Face], which: str) -> list[Face]:
@@ -71,7 +79,9 @@ def method_function(name: str, settings: ProtectSettings | None = None, target_s
         if target_set is None:
             raise FaceveilError(f"method {name!r} needs a target set")
         return _targeted_method(name, settings or ProtectSettings(method=name), target_set)
-    raise FaceveilError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    if name in APF_METHODS:
+        return _apf_method(name, settings or ProtectSettings(method=name))
+    raise FaceveilError(f"unknown method {name!r}; known: {', '.join(METHODS + APF_METHODS)}")
 
 
 def _targeted_method(name: str, s: ProtectSettings, target_set: TargetSet) -> Method:
@@ -89,6 +99,45 @@ def _targeted_method(name: str, s: ProtectSettings, target_set: TargetSet) -> Me
     return lambda batch, ensemble, cfg: single(batch, ensemble, cfg, target_set, options, best_of=s.best_of_targets)
 
 
+def _apf_method(name: str, s: ProtectSettings) -> Method:
+    """APF's user end: the probe gradient g of each detected, aligned face; s from the server (apf) or from the
+    packaged server networks in this process (apf-local); the canonical noise is pasted back by the caller.
+    The client's eps is the server's: g must lie in the eps-ball the server networks were trained for."""
+    from faceveil.methods import apf
+
+    if name == "apf-local":
+        from faceveil.apf.networks import load_server_model
+
+        model = load_server_model()
+        return apf.local_method(model, _apf_client_config(s, model.eps, model.meta))
+    if not s.server:
+        raise FaceveilError("--method apf needs --server URL (a `faceveil serve` address); --method apf-local runs "
+                            "the server networks here instead")
+    from faceveil.apf.client import NoiseClient
+    from faceveil.apf.networks import APF_GRID
+
+    client = NoiseClient(s.server)
+    health = client.health()
+    if health["grid"] != APF_GRID:
+        raise FaceveilError(f"the APF server at {s.server} works on a {health['grid']} px grid, this client on "
+                            f"{APF_GRID} px: versions differ ({health.get('version')})")
+    cfg = _apf_client_config(s, health["eps"], health.get("model") or {})
+    return lambda batch, _ensemble, _attack: apf.to_canonical(client.noise(apf.probe_gradient(batch, cfg)))
+
+
+def _apf_client_config(s: ProtectSettings, eps: float, meta: dict):
+    """The client settings: the server's eps, and unless given, the gradient algorithm it was trained on."""
+    from faceveil.methods import apf
+
+    algorithm = s.apf_algorithm or meta.get("algorithm") or apf.ApfClientConfig.algorithm
+    probe = meta.get("probe", s.apf_probe)
+    if probe != s.apf_probe:
+        raise FaceveilError(f"the APF server networks were trained for probe {probe!r}, this client uses "
+                            f"{s.apf_probe!r}")
+    return apf.ApfClientConfig(algorithm=algorithm, eps=float(eps), offset=s.apf_offset, seed=s.attack.seed,
+                               probe=s.apf_probe).validate()
+
+
 class PhotoProtector:
     """Holds the detector, the surrogate ensemble and the settings across a batch of photos."""
 
@@ -96,7 +145,8 @@ class PhotoProtector:
         self.settings = settings
         self.out_dir = Path(out_dir)
         self.detector = MTCNN()
-        self.ensemble = Ensemble(settings.surrogates)
+        # APF's client needs only its probe model (the server models never run here)
+        self.ensemble = Ensemble([settings.apf_probe] if settings.method in APF_METHODS else settings.surrogates)
         self.targets = (load_targets(settings.targets_dir, self.detector, self.ensemble)
                         if settings.method in TARGETED_METHODS else None)
         self.method = method_function(settings.method, settings, self.targets)

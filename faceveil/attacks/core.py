@@ -38,14 +38,16 @@ class Ensemble:
         return sorted({m.spec.geometry for m in self.models.values()})
 
     def embed(self, batch: FaceBatch, regions: torch.Tensor, diversity: float = 0.0,
-              generator: torch.Generator | None = None, jitter: float = 0.0) -> Embeddings:
+              generator: torch.Generator | None = None, jitter: float = 0.0,
+              transforms: tuple[str, ...] = ("resize",)) -> Embeddings:
         out = {}
         for geometry in self.geometries:
             crops = batch.crops(regions, geometry, jitter, generator)
             for name, model in self.models.items():
                 if model.spec.geometry != geometry:
                     continue
-                view = input_diversity(crops, diversity, generator) if generator is not None else crops
+                view = (input_diversity(crops, diversity, generator, transforms=transforms)
+                        if generator is not None else crops)
                 out[name] = model(view.contiguous())
         return out
 
@@ -79,13 +81,19 @@ def feature_dropout(models: list[nn.Module], p: float, generator: torch.Generato
         keep = (torch.rand(output.shape, generator=generator) >= p).to(output.dtype)
         return output * keep / (1 - p)
 
-    handles = [m.register_forward_hook(hook) for model in models for m in model.modules()
-               if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for model in models for m in model.modules() if is_conv(m)]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def is_conv(module: nn.Module) -> bool:
+    """A convolution layer: torch's Conv2d, or a converted graph's own conv module (e.g. the TF.js loader's), which
+    holds a 4-D kernel as its `weight` parameter."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Conv2d) or (isinstance(weight, torch.Tensor) and weight.dim() == 4)
 
 
 @dataclass
@@ -96,6 +104,7 @@ class AttackConfig:
     norm: str = "linf"
     momentum: float = 0.0  # mu of MI-FGSM; 0 = plain I-FGSM
     diversity: float = 0.0  # probability of the DI transform
+    diversity_transforms: tuple[str, ...] = ("resize",)  # DI transforms (attacks.diversity.DI_TRANSFORMS)
     dropout: float = 0.0  # DFANet feature dropout rate
     jitter: float = 0.0  # alignment jitter (crop pixels) averaged over, so masks survive re-detection
     random_start: bool = False
@@ -111,12 +120,17 @@ StepHook = Callable[[int, torch.Tensor], None]  # (step, current delta)
 def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: AttackConfig,
                delta: torch.Tensor | None = None, progress: bool = False,
                on_step: StepHook | None = None, before_step: StepHook | None = None,
-               image_term: ImageTerm | None = None) -> torch.Tensor:
+               image_term: ImageTerm | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
     """Minimise `objective` (+ `image_term`) over a canonical perturbation within the budget; returns delta
     [B,3,256,256]. `before_step` sees the iterate before each gradient, so a method can re-decide what the
-    objective aims at (e.g. TIP-IM's per-iteration target choice); `on_step` sees it after each update."""
+    objective aims at (e.g. TIP-IM's per-iteration target choice); `on_step` sees it after each update.
+
+    Shared (universal) perturbations: with `owner` [B] (long, values 0..M-1), delta is [M,3,256,256] and face i
+    sees delta[owner[i]]; each mask's gradient is the sum over its faces, and momentum, the step and the
+    projection act per mask (OPOM's person masks: one mask shared by all of a person's images)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    shape = (len(batch), 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE)
+    count = len(batch) if owner is None else shared_count(owner)
+    shape = (count, 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE)
     if delta is None:
         delta = random_init(torch.Size(shape), cfg.norm, cfg.eps, gen) if cfg.random_start else torch.zeros(shape)
     velocity = None
@@ -124,7 +138,7 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
         for step in tqdm(range(cfg.steps), desc="optimise", disable=not progress, leave=False):
             if before_step is not None:
                 before_step(step, delta)
-            grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen, image_term)
+            grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen, image_term, owner)
             if cfg.momentum > 0:
                 velocity = momentum_update(velocity, grad, cfg.momentum)
                 grad = velocity
@@ -139,12 +153,24 @@ def candidate_step(delta: torch.Tensor, grad: torch.Tensor, cfg: AttackConfig) -
     return project(delta - cfg.alpha * normalise_step(grad, cfg.norm), cfg.norm, cfg.eps)
 
 
+def shared_count(owner: torch.Tensor) -> int:
+    """How many shared perturbations an `owner` index [B] refers to (every one must own at least one face)."""
+    if owner.dtype != torch.long or owner.dim() != 1 or owner.numel() == 0 or int(owner.min()) < 0:
+        raise ValueError("owner must be a non-empty 1-D long index of values 0..M-1")
+    count = int(owner.max()) + 1
+    if len(owner.unique()) != count:
+        raise ValueError("owner must give every one of its M perturbations at least one face")
+    return count
+
+
 def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, delta: torch.Tensor, step: int,
-                  cfg: AttackConfig, gen: torch.Generator, image_term: ImageTerm | None = None) -> torch.Tensor:
+                  cfg: AttackConfig, gen: torch.Generator, image_term: ImageTerm | None = None,
+                  owner: torch.Tensor | None = None) -> torch.Tensor:
+    """d(objective)/d(delta); with `owner`, delta is [M,...] and each mask's gradient sums over its faces."""
     d = delta.detach().requires_grad_(True)
-    regions = batch.perturbed(d)
+    regions = batch.perturbed(d if owner is None else d[owner])
     emb = ensemble.embed(batch, regions, cfg.diversity, gen if cfg.diversity > 0 or cfg.jitter > 0 else None,
-                         cfg.jitter)
+                         cfg.jitter, cfg.diversity_transforms)
     loss = objective(emb, step)
     if image_term is not None:
         loss = loss + image_term(regions, step)

@@ -1,14 +1,31 @@
 """Input diversity (DI, Xie et al. 2019): with probability p, shrink the input by a random factor and pad it back
-to its size at a random offset, so the gradient does not overfit one exact pixel grid. Also random projective
-views of an image (rotation, scale, shift, perspective, brightness), to make a batch out of one image."""
+to its size at a random offset, so the gradient does not overfit one exact pixel grid. APF (§4.1) extends DI to
+three transforms, rescaling, rotation and colour conversion, each applied with probability p (`transforms`).
+Also random projective views of an image (rotation, scale, shift, perspective, brightness), to make a batch out of
+one image."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+# The DI transforms: "resize" is Xie et al.'s (rescale and pad); APF adds "rotate" and "colour".
+DI_TRANSFORMS = ("resize", "rotate", "colour")
+APF_DI_TRANSFORMS = DI_TRANSFORMS
+DI_MAX_ROTATION_DEG = 10.0  # APF gives no range: small enough to keep the face aligned for the recogniser
 
-def input_diversity(x: torch.Tensor, p: float, generator: torch.Generator, min_scale: float = 0.9) -> torch.Tensor:
+
+def input_diversity(x: torch.Tensor, p: float, generator: torch.Generator, min_scale: float = 0.9,
+                    transforms: tuple[str, ...] = ("resize",)) -> torch.Tensor:
+    """Xie's DI (transforms=("resize",): with probability p, rescale and pad), or several DI transforms, each
+    applied independently with probability p, in the order resize, rotate, colour (APF's rescaling, rotation and
+    colour conversion)."""
+    if tuple(transforms) != ("resize",):
+        return _multi_diversity(x, p, generator, min_scale, transforms)
+    return _resize_pad(x, p, generator, min_scale)
+
+
+def _resize_pad(x: torch.Tensor, p: float, generator: torch.Generator, min_scale: float) -> torch.Tensor:
     if p <= 0 or float(torch.rand((), generator=generator)) >= p:
         return x
     size = x.shape[-1]
@@ -21,6 +38,36 @@ def input_diversity(x: torch.Tensor, p: float, generator: torch.Generator, min_s
     left = int(torch.randint(0, pad + 1, (), generator=generator))
     top = int(torch.randint(0, pad + 1, (), generator=generator))
     return F.pad(resized, (left, pad - left, top, pad - top))
+
+
+def _multi_diversity(x: torch.Tensor, p: float, generator: torch.Generator, min_scale: float,
+                     transforms: tuple[str, ...]) -> torch.Tensor:
+    unknown = set(transforms) - set(DI_TRANSFORMS)
+    if unknown:
+        raise ValueError(f"unknown DI transform(s) {sorted(unknown)}; known: {', '.join(DI_TRANSFORMS)}")
+    if "resize" in transforms:
+        x = _resize_pad(x, p, generator, min_scale)
+    if "rotate" in transforms and p > 0 and float(torch.rand((), generator=generator)) < p:
+        x = _rotate(x, float(torch.rand((), generator=generator)) * 2 - 1)
+    if "colour" in transforms and p > 0 and float(torch.rand((), generator=generator)) < p:
+        x = _towards_grey(x, float(torch.rand((), generator=generator)))
+    return x
+
+
+def _rotate(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Rotate about the centre by fraction * DI_MAX_ROTATION_DEG (zeros outside), differentiably."""
+    angle = torch.tensor(fraction * DI_MAX_ROTATION_DEG * torch.pi / 180, dtype=x.dtype)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)]),
+                         torch.stack([sin, cos, torch.zeros_like(cos)])]).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _towards_grey(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Colour conversion: blend RGB towards its luma (ITU-R BT.601) by `weight` in [0, 1] (1 = greyscale)."""
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    return x + weight * (grey - x)
 
 
 def random_homographies(count: int, generator: torch.Generator, rotation_deg: float = 10.0, scale: float = 0.1,

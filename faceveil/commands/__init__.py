@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-WINGS = ("opom", "apf", "apf_server", "advcloak", "robustness")
+WINGS = ("opom", "apf", "apf_server", "advcloak", "robustness", "report")
 
 Groups = dict[str, "argparse._SubParsersAction"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,10 +106,13 @@ def surrogate_groups(judges: list[str], surrogates: list[str] | None) -> dict[tu
 
 @dataclass
 class Protected:
-    """Protected probes as images with their landmarks (canonical crops or re-read photos), and the quality."""
+    """Protected probes as images with their landmarks (canonical crops or re-read photos), the same probes
+    unprotected (canonical crops or the original photos, with their landmarks), and the quality."""
 
     images: list[np.ndarray] = field(default_factory=list)
     landmarks: list[np.ndarray] = field(default_factory=list)
+    clean_images: list[np.ndarray] = field(default_factory=list)
+    clean_landmarks: list[np.ndarray] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     # face areas (canonical space) of the originals and the protected probes, for the set-level MMD
@@ -128,20 +131,30 @@ class Settings:
     progress: bool = True
 
 
-def _face_area(canonical: np.ndarray) -> np.ndarray:
+def settings_for(method: str, mode: str, eps: float, alpha: float, iters: int, momentum: float,
+                 jitter: float | None, gamma: float, batch: int, seed: int, progress: bool) -> Settings:
+    """Settings from command-line units: eps and alpha in 0..255, L-inf; jitter None = 0 in crops mode, 2 crop
+    pixels in photos mode (the saved photo is re-detected, so the mask must survive a small misalignment)."""
+    jitter = jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)
+    attack = AttackConfig(eps=eps / 255, alpha=alpha / 255, steps=iters, norm="linf", momentum=momentum,
+                          jitter=jitter, seed=seed)
+    return Settings(method=method, mode=mode, attack=attack, gamma=gamma, batch=batch, progress=progress)
+
+
+def face_area(canonical: np.ndarray) -> np.ndarray:
     return canonical[_LO:_HI, _LO:_HI]
 
 
 def _record_quality(out: Protected, before: np.ndarray, after: np.ndarray) -> None:
     """before/after: canonical uint8 images of the same face."""
-    a, b = _face_area(before), _face_area(after)
+    a, b = face_area(before), face_area(after)
     out.psnr.append(psnr(a, b))
     out.ssim.append(ssim(a, b))
     out.original_areas.append(a)
     out.protected_areas.append(b)
 
 
-def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """[B,3,H,W] in [0,1] -> HxWx3 uint8 each (8-bit rounding: what a saved file holds)."""
     return list((images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
 
@@ -150,16 +163,18 @@ def _canonical_landmarks(marks: np.ndarray) -> np.ndarray:
     return transform_points(warp_matrix(marks, C.CANONICAL).numpy(), marks)
 
 
-def _collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.ndarray]) -> None:
-    clean = _to_uint8(batch.regions)
-    for before, after, m in zip(clean, _to_uint8(batch.perturbed(delta)), marks, strict=True):
+def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.ndarray]) -> None:
+    clean = to_uint8(batch.regions)
+    for before, after, m in zip(clean, to_uint8(batch.perturbed(delta)), marks, strict=True):
         out.images.append(after)
         out.landmarks.append(_canonical_landmarks(m))
+        out.clean_images.append(before)
+        out.clean_landmarks.append(out.landmarks[-1])
         _record_quality(out, before, after)
 
 
-def _collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
-                    folder: Path, detector) -> None:
+def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
+                   folder: Path, detector) -> None:
     """Paste, save as PNG, re-read, re-detect (nearest the centre), keep the re-read photo and its landmarks."""
     from faceveil.detect.mtcnn import nearest_to_center
 
@@ -171,6 +186,8 @@ def _collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tenso
         out.redetect_failures += face is None
         out.images.append(again)
         out.landmarks.append(m if face is None else np.asarray(face.landmarks, dtype=np.float64))
+        out.clean_images.append(photo)
+        out.clean_landmarks.append(np.asarray(m, dtype=np.float64))
         _record_quality(out, align(photo, m, C.CANONICAL), align(again, m, C.CANONICAL))
 
 
@@ -208,9 +225,9 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
             result = method(batch, ensemble, settings.attack)
             delta = result.delta if isinstance(result, TargetedResult) else result
             if settings.mode == "crops":
-                _collect_crops(out, batch, delta, marks)
+                collect_crops(out, batch, delta, marks)
             else:
-                _collect_photos(out, photos, delta, marks, Path(tmp), detector)
+                collect_photos(out, photos, delta, marks, Path(tmp), detector)
     return out
 
 
@@ -264,24 +281,63 @@ def judge_row(judge: str, surrogates: list[str], protected: Protected, split: Sp
             "mmd": set_mmd(protected.protected_areas, protected.original_areas)}
 
 
-def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings, seed: int = 0,
-        limit: int | None = None, extra: int | None = None) -> tuple[list[dict], dict]:
-    """Rows (one per judge) and settings (split counts, timings) of the protocol."""
+@dataclass
+class Prepared:
+    """What every surrogate group shares: the split, every file's landmarks, each judge's gallery embeddings."""
+
+    split: Split
+    landmarks: dict[Path, np.ndarray]
+    galleries: dict[str, torch.Tensor]
+    info: dict
+    seed: int = 0
+    limit: int | None = None
+
+    def meta(self) -> dict:
+        return {**self.split.counts(), "seed": self.seed, "limit": self.limit, "detected": self.info["detected"],
+                "images": self.info["images"], "fallback_alignment_count": len(self.info["fallback_alignment"])}
+
+
+@dataclass
+class ProtectedGroup:
+    """One protection run: the surrogate set, the judges scored against it, its protected probes, its seconds."""
+
+    surrogates: list[str]
+    judges: list[str]
+    protected: Protected
+    seconds: float
+
+
+def prepare(root: Path, judges: list[str], settings: Settings, seed: int = 0, limit: int | None = None,
+            extra: int | None = None) -> Prepared:
+    """The seeded split, the landmarks of all its files and the judges' gallery embeddings."""
     split = make_split(identities(root), seed, limit, extra)
     files = sorted({p for _, p in split.probes + split.targets + split.gallery})
     landmarks, info = landmarks_for(files, settings.progress)
     galleries = _gallery_embeddings(judges, split.gallery, landmarks, settings.progress)
-    rows, timings, failures = [], {}, {}
+    return Prepared(split, landmarks, galleries, info, seed, limit)
+
+
+def protect_groups(prepared: Prepared, judges: list[str], surrogates: list[str] | None,
+                   settings: Settings) -> Iterator[ProtectedGroup]:
+    """Protect the probes once per surrogate set (leave-one-family-out by default), one group at a time."""
     for group, group_judges in surrogate_groups(judges, surrogates).items():
         start = time.perf_counter()
-        protected = protect_probes(split, landmarks, list(group), settings)
-        timings["+".join(group)] = round(time.perf_counter() - start, 2)
-        failures["+".join(group)] = protected.redetect_failures
-        for judge in group_judges:
-            row = judge_row(judge, list(group), protected, split, galleries[judge], settings)
-            row["clean_rank1"] = _clean_rank1(judge, split, landmarks, galleries[judge])
+        protected = protect_probes(prepared.split, prepared.landmarks, list(group), settings)
+        yield ProtectedGroup(list(group), group_judges, protected, round(time.perf_counter() - start, 2))
+
+
+def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings, seed: int = 0,
+        limit: int | None = None, extra: int | None = None) -> tuple[list[dict], dict]:
+    """Rows (one per judge) and settings (split counts, timings) of the protocol."""
+    prepared = prepare(root, judges, settings, seed, limit, extra)
+    split, landmarks = prepared.split, prepared.landmarks
+    rows, timings, failures = [], {}, {}
+    for run_ in protect_groups(prepared, judges, surrogates, settings):
+        timings["+".join(run_.surrogates)] = run_.seconds
+        failures["+".join(run_.surrogates)] = run_.protected.redetect_failures
+        for judge in run_.judges:
+            row = judge_row(judge, run_.surrogates, run_.protected, split, prepared.galleries[judge], settings)
+            row["clean_rank1"] = _clean_rank1(judge, split, landmarks, prepared.galleries[judge])
             rows.append(row)
-    meta = {**split.counts(), "seed": seed, "limit": limit, "protect_seconds": timings,
-            "redetect_failures": failures, "detected": info["detected"], "images": info["images"],
-            "fallback_alignment_count": len(info["fallback_alignment"])}
+    meta = {**prepared.meta(), "protect_seconds": timings, "redetect_failures": failures}
     return rows, meta

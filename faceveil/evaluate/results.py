@@ -11,7 +11,9 @@ from typing import Any
 
 # Rates are fractions in [0, 1]; these keys are printed with 4 decimals, times with 2.
 _RATE_KEYS = {"accuracy", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut", "top1_psr", "top5_psr", "asr", "ssim",
-              "threshold", "mmd", "retained", "fraction", "cosine_mean", "cosine_min", "clean_rank1"}
+              "threshold", "mmd", "retained", "fraction", "cosine_mean", "cosine_min", "clean_rank1",
+              "clean_top1", "clean_top5", "mm_top1_psr", "mm_top5_psr", "top1_psr_std", "top5_psr_std",
+              "mm_top1_psr_std", "mm_top5_psr_std"}
 
 
 def _cell(key: str, value: Any) -> str:
@@ -24,6 +26,9 @@ def _cell(key: str, value: Any) -> str:
     if isinstance(value, list | tuple):
         return "+".join(str(v) for v in value)
     return "" if value is None else str(value)
+
+
+format_cell = _cell  # the public name, for other renderers of the same rows (the HTML report)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -48,10 +53,15 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | None) -> dict:
-    """Print the markdown table and write the JSON document (if asked). Returns the document."""
+def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | None,
+         report: str | Path | None = None) -> dict:
+    """Print the markdown table and write the JSON document and the HTML report (if asked). Returns the document."""
     doc = {"command": command, "settings": settings, "rows": rows}
     print(markdown_table(rows))
     if json_out:
         write_json_atomic(json_out, doc)
+    if report:
+        from faceveil.report import write_report
+
+        write_report(report, "eval", doc)
     return doc

@@ -8,11 +8,8 @@ a generator seeded by `seed`, so the same seed gives the same output.
 `landmark_jitter` (2 px) tells consumers to move the detected landmarks before aligning, as a re-detection by
 another detector would:
 
-    t = TRANSFORMS[name]
     image = apply(name, image, seed)
-    marks = face.landmarks
-    if t.landmark_jitter:
-        marks = perturb_landmarks(marks, t.landmark_jitter, np.random.default_rng(seed))
+    marks = landmarks_after(name, face.landmarks, seed)  # perturb_landmarks(..., default_rng(seed)) for realign
     crop = align(image, marks, geometry)
 """
 
@@ -134,6 +131,33 @@ def apply(name: str, image: np.ndarray, seed: int = 0) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
     return get(name).function(np.ascontiguousarray(image), np.random.default_rng(seed))
+
+
+def parse_names(text: str | None) -> list[str]:
+    """'all', None or a comma list -> validated transform names, registry order for 'all'."""
+    if not text or text == "all":
+        return list(TRANSFORMS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get(name)
+    if not names:
+        raise FaceveilError("--transforms is empty; give 'all' or a comma list")
+    return names
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The seed of item `index` of a set transformed under `seed`: independent draws per item, and the same item
+    (e.g. a protected probe and its clean original) always gets the same draw."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def landmarks_after(name: str, landmarks: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The landmarks a consumer aligns with after transform `name`: moved by the transform's landmark_jitter
+    (realign), else unchanged. Same seed as `apply`, so one seed decides both the pixels and the alignment."""
+    t = get(name)
+    if not t.landmark_jitter:
+        return np.asarray(landmarks, dtype=np.float64)
+    return perturb_landmarks(landmarks, t.landmark_jitter, np.random.default_rng(seed))
 
 
 def perturb_landmarks(landmarks: np.ndarray, pixels: float, generator: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""`--report FILE` and `faceveil report`: one self-contained HTML file (inline CSS, images and plots embedded as
+data URIs, no scripts, no external requests) that people would rather look at than read.
+
+Kinds:
+- "protect" / "apply": payload = a batch report ({"results": [ItemResult dicts], ...}) with optional "command" and
+  "settings" (see `batch_payload`); per photo before/after, the amplified change, per face the judges' bars.
+- "verify": payload = the `faceveil verify --json` document; the same plus the gallery rank and the transforms.
+- "eval": payload = an `emit` document {"command", "settings", "rows"}; tables and plots.
+Any payload may instead be {"documents": [doc, ...]} to put several runs of the same kind in one report.
+
+How a command gets `--report` (one line each): `add_report_flag(parser)` where its flags are defined, then
+- an eval/bench command: `emit(command, settings, rows, args.json, report=args.report)`;
+- a photo command with a BatchReport: `write_report(args.report, "apply", batch_payload("apply", settings, report))`.
+Heavy imports (matplotlib, the image code) happen only when a report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+KINDS = ("protect", "apply", "verify", "eval")
+PHOTO_KINDS = ("protect", "apply")
+
+
+def add_report_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="HTML",
+                        help="also write a self-contained HTML report (pictures and plots inside the file)")
+
+
+def settings_dict(settings: Any) -> dict:
+    """A settings dataclass (ProtectSettings, nested AttackConfig) as a JSON-ready dict."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        settings = dataclasses.asdict(settings)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(settings or {}).items()}
+
+
+def batch_payload(command: str, settings: Any, report: Any) -> dict:
+    """The payload of a photo report from a BatchReport (faceveil.io.batch) and the run's settings."""
+    return {"command": command, "settings": settings_dict(settings), **report.to_dict()}
+
+
+def write_report(path: str | Path, kind: str, payload: dict, progress: bool = False) -> Path:
+    """Render the payload as one HTML file, written atomically. Returns the path."""
+    from faceveil.io.atomic import atomic_path
+    from faceveil.report.render import render
+
+    path = Path(path)
+    html = render(kind, payload, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp:
+        temp.write_text(html, encoding="utf-8")
+    return path
