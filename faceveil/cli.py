@@ -85,13 +85,14 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     jitter = args.jitter if args.jitter is not None else (2.0 if args.mode == "photos" else 0.0)
     attack = AttackConfig(eps=args.eps / 255, alpha=args.alpha / 255, steps=args.iters, norm="linf",
-                          momentum=args.momentum, jitter=jitter, seed=args.seed)
+                          momentum=args.momentum, diversity=args.diversity, jitter=jitter, seed=args.seed)
     settings = identification.Settings(method=args.method, mode=args.mode, attack=attack, gamma=args.gamma,
                                        batch=args.batch, progress=not args.quiet)
     rows, info = identification.run(root, judges, surrogates, settings, args.seed, args.limit, args.extra)
     meta = {"protocol": args.protocol, "dataset": str(root), "method": args.method, "mode": args.mode,
             "judges": judges, "surrogates": surrogates or "leave-one-family-out", "eps": args.eps,
-            "alpha": args.alpha, "iters": args.iters, "momentum": args.momentum, "jitter": jitter,
+            "alpha": args.alpha, "iters": args.iters, "momentum": args.momentum, "diversity": args.diversity,
+            "jitter": jitter,
             "gamma": args.gamma, "batch": args.batch, "threads": _threads(), **info}
     emit("eval identification", meta, rows, args.json, report=args.report)
     return 0
@@ -349,21 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tip-im: image-specific protection (TIP-IM §5.1); opom: person masks (OPOM §4.1)")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
     p.add_argument("--method", default=None, help=f"tip-im protocol: {', '.join(METHODS)} (default pgd); "
-                   "opom protocol: see `faceveil enroll --help` (default opom-convex)")
+                   "opom protocol: see `faceveil enroll --help` (default opom-convex), or a comma list run together "
+                   "(one row per method and judge); a name ending in +md adds momentum 1 and DFANet dropout 0.1")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--mode", default="crops", choices=["crops", "photos"],
                    help="crops: perturb the aligned face (the paper); photos: whole photo, saved, re-detected")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities (max 500)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N protected identities of the seeded order (tip-im: of its 500; opom: of "
+                        "those with --min-images images)")
     p.add_argument("--extra", type=int, default=None, metavar="N",
-                   help="further gallery identities (default 500, or 50 with --limit)")
+                   help="tip-im protocol only: further gallery identities (default 500, or 50 with --limit)")
     p.add_argument("--eps", type=float, default=None, help="L-inf budget, 0..255 units (default: the protocol's "
                    "paper, tip-im 12, opom 8)")
     p.add_argument("--alpha", type=float, default=None, help="step size, 0..255 units (default: tip-im 1.5, opom 1)")
     p.add_argument("--iters", type=int, default=None, help="iterations (default: tip-im 50, opom 16)")
     p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1, opom 0)")
+    p.add_argument("--diversity", type=float, default=0.0,
+                   help="tip-im protocol: input-diversity probability added to any method (DIM/MT-DIM use 0.5 anyway)")
     p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
-    p.add_argument("--gamma", type=float, default=0.0, help="TIP-IM MMD naturalness weight")
+    p.add_argument("--gamma", type=float, default=0.0, help="tip-im protocol only: TIP-IM MMD naturalness weight")
     p.add_argument("--batch", type=int, default=8, help="probes protected at once")
     p.add_argument("--masks", type=int, default=1, metavar="N_M",
                    help="opom protocol only: diverse masks per person (Table 6: M-O per mask, M-M per mask pair)")
@@ -374,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--limit)")
     p.add_argument("--train-images", type=int, default=10,
                    help="opom protocol only: images per person that learn the mask (paper: 10)")
+    p.add_argument("--test-images", default=None, metavar="N|all",
+                   help="opom protocol only: test images per person, a seeded choice among the rest (default 5, "
+                        "so identities with many images do not dominate; 'all' = no cap)")
     p.add_argument("--min-images", type=int, default=12,
                    help="opom protocol only: identities with at least this many images are protected")
     p.add_argument("--seed", type=int, default=0)

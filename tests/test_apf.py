@@ -44,8 +44,11 @@ def test_server_model_shapes_and_budget():
     assert s.shape == g_hat.shape == (2, 3, APF_GRID, APF_GRID)
     assert float(s.abs().max()) <= EPS + 1e-7 and float(g_hat.abs().max()) <= EPS + 1e-7
     assert torch.allclose(g_hat, g)  # untrained T is the identity (residual, zero last layer)
-    assert torch.allclose(model.enhanced_universal(), model.universal, atol=1e-7)  # E starts as the identity
-    assert torch.allclose(s, (g + model.universal).clamp(-EPS, EPS))
+    assert float(model.enhanced_universal().abs().max()) == 0  # E starts adding nothing (beta = 0) ...
+    model.enhance.beta.data.fill_(1.0)  # ... and its conv is the identity
+    assert torch.allclose(model.enhanced_universal(), model.universal, atol=1e-7)
+    with torch.no_grad():
+        assert torch.allclose(model(g), (g + model.universal).clamp(-EPS, EPS))
     with pytest.raises(FaceveilError):
         model(torch.zeros(1, 3, 64, 64))
     with pytest.raises(FaceveilError):
@@ -58,6 +61,7 @@ def test_unet_and_enhancement_learn():
     with torch.no_grad():
         model.transfer.head.weight.normal_(0, 0.1)  # off the zero start, so the U-Net's layers see gradient
         model.universal.copy_(_sign_like(1, seed=2) * 0.25)
+        model.enhance.beta.fill_(0.5)
     model(_sign_like() * 0.5).sum().backward()
     assert model.transfer.down[0][0].weight.grad.abs().sum() > 0
     assert model.enhance.beta.grad is not None and model.enhance.conv.weight.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ and exit 2."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,13 @@ def test_enroll_warns_and_names_skipped_images(enrolled: dict, tmp_path: Path, c
 
 def test_apply_masks_only_the_enrolled_person(enrolled: dict, tmp_path: Path) -> None:
     samples = weights.sample_photos()
-    out, report = tmp_path / "out", tmp_path / "apply.json"
+    out, report, html = tmp_path / "out", tmp_path / "apply.json", tmp_path / "apply.html"
     code = main(["apply", str(enrolled["mask"]), str(samples[0]), str(samples[1]), "-o", str(out), "--format", "png",
-                 "--json", str(report), "--quiet"])
+                 "--json", str(report), "--report", str(html), "--quiet"])
     assert code == 0
+    page = html.read_text()  # the HTML report: self-contained, the before/after pictures inline
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page.lower() and "data:image/" in page
+    assert not re.search(r"(src|href)=\"(https?:)?//", page) and "url(" not in page
     results = {Path(r["file"]).name: r for r in json.loads(report.read_text())["results"]}
     with_him, without = results[samples[0].name], results[samples[1].name]
     assert with_him["status"] == "ok" and with_him["details"]["masked"] == 1

@@ -4,6 +4,7 @@ counting on hand-made and brute-forced synthetic embeddings, M-M pairing, and ti
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,30 @@ def test_split_seeded_and_limit_is_a_prefix():
     assert len(limited.distractors) == 20 and limited.counts()["distractors_capped"]
     assert set(limited.distractors) <= set(a.distractors)
     assert limited.distractors == P.make_split(PEOPLE, seed=1, limit=2, distractors=20).distractors
+
+
+def test_split_test_image_cap_keeps_persons_and_training_images():
+    full, capped = P.make_split(PEOPLE, seed=1), P.make_split(PEOPLE, seed=1, test_images=2)
+    assert [p.name for p in capped.people] == [p.name for p in full.people]
+    for a, b in zip(full.people, capped.people, strict=True):
+        assert a.train == b.train and len(b.test) == 2 and set(b.test) <= set(a.test)
+    assert capped == P.make_split(PEOPLE, seed=1, test_images=2)
+    assert capped.counts()["test_images_per_person"] == 2 and full.counts()["test_images_per_person"] == "all"
+    assert capped.counts()["test_images"] == 2 * len(capped.people)
+    with pytest.raises(FaceveilError, match="test-images"):
+        P.make_split(PEOPLE, test_images=1)
+
+
+def test_transfer_suffix_sets_momentum_and_dfanet_dropout():
+    base = P.Settings(attack=AttackConfig(eps=8 / 255, momentum=0.0, dropout=0.0), progress=False)
+    plain, combined = P.registry_method("opom-convex", 1, base), P.registry_method("opom-convex+md", 1, base)
+    assert plain.settings.method == "opom-convex" and plain.settings.attack == base.attack
+    assert combined.settings.method == "opom-convex+md"
+    assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == P.TRANSFER_DROPOUT
+    assert combined.settings.attack.eps == base.attack.eps and not combined.settings.universal
+    assert P.registry_method("fi-uap-all+md", 1, base).settings.universal
+    with pytest.raises(FaceveilError, match="not a person-mask method"):
+        P.registry_method("nonsense+md", 1, base)
 
 
 def test_split_rejects_bad_settings():
@@ -182,6 +207,39 @@ def test_tiny_run_with_a_stand_in_learner(mode):
 
 @needs_lfw
 @needs_weights
+def test_several_methods_share_one_clean_pass(monkeypatch):
+    """Two methods in one run: the clean faces are embedded once, one row per (method, judge), each method with its
+    own configuration ("+md": momentum 1, DFANet dropout), and the single-method run gives the same row."""
+    from faceveil.evaluate.lfw import identities
+
+    seen: dict[str, AttackConfig] = {}
+
+    def recording(name):
+        def learner(batch, ensemble, cfg):
+            seen[name] = cfg
+            return _random_masks(batch, ensemble, cfg)[:1]
+        return learner
+
+    embeds = []
+    original = P.embed_files
+    monkeypatch.setattr(P, "embed_files", lambda *a, **k: embeds.append(1) or original(*a, **k))
+    split = P.make_split(identities(LFW_ROOT), seed=3, limit=1, distractors=30, test_images=3)
+    base = P.Settings(attack=AttackConfig(eps=8 / 255), progress=False)
+    methods = [P.MethodRun(recording(n), P.registry_method(n, 1, base).settings) for n in ("fi-uap", "fi-uap+md")]
+    rows, meta = P.run_methods(split, ["mfn192"], ["mobileface"], methods)
+    assert len(embeds) == 1
+    assert [(r["method"], r["judge"]) for r in rows] == [("fi-uap", "mfn192"), ("fi-uap+md", "mfn192")]
+    assert seen["fi-uap"].momentum == 0 and seen["fi-uap+md"].momentum == 1
+    assert seen["fi-uap+md"].dropout == P.TRANSFER_DROPOUT
+    assert set(meta["learn_seconds"]) == {"fi-uap", "fi-uap+md"} and meta["test_images_per_person"] == 3
+    single, single_meta = P.run(split, ["mfn192"], ["mobileface"], methods[0].learner, methods[0].settings)
+    assert single == rows[:1] and set(single_meta["learn_seconds"]) == {"mobileface"}
+    with pytest.raises(FaceveilError, match="twice"):
+        P.run_methods(split, ["mfn192"], ["mobileface"], [methods[0], methods[0]])
+
+
+@needs_lfw
+@needs_weights
 def test_universal_method_learns_once_on_everybody():
     """FI-UAP-all: one mask per surrogate set, learned on all protected persons' training images."""
     from faceveil.evaluate.lfw import identities
@@ -203,14 +261,18 @@ def test_universal_method_learns_once_on_everybody():
 def test_cli_tiny_run(tmp_path):
     from faceveil.cli import main
 
-    out = tmp_path / "opom.json"
+    out, report = tmp_path / "opom.json", tmp_path / "opom.html"
     code = main(["eval", "identification", "--protocol", "opom", "--dataset", f"lfw={LFW_ROOT}", "--limit", "1",
                  "--seed", "3", "--judges", "mfn192", "--surrogates", "mobileface", "--iters", "2",
-                 "--distractors", "40", "--quiet", "--json", str(out)])
+                 "--distractors", "40", "--quiet", "--json", str(out), "--report", str(report)])
     assert code == 0
     doc = json.loads(out.read_text())
     settings = doc["settings"]
     assert settings["protocol"] == "opom" and settings["method"] == "opom-convex"
+    assert settings["test_images_per_person"] == 5 and "transfer_suffix" not in settings
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html.lower() and "mfn192" in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
     assert settings["eps"] == 8 and settings["iters"] == 2 and settings["momentum"] == 0
     assert settings["distractors"] == 40 and settings["distractors_capped"] and settings["protected_identities"] == 1
     (row,) = doc["rows"]
@@ -218,10 +280,13 @@ def test_cli_tiny_run(tmp_path):
     assert row["n_probes"] == 6 and 0 <= row["top1_psr"] <= 1
 
 
-def test_cli_rejects_bad_opom_flags(capsys):
+@pytest.mark.parametrize("flags", [["--distractors", "many"], ["--extra", "5"], ["--gamma", "0.5"],
+                                   ["--test-images", "1"], ["--test-images", "few"], ["--method", "fi-uap,,gap"],
+                                   ["--method", "fi-uap,bogus+md"]])
+def test_cli_rejects_bad_opom_flags(capsys, flags):
     from faceveil.cli import main
 
     root = LFW_ROOT or "/nonexistent"
-    assert main(["eval", "identification", "--protocol", "opom", "--dataset", f"lfw={root}",
-                 "--distractors", "many"]) == 2
-    assert "faceveil: error:" in capsys.readouterr().err
+    assert main(["eval", "identification", "--protocol", "opom", "--dataset", f"lfw={root}", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("faceveil: error:")

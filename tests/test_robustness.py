@@ -208,13 +208,18 @@ def test_tiny_cli_run_on_lfw(tmp_path):
 def test_tiny_cli_run_opom_protocol(tmp_path):
     from faceveil.cli import main
 
-    out = tmp_path / "robust-opom.json"
+    out, report = tmp_path / "robust-opom.json", tmp_path / "robust-opom.html"
     code = main(["eval", "robustness", "--protocol", "opom", "--dataset", f"lfw={LFW_ROOT}", "--method", "fi-uap",
                  "--limit", "1", "--distractors", "20", "--iters", "1", "--judges", "mobileface", "--surrogates",
-                 "mobileface", "--transforms", "bits5", "--quiet", "--json", str(out)])
+                 "mobileface", "--transforms", "bits5", "--test-images", "2", "--quiet", "--json", str(out),
+                 "--report", str(report)])
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["settings"]["protocol"] == "opom" and doc["settings"]["metric"] == "top1_psr"
+    assert doc["settings"]["test_images_per_person"] == 2
+    html = report.read_text()  # the HTML report: self-contained (no scripts, nothing fetched), the transform shown
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html.lower() and "bits5" in html
+    assert "http://" not in html and "https://" not in html and "url(" not in html
     assert [r["transform"] for r in doc["rows"]] == [NONE, "bits5"]
     assert all(r["judge_seen_by_surrogates"] == "white-box" and r["rates"]["tests"] > 0 for r in doc["rows"])
 

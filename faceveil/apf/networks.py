@@ -93,11 +93,14 @@ class TransferUNet(nn.Module):
 
 
 class Enhancement(nn.Module):
-    """E (Eq. 8): u_hat = conv1x1(beta * u + gamma), starting as the identity."""
+    """E (Eq. 8): u_hat = conv1x1(beta * u + gamma); the conv starts as the identity and beta at 0, so an untrained
+    server answers T(g) alone and the joint training (Eq. 9) adds as much of u as helps. (Starting at beta = 1,
+    a saturated u cancels half of a saturated g in the clip, and the few training steps a CPU affords were spent
+    undoing that: measured.)"""
 
     def __init__(self):
         super().__init__()
-        self.beta = nn.Parameter(torch.ones(()))
+        self.beta = nn.Parameter(torch.zeros(()))
         self.gamma = nn.Parameter(torch.zeros(()))
         self.conv = nn.Conv2d(3, 3, 1)
         with torch.no_grad():

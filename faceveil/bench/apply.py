@@ -4,8 +4,10 @@ frames per second on a generated 720p clip (goal >= 25, detection + tracking + m
 `bench video` counts it).
 
 Enroll photos: the first LFW identity (alphabetical) with enough images when LFW is present, else the largest face
-of each sample photo. The apply figures use the enrolled mask with references of the sample photo's faces, so that
-faces are found, matched and pasted as in real use: one of the 12 MP photo's faces, every face of the clip.
+of each sample photo. Wall seconds and CPU seconds are both given: on a machine shared with other jobs the wall
+time is inflated, the CPU time is what a core of its own would take. The apply figures use the enrolled mask with
+references of the sample photo's faces, so that faces are found, matched and pasted as in real use: one of the
+12 MP photo's faces, every face of the clip.
 """
 
 from __future__ import annotations
@@ -61,11 +63,11 @@ def bench_enroll(count: int, iters: int, progress: bool) -> tuple[PersonMask, di
     paths, source = enroll_photos(count)
     settings = EnrollSettings(name="bench")
     settings.attack = dataclasses.replace(settings.attack, steps=iters, jitter=2.0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     enrolled = enroll(paths, settings, progress=progress)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     row = {"stage": "enroll", "images": enrolled.mask.meta["images_used"], "source": source,
-           "seconds": round(seconds, 2), "goal": None,
+           "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "goal": None,
            "hull_solver_ms_per_step": round(enrolled.info.get("hull_solver_ms_per_step", 0.0), 2)}
     return enrolled.mask, row
 
@@ -77,21 +79,25 @@ def bench_photo(mask: PersonMask, repeats: int, detector: MTCNN) -> list[dict]:
     faces = sorted(detector.detect_large(big), key=lambda f: -f.size)
     applier = MaskApplier(_with_references(mask, big, faces[:1]), ApplySettings(), detector=detector)
     applier.apply_to_pixels(big)  # warm-up: weights loaded, caches filled
-    times, written = [], []
+    times, cpu, written, written_cpu = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="faceveil-bench-") as tmp:
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             protected, rows = applier.apply_to_pixels(big)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
             write_image(protected, Path(tmp) / "out.jpg", fmt="jpg", jpeg_quality=95)
             written.append(time.perf_counter() - start)
+            written_cpu.append(time.process_time() - start_cpu)
     masked = sum(r["masked"] for r in rows)
     megapixels = round(big.shape[0] * big.shape[1] / 1e6, 1)
     return [{"stage": "apply 12 MP photo (detect+match+paste)", "megapixels": megapixels, "faces": len(rows),
-             "masked": masked, "seconds": round(statistics.median(times), 3), "goal": f"<= {APPLY_GOAL_SECONDS}",
+             "masked": masked, "seconds": round(statistics.median(times), 3),
+             "cpu_seconds": round(statistics.median(cpu), 3), "goal": f"<= {APPLY_GOAL_SECONDS}",
              "meets_goal": statistics.median(times) <= APPLY_GOAL_SECONDS},
             {"stage": "apply 12 MP photo + JPEG q95 write", "megapixels": megapixels, "faces": len(rows),
-             "masked": masked, "seconds": round(statistics.median(written), 3), "goal": None}]
+             "masked": masked, "seconds": round(statistics.median(written), 3),
+             "cpu_seconds": round(statistics.median(written_cpu), 3), "goal": None}]
 
 
 def bench_video_apply(mask: PersonMask, seconds: float, detector: MTCNN, progress: bool) -> dict:
@@ -109,15 +115,19 @@ def bench_video_apply(mask: PersonMask, seconds: float, detector: MTCNN, progres
         tracker.update(np.zeros((HEIGHT, WIDTH, 3), np.uint8))  # weights and warm-up outside the timing
         delta_for_track = applier.delta_for_track_function()
         stats = protect_video(clip.path, Path(tmp) / "out.mp4", delta_for_track, progress, tracker=tracker)
-    split = stats["split_seconds"]
-    core = split["detection"] + split["tracking"] + split["paste"]
     frames = stats["frames"]
-    core_fps = frames / core if core > 0 else 0.0
+    core_fps, core_cpu_fps = (_core_fps(frames, stats[key]) for key in ("split_seconds", "split_cpu_seconds"))
     states = delta_for_track.states
     return {"stage": "apply 720p video (detect+track+match+paste)", "frames": frames,
             "tracks": len(states), "masked_tracks": sum(s.matched for s in states.values()),
-            "fps": round(core_fps, 1), "end_to_end_fps": round(stats["fps"], 1), "goal": f">= {VIDEO_GOAL_FPS}",
-            "meets_goal": core_fps >= VIDEO_GOAL_FPS}
+            "fps": round(core_fps, 1), "fps_cpu": round(core_cpu_fps, 1), "end_to_end_fps": round(stats["fps"], 1),
+            "goal": f">= {VIDEO_GOAL_FPS}", "meets_goal": core_fps >= VIDEO_GOAL_FPS}
+
+
+def _core_fps(frames: int, split: dict) -> float:
+    """Frames per second of detection + tracking + paste (matching happens inside paste), as `bench video`."""
+    core = split["detection"] + split["tracking"] + split["paste"]
+    return frames / core if core > 0 else 0.0
 
 
 def run(images: int = 10, iters: int = 16, repeats: int = 3, seconds: float = 10.0,

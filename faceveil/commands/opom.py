@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from faceveil.commands import Groups
+from faceveil.report import add_report_flag
 
 ENROLL_DEFAULTS = {"eps": 8.0, "iters": 16, "alpha": 1.0}  # OPOM §4.2.1 and Algorithms 1-2 (0..255 units)
 # --norm l2: AdvCloak's comparison budget (§4.1.4), the L2 norm on 0..255 pixels of the 112x112x3 face
@@ -142,6 +143,7 @@ def _add_apply(root) -> None:
     p.add_argument("--copy-unprotected", action="store_true", help="copy photos without the person unchanged")
     p.add_argument("--recursive", action="store_true")
     p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
+    add_report_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_apply)
 
@@ -163,6 +165,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     Path(args.output).mkdir(parents=True, exist_ok=True)
     report = run_batch(items, applier, report_path=args.json, quiet=args.quiet, desc="apply")
     _print_apply_table(report.results)
+    if args.report:  # also after Ctrl-C: the photos done so far
+        from faceveil.report import batch_payload, write_report
+
+        write_report(args.report, "apply", batch_payload("apply", settings, report), progress=not args.quiet)
     if report.interrupted:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0

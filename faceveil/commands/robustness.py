@@ -7,6 +7,7 @@ import time
 
 from faceveil.commands import Groups
 from faceveil.errors import FaceveilError
+from faceveil.report import add_report_flag
 
 PROTOCOLS = ["tip-im", "opom", "apf"]  # = faceveil.evaluate.robustness.PROTOCOL_METRICS (kept light for --help)
 
@@ -41,7 +42,7 @@ def _tip_im_adapter(args: argparse.Namespace, judges: list[str], surrogates: lis
 
 
 def _opom_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
-    from faceveil.commands.opom_eval import DEFAULT_METHOD, attack_config, distractor_count
+    from faceveil.commands.opom_eval import DEFAULT_METHOD, attack_config, distractor_count, test_image_cap
     from faceveil.evaluate import opom_protocol as protocol
     from faceveil.evaluate.lfw import identities
     from faceveil.evaluate.robustness import OpomAdapter
@@ -50,7 +51,9 @@ def _opom_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[
     cap = distractor_count(args.distractors, args.limit)
     learner = protocol.registry_learner(method, args.masks)
     attack = attack_config(args)  # the OPOM paper's settings (eps 8, 16 iterations) unless flags are given
-    split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap)
+    per_person = test_image_cap(args.test_images)
+    split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
+                                per_person)
     settings = protocol.Settings(method=method, mode=args.mode, attack=attack, batch=args.batch,
                                  progress=not args.quiet, universal=method in protocol.UNIVERSAL_METHODS)
     flags = {"method": method, "masks": args.masks, "eps": round(attack.eps * 255, 4),
@@ -115,8 +118,13 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     print(markdown_table(robustness.display_rows(rows)))
     print(f"{adapter.metric} = protection rate; retained = rate / untransformed rate; clean_{adapter.metric} = the "
           "same rate for the unprotected probes after the same transform; gain = rate - clean rate")
+    doc = {"command": "eval robustness", "settings": settings, "rows": rows}
     if args.json:
-        write_json_atomic(args.json, {"command": "eval robustness", "settings": settings, "rows": rows})
+        write_json_atomic(args.json, doc)
+    if args.report:
+        from faceveil.report import write_report
+
+        write_report(args.report, "eval", doc)
     return 0
 
 
@@ -136,6 +144,8 @@ def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distractors", default=None, metavar="N|all",
                    help="opom: distractor images (default all, or 2000 with --limit)")
     p.add_argument("--train-images", type=int, default=10, help="opom: images per person that learn the mask")
+    p.add_argument("--test-images", default=None, metavar="N|all",
+                   help="opom: test images per person (default 5; 'all' = no cap)")
     p.add_argument("--min-images", type=int, default=12, help="opom: protect identities with this many images")
     p.add_argument("--checkpoint", default=None, help="apf: server model (default: the packaged one)")
     p.add_argument("--stage", default="s", help="apf: APF stage g, g_hat or s (default s, the full APF)")
@@ -167,5 +177,6 @@ def register(groups: Groups) -> None:
     _add_protocol_flags(p)
     p.add_argument("--seed", type=int, default=0, help="split, protection and random transforms")
     p.add_argument("--json", metavar="OUT")
+    add_report_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_robustness)

@@ -1,10 +1,12 @@
-"""Person-specific masks under 1:N identification: the OPOM protocol (Wang et al., TPAMI 2022, §4.1) on LFW.
+"""Person-specific masks under 1:N identification: the OPOM protocol (Zhong & Deng, TPAMI 2022, §4.1) on LFW.
 
 Split (seeded, deterministic): the LFW identities with at least `min_images` (12) images are shuffled; the first
 `limit` of them (default all) are protected. Each protected identity's images are shuffled: the first
-`train_images` (10) learn the person's mask(s), the rest are its test images. Distractors: all LFW images (or a
-seeded sample of `distractors` of them for quick runs); for a person, those of its own identity are left out, so
-its gallery is the other identities' images plus its one enrolled image.
+`train_images` (10) learn the person's mask(s), the next `test_images` (the command's default 5; None = all the
+rest) are its test images. The paper tests a handful of images per person (§4.1: 10 train, 10 test); without the
+cap an identity with hundreds of LFW images (George_W_Bush: 530, i.e. ~270,000 tests) would dominate the pooled
+rates. Distractors: all LFW images (or a seeded sample of `distractors` of them for quick runs); for a person, those
+of its own identity are left out, so its gallery is the other identities' images plus its one enrolled image.
 
 M-O (Tables 2-5): each test image in turn joins the gallery as the person's clean image, and every other test image
 of that person, masked, is a probe: T test images give T(T-1) tests. A test protects at Top-1 / Top-5 when the
@@ -21,6 +23,10 @@ By default each judge is scored against masks learned by the models of the other
 judges sharing a surrogate set share one mask-learning run. The mask-learning method is a parameter (a MaskLearner:
 one person's FaceBatch -> [n_M,3,256,256] canonical masks), looked up by name in faceveil.methods.opom's registry;
 a universal method (FI-UAP-all) learns one mask per surrogate set on the training images of all protected persons.
+Several methods can share one run (`run_methods`): the landmarks and the clean embeddings of the test images and
+distractors are computed once. A method name may end in TRANSFER_SUFFIX ("+md", e.g. opom-convex+md): the method
+combined with the transferability methods of §3.2.3 (Tables 4-5), momentum mu = 1 (Eq. 14) and DFANet dropout
+(Eq. 15).
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ TRAIN_IMAGES = 10
 # learned once per surrogate set and applied to everybody.
 UNIVERSAL_METHODS = ("fi-uap-all",)
 DISTRACTORS_LIMITED = 2000  # distractor sample when --limit is given without --distractors: quick runs stay quick
+TEST_IMAGES = 5  # test images per person (the command's default; the paper uses a handful per person)
+# §3.2.3 combined with momentum and DFANet (Tables 4-5): "+md" after a method name. Eq. 14: "mu is usually set to 1
+# following the original paper". Eq. 15 names the Bernoulli rate p_d without a value; 0.1 is the drop rate of the
+# DFANet paper ([34], Zhong & Deng 2020), i.e. each conv output element is kept with probability 0.9.
+TRANSFER_SUFFIX = "+md"
+TRANSFER_MOMENTUM = 1.0
+TRANSFER_DROPOUT = 0.1
 BATCH = 8
 EMBED_CHUNK = 64  # distractor images read, aligned and embedded at once (memory stays flat over all of LFW)
 
@@ -73,9 +86,11 @@ class Split:
     available_distractors: int  # all LFW images
     min_images: int = MIN_IMAGES
     train_images: int = TRAIN_IMAGES
+    test_images: int | None = None  # cap of test images per person; None = all images not used for training
 
     def counts(self) -> dict:
         return {"min_images": self.min_images, "train_images": self.train_images,
+                "test_images_per_person": "all" if self.test_images is None else self.test_images,
                 "eligible_identities": self.eligible_identities, "protected_identities": len(self.people),
                 "protected_names": [p.name for p in self.people],
                 "train_images_used": sum(len(p.train) for p in self.people),
@@ -86,11 +101,15 @@ class Split:
 
 def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None = None,
                min_images: int = MIN_IMAGES, train_images: int = TRAIN_IMAGES,
-               distractors: int | None = None) -> Split:
-    """The seeded protocol split (module docstring). The first N persons do not depend on `limit`, and the persons
-    do not depend on the distractor sample (separate random streams)."""
+               distractors: int | None = None, test_images: int | None = None) -> Split:
+    """The seeded protocol split (module docstring). The first N persons do not depend on `limit`, the persons
+    do not depend on the distractor sample (separate random streams), and the test images under a cap are the
+    first ones of the uncapped order (the cap does not change the persons nor their training images)."""
     if train_images < 1:
         raise FaceveilError(f"--train-images must be at least 1, got {train_images}")
+    if test_images is not None and test_images < 2:
+        raise FaceveilError(f"--test-images must be at least 2 (one in the gallery, one probe) or 'all', "
+                            f"got {test_images}")
     if min_images < train_images + 2:
         raise FaceveilError(f"--min-images ({min_images}) must be at least --train-images + 2 ({train_images + 2}): "
                             "a person needs two test images (one in the gallery, one probe)")
@@ -108,14 +127,15 @@ def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None =
     for name in order:
         files = sorted(people[name])
         pick = rng.permutation(len(files))
+        test = pick[train_images:] if test_images is None else pick[train_images:train_images + test_images]
         persons.append(Person(name, tuple(sorted(files[i] for i in pick[:train_images])),
-                              tuple(sorted(files[i] for i in pick[train_images:]))))
+                              tuple(sorted(files[i] for i in test))))
     pool = [(n, p) for n in names for p in sorted(people[n])]
     chosen = pool
     if distractors is not None and distractors < len(pool):
         index = np.sort(np.random.default_rng([seed, 1]).choice(len(pool), distractors, replace=False))
         chosen = [pool[i] for i in index]
-    return Split(persons, chosen, len(eligible), len(pool), min_images, train_images)
+    return Split(persons, chosen, len(eligible), len(pool), min_images, train_images, test_images)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -285,7 +305,7 @@ def apply_mask(files: tuple[Path, ...], landmarks: dict[Path, np.ndarray], mask:
     return out
 
 
-def _person_config(cfg: AttackConfig, index: int) -> AttackConfig:
+def person_config(cfg: AttackConfig, index: int) -> AttackConfig:
     """Each person its own random stream (random start, diversity), derived from the run's seed."""
     return dataclasses.replace(cfg, seed=cfg.seed * 100_003 + index)
 
@@ -312,7 +332,7 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
         for index, person in enumerate(bar):
             start = time.perf_counter()
             masks = universal if universal is not None else learn_masks(
-                person.train, landmarks, ensemble, learner, settings, _person_config(settings.attack, index))
+                person.train, landmarks, ensemble, learner, settings, person_config(settings.attack, index))
             middle = time.perf_counter()
             for judge in judges:
                 result.masked[judge].append([])
@@ -363,22 +383,67 @@ def judge_row(judge: str, group: GroupResult, split: Split, clean: EmbeddingTabl
             **scores, "psnr": float(np.mean(group.psnr)), "ssim": float(np.mean(group.ssim))}
 
 
+@dataclass(frozen=True)
+class MethodRun:
+    """One method of a run: its mask learner and its settings (name, attack configuration, universal or not)."""
+
+    learner: MaskLearner
+    settings: Settings
+
+
+def split_method_name(method: str) -> tuple[str, bool]:
+    """(registered method, combined with momentum + DFANet) of a name that may end in TRANSFER_SUFFIX."""
+    if method.endswith(TRANSFER_SUFFIX):
+        return method[:-len(TRANSFER_SUFFIX)], True
+    return method, False
+
+
+def registry_method(method: str, masks: int, base: Settings) -> MethodRun:
+    """A registered method (optionally with the "+md" suffix: momentum 1 and DFANet dropout, overriding the base
+    configuration's) with the run's shared settings."""
+    name, transfer = split_method_name(method)
+    attack = base.attack
+    if transfer:
+        attack = dataclasses.replace(attack, momentum=TRANSFER_MOMENTUM, dropout=TRANSFER_DROPOUT)
+    settings = dataclasses.replace(base, method=method, attack=attack, universal=name in UNIVERSAL_METHODS)
+    return MethodRun(registry_learner(name, masks), settings)
+
+
 def run(split: Split, judges: list[str], surrogates: list[str] | None, learner: MaskLearner,
         settings: Settings) -> tuple[list[dict], dict]:
     """Rows (one per judge) and settings (split counts, timings) of the protocol on a split."""
+    return run_methods(split, judges, surrogates, [MethodRun(learner, settings)])
+
+
+def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
+                methods: list[MethodRun]) -> tuple[list[dict], dict]:
+    """Rows (one per method and judge) and settings of several methods on one split: landmarks and clean
+    embeddings are computed once. Timings and re-detection failures are per surrogate set, and with more than one
+    method per method, then per surrogate set."""
+    if not methods:
+        raise ValueError("at least one method")
+    first = methods[0].settings
+    if len({m.settings.method for m in methods}) < len(methods):
+        raise FaceveilError("--method lists a method twice")
+    if any(m.settings.mode != first.mode for m in methods):
+        raise ValueError("the methods of one run share the mode")
     files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
-    landmarks, info = landmarks_for(files, settings.progress)
+    landmarks, info = landmarks_for(files, first.progress)
     clean_files = sorted({f for p in split.people for f in p.test} | {f for _, f in split.distractors})
     start = time.perf_counter()
-    clean = embed_files(judges, clean_files, landmarks, settings.progress)
+    clean = embed_files(judges, clean_files, landmarks, first.progress)
     clean_seconds = round(time.perf_counter() - start, 2)
-    rows, learn, apply, failures = [], {}, {}, {}
-    for group, group_judges in surrogate_groups(judges, surrogates).items():
-        result = mask_group(split, landmarks, list(group), group_judges, learner, settings)
-        key = "+".join(group)
-        learn[key], apply[key] = round(result.learn_seconds, 2), round(result.apply_seconds, 2)
-        failures[key] = result.redetect_failures
-        rows += [judge_row(judge, result, split, clean, settings) for judge in group_judges]
+    rows: list[dict] = []
+    learn, apply, failures = {}, {}, {}
+    for method in methods:
+        settings = method.settings
+        for group, group_judges in surrogate_groups(judges, surrogates).items():
+            result = mask_group(split, landmarks, list(group), group_judges, method.learner, settings)
+            key = "+".join(group)
+            for table, value in ((learn, round(result.learn_seconds, 2)), (apply, round(result.apply_seconds, 2)),
+                                 (failures, result.redetect_failures)):
+                (table.setdefault(settings.method, {}) if len(methods) > 1 else table)[key] = value
+            rows += [judge_row(judge, result, split, clean, settings) for judge in group_judges]
     meta = {**split.counts(), "learn_seconds": learn, "apply_embed_seconds": apply,
             "clean_embed_seconds": clean_seconds, "redetect_failures": failures, "detected": info["detected"],
             "images": info["images"], "fallback_alignment_count": len(info["fallback_alignment"])}

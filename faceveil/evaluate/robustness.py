@@ -196,7 +196,7 @@ class OpomAdapter:
             for index, person in enumerate(bar):
                 masks = universal if universal is not None else P.learn_masks(
                     person.train, landmarks, ensemble, self.learner, settings,
-                    P._person_config(settings.attack, index))  # the protocol's own per-person seed
+                    P.person_config(settings.attack, index))  # the protocol's own per-person seed
                 for mask in masks:
                     masked = P.apply_mask(person.test, landmarks, mask, settings, Path(tmp), detector)
                     first = len(protected.images)
