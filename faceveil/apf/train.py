@@ -194,7 +194,9 @@ class Trainer:
         self.log_path = self.out.with_name(self.out.name + ".log.jsonl")
         self.done = {phase: 0 for phase in PHASES}
         self.history: dict[str, list[float]] = {phase: [] for phase in PHASES}
-        self.model = ApfServerModel(s.client.eps)
+        with torch.random.fork_rng():  # the initial weights come from the seed, not from the global RNG
+            torch.manual_seed(s.seed)
+            self.model = ApfServerModel(s.client.eps)
         self.optimizer_state: dict | None = None
         self.earlier_seconds = 0.0  # of the runs this one resumes
         self.started = time.perf_counter()
@@ -251,12 +253,15 @@ class Trainer:
         self.geometries = sorted({zoo.spec(n).geometry for n in s.server_models})
         before = {"transfer": self.transfer_loss(), "joint": self.joint_loss()}
         self._universal()
+        phase_start = {"transfer": self.transfer_loss()}
         self._transfer()
+        phase_start["joint"] = self.joint_loss()
         self._joint()
         after = {"transfer": self.transfer_loss(), "joint": self.joint_loss()}
         summary = {"images": data["images"], "identities": data["identities"],
                    "excluded_identities": data["excluded_identities"], "epochs": dict(self.done),
-                   "loss_before": before, "loss_after": after, "history": self.history,
+                   "loss_before": before, "loss_after": after, "loss_at_phase_start": phase_start,
+                   "history": self.history,
                    "pairs_seconds": pair_info["seconds"], "seconds": round(self.elapsed(), 1), "seed": s.seed,
                    "dataset": "LFW, identities outside pairs.txt", "lr": s.lr, "batch": s.batch}
         self.model.meta.update(self._meta(summary))

@@ -49,13 +49,12 @@ def _opom_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[
 
     root, method = _dataset(args.dataset), args.method or DEFAULT_METHOD
     cap = distractor_count(args.distractors, args.limit)
-    learner = protocol.registry_learner(method, args.masks)
-    attack = attack_config(args)  # the OPOM paper's settings (eps 8, 16 iterations) unless flags are given
+    base = protocol.Settings(mode=args.mode, attack=attack_config(args), batch=args.batch, progress=not args.quiet)
+    chosen = protocol.registry_method(method, args.masks, base)  # "+md": momentum 1 and DFANet dropout (§3.2.3)
+    learner, settings, attack = chosen.learner, chosen.settings, chosen.settings.attack
     per_person = test_image_cap(args.test_images)
     split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
                                 per_person)
-    settings = protocol.Settings(method=method, mode=args.mode, attack=attack, batch=args.batch,
-                                 progress=not args.quiet, universal=method in protocol.UNIVERSAL_METHODS)
     flags = {"method": method, "masks": args.masks, "eps": round(attack.eps * 255, 4),
              "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
              "dropout": attack.dropout, "jitter": attack.jitter, "distractors": "all" if cap is None else cap,
