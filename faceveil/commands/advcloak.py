@@ -11,6 +11,7 @@ from pathlib import Path
 
 from faceveil.commands import Groups
 from faceveil.errors import FaceveilError
+from faceveil.report import add_report_flag
 
 
 def register(groups: Groups) -> None:
@@ -64,6 +65,7 @@ def register(groups: Groups) -> None:
                    "with --limit)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    add_report_flag(p)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
@@ -157,7 +159,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "distractors": "all" if cap is None else cap, "seed": args.seed, **info,
             "threads": _threads(), "load_average_1min": round(os.getloadavg()[0], 2),
             "seconds": round(time.perf_counter() - start, 1)}
-    emit("eval advcloak", meta, rows, args.json)
+    emit("eval advcloak", meta, rows, args.json, report=args.report)
     return 0
 
 

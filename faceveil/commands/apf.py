@@ -9,6 +9,7 @@ from pathlib import Path
 
 from faceveil.commands import Groups
 from faceveil.errors import FaceveilError
+from faceveil.report import add_report_flag
 
 
 def _client_config(args: argparse.Namespace, algorithm: str | None = None):
@@ -71,7 +72,11 @@ def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
         algorithms=algorithms, stages=stages, judges=zoo.parse_models(args.judges), limit=args.limit,
         baseline=not args.no_baseline, adversarial=not args.no_adversarial, adversarial_limit=args.adversarial_limit,
         batch=args.batch, seed=args.seed, iterations=args.iterations, progress=not args.quiet)
-    apf_protocol.run_and_emit(root, server, options, args.checkpoint, args.json)
+    doc = apf_protocol.run_and_emit(root, server, options, args.checkpoint, args.json)
+    if args.report:
+        from faceveil.report import write_report
+
+        write_report(args.report, "eval", doc)
     return 0
 
 
@@ -122,6 +127,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--iterations", type=int, default=30, help="iterations of the algorithms (paper: 30)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    add_report_flag(p)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_verification_asr)

@@ -1,0 +1,21 @@
+"""`faceveil bench protect` pieces: the forward+backward floor scales with iterations and batch."""
+
+from __future__ import annotations
+
+from conftest import needs_weights
+
+
+@needs_weights
+def test_floor_is_positive_and_grows_with_iterations():
+    from faceveil.bench.protect import floor_seconds
+
+    one = floor_seconds(["mobileface"], 2, 1, repeats=1)
+    assert one > 0
+    assert floor_seconds(["mobileface"], 2, 10, repeats=1) > one
+
+
+def test_bench_protect_is_a_command():
+    from faceveil.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "protect", "--presets", "default", "--repeats", "1"])
+    assert args.presets == "default" and args.repeats == 1
