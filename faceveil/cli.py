@@ -115,7 +115,7 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from faceveil.evaluate import verify
     from faceveil.evaluate.lfw import parse_dataset_arg
-    from faceveil.evaluate.results import markdown_table, write_json_atomic
+    from faceveil.evaluate.results import markdown_table, write_outputs
     from faceveil.models import zoo
 
     dataset = parse_dataset_arg(args.dataset) if args.dataset else None
@@ -124,13 +124,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(markdown_table(verify.display_rows(rows)))  # emit's table, with 4-decimal scores
     print("score = similarity original -> protected (cosine; -L2 for dlib); matches = at the calibrated threshold; "
           "rank of the original in the gallery (1 = recognised first)")
-    doc = {"command": "verify", "settings": settings, "rows": rows}
-    if args.json:
-        write_json_atomic(args.json, doc)
-    if args.report:
-        from faceveil.report import write_report
-
-        write_report(args.report, "verify", doc)
+    write_outputs({"command": "verify", "settings": settings, "rows": rows}, args.json, args.report, "verify")
     return 0
 
 

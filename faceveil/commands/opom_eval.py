@@ -18,21 +18,26 @@ from faceveil.errors import FaceveilError
 DEFAULT_METHOD = "opom-convex"
 
 
+def _count_or_all(text: str, flag: str, minimum: int, why: str = "") -> int | None:
+    """'N' -> N (at least `minimum`), 'all' -> None; one-line errors otherwise."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise FaceveilError(f"{flag} takes a number or 'all', got {text!r}") from None
+    if value < minimum:
+        raise FaceveilError(f"{flag} must be at least {minimum}{why}, got {value}")
+    return value
+
+
 def distractor_count(text: str | None, limit: int | None) -> int | None:
     """--distractors N|all -> a cap, or None for all of LFW; unset: all, or DISTRACTORS_LIMITED with --limit."""
     from faceveil.evaluate.opom_protocol import DISTRACTORS_LIMITED
 
     if text is None:
         return DISTRACTORS_LIMITED if limit is not None else None
-    if text.strip().lower() == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise FaceveilError(f"--distractors takes a number or 'all', got {text!r}") from None
-    if value < 1:
-        raise FaceveilError(f"--distractors must be at least 1, got {value}")
-    return value
+    return _count_or_all(text, "--distractors", 1)
 
 
 def test_image_cap(text: str | None) -> int | None:
@@ -41,15 +46,7 @@ def test_image_cap(text: str | None) -> int | None:
 
     if text is None:
         return TEST_IMAGES
-    if str(text).strip().lower() == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise FaceveilError(f"--test-images takes a number or 'all', got {text!r}") from None
-    if value < 2:
-        raise FaceveilError(f"--test-images must be at least 2 (one in the gallery, one probe), got {value}")
-    return value
+    return _count_or_all(text, "--test-images", 2, " (one in the gallery, one probe)")
 
 
 def method_names(text: str | None) -> list[str]:

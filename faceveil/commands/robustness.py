@@ -95,7 +95,7 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
 
     from faceveil.evaluate import robustness, transforms
     from faceveil.evaluate.adaptive import DEFAULT_FOLDS
-    from faceveil.evaluate.results import markdown_table, write_json_atomic
+    from faceveil.evaluate.results import markdown_table, write_outputs
     from faceveil.models import zoo
 
     robustness.require_protocol(args.protocol)
@@ -117,13 +117,7 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     print(markdown_table(robustness.display_rows(rows)))
     print(f"{adapter.metric} = protection rate; retained = rate / untransformed rate; clean_{adapter.metric} = the "
           "same rate for the unprotected probes after the same transform; gain = rate - clean rate")
-    doc = {"command": "eval robustness", "settings": settings, "rows": rows}
-    if args.json:
-        write_json_atomic(args.json, doc)
-    if args.report:
-        from faceveil.report import write_report
-
-        write_report(args.report, "eval", doc)
+    write_outputs({"command": "eval robustness", "settings": settings, "rows": rows}, args.json, args.report)
     return 0
 
 

@@ -58,10 +58,15 @@ def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | 
     """Print the markdown table and write the JSON document and the HTML report (if asked). Returns the document."""
     doc = {"command": command, "settings": settings, "rows": rows}
     print(markdown_table(rows))
+    return write_outputs(doc, json_out, report)
+
+
+def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | None, kind: str = "eval") -> dict:
+    """Write a command's document as JSON and as an HTML report of that kind, each only if asked."""
     if json_out:
         write_json_atomic(json_out, doc)
     if report:
         from faceveil.report import write_report
 
-        write_report(report, "eval", doc)
+        write_report(report, kind, doc)
     return doc
