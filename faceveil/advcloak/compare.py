@@ -36,7 +36,7 @@ class CompareSettings:
 def run(split, settings: CompareSettings) -> tuple[list[dict], dict]:
     """Rows (one per method and judge) and settings (split counts, timings)."""
     from faceveil.evaluate import opom_protocol as protocol
-    from faceveil.evaluate.faces import landmarks_for
+    from faceveil.evaluate.faces import embed_files, landmarks_for
     from faceveil.methods.advcloak import normalised_learner
     from faceveil.methods.opom import method_names, paper_config
 
@@ -46,7 +46,7 @@ def run(split, settings: CompareSettings) -> tuple[list[dict], dict]:
     files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
     landmarks, info = landmarks_for(files, settings.progress)
     clean_files = sorted({f for p in split.people for f in p.test} | {f for _, f in split.distractors})
-    clean = protocol.embed_files(settings.judges, clean_files, landmarks, settings.progress)
+    clean = embed_files(settings.judges, clean_files, landmarks, settings.progress)
     rows, timings = [], {}
     for method in settings.methods:
         learner = normalised_learner(method, settings.l2_255)

@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from faceveil import weights
 from faceveil.apf.networks import APF_GRID, ApfServerModel, checkpoint_payload, model_from_payload, save_server_model
-from faceveil.attacks.core import L2_SCALE, AttackConfig, Embeddings, Ensemble, ensemble_distance, run_attack
+from faceveil.attacks.core import (
+    AttackConfig,
+    Embeddings,
+    Ensemble,
+    ensemble_distance,
+    pairwise_ensemble_distance,
+    run_attack,
+)
 from faceveil.attacks.faces import FaceBatch, from_photos
 from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
@@ -253,7 +260,7 @@ class Trainer:
         self.geometries = sorted({zoo.spec(n).geometry for n in s.server_models})
         before = {"transfer": self.transfer_loss(), "joint": self.joint_loss()}
         self._universal()
-        phase_start = {"transfer": self.transfer_loss()}
+        phase_start = {"transfer": before["transfer"]}  # the universal phase leaves T as it was
         self._transfer()
         phase_start["joint"] = self.joint_loss()
         self._joint()
@@ -306,15 +313,7 @@ class Trainer:
 
     def pairwise_distance(self, emb: Embeddings) -> torch.Tensor:
         """Eq. 7's sum over j, as a mean [B]: each face's ensemble distance to every training face's clean one."""
-        total = 0
-        for name, w in self.servers.weights.items():
-            e, ref = emb[name], self.pairs.embeddings[name]
-            if self.servers.metric(name) == "l2":
-                d = torch.cdist(e, ref) / L2_SCALE
-            else:
-                d = 1 - torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(ref, dim=-1).T
-            total = total + w * d.mean(dim=1)
-        return total
+        return pairwise_ensemble_distance(self.servers, emb, self.pairs.embeddings).mean(dim=1)
 
     # -- phase 3: T on Eq. 4
     def _transfer_batch_loss(self, index: torch.Tensor) -> torch.Tensor:
@@ -323,24 +322,12 @@ class Trainer:
         return diff.flatten(1).square().mean(dim=1).sqrt()  # ||g_hat - g~||_2 per face, in eps units (RMS)
 
     def _transfer(self) -> None:
-        optimizer = torch.optim.Adam(self.model.transfer.parameters(), lr=self.s.lr)
-        if self.optimizer_state is not None and self.done["joint"] == 0 and self.done["transfer"] > 0:
-            optimizer.load_state_dict(self.optimizer_state)
-        for epoch in self._epochs("transfer", self.s.transfer_epochs):
-            t0, losses = time.perf_counter(), []
-            self.model.train()
-            for index in self._minibatches("transfer", epoch):
-                loss = self._transfer_batch_loss(index).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            self._end_epoch("transfer", epoch, float(np.mean(losses)), t0, optimizer, "RMS(T(g) - g~) / eps")
+        resume = self.done["joint"] == 0 and self.done["transfer"] > 0
+        self._train_phase("transfer", self.model.transfer.parameters(), self.s.transfer_epochs,
+                          self._transfer_batch_loss, resume, "RMS(T(g) - g~) / eps")
 
-    @torch.no_grad()
     def transfer_loss(self) -> float:
-        self.model.eval()
-        return float(torch.cat([self._transfer_batch_loss(i) for i in self._minibatches("transfer", 0)]).mean())
+        return self._mean_loss("transfer", self._transfer_batch_loss)
 
     # -- phase 4: T and E on Eq. 9-10
     def _joint_batch_loss(self, index: torch.Tensor) -> torch.Tensor:
@@ -351,24 +338,33 @@ class Trainer:
         return -ensemble_distance(self.servers, emb, reference)
 
     def _joint(self) -> None:
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
-        if self.optimizer_state is not None and self.done["joint"] > 0:
+        self._train_phase("joint", self.model.parameters(), self.s.epochs, self._joint_batch_loss,
+                          self.done["joint"] > 0, "-ensemble distance (Eq. 9)")
+
+    def _train_phase(self, phase: str, parameters, epochs: int, batch_loss, resume: bool, what: str) -> None:
+        """Adam on `batch_loss` over the phase's minibatches, an epoch at a time (resumable: the optimiser state of
+        an interrupted run of this phase is restored when `resume`)."""
+        optimizer = torch.optim.Adam(parameters, lr=self.s.lr)
+        if self.optimizer_state is not None and resume:
             optimizer.load_state_dict(self.optimizer_state)
-        for epoch in self._epochs("joint", self.s.epochs):
+        for epoch in self._epochs(phase, epochs):
             t0, losses = time.perf_counter(), []
             self.model.train()
-            for index in self._minibatches("joint", epoch):
-                loss = self._joint_batch_loss(index).mean()
+            for index in self._minibatches(phase, epoch):
+                loss = batch_loss(index).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-            self._end_epoch("joint", epoch, float(np.mean(losses)), t0, optimizer, "-ensemble distance (Eq. 9)")
+            self._end_epoch(phase, epoch, float(np.mean(losses)), t0, optimizer, what)
 
-    @torch.no_grad()
-    def joint_loss(self) -> float:
+    def _mean_loss(self, phase: str, batch_loss) -> float:
         self.model.eval()
-        return float(torch.cat([self._joint_batch_loss(i) for i in self._minibatches("joint", 0)]).mean())
+        with torch.no_grad():
+            return float(torch.cat([batch_loss(i) for i in self._minibatches(phase, 0)]).mean())
+
+    def joint_loss(self) -> float:
+        return self._mean_loss("joint", self._joint_batch_loss)
 
     def _end_epoch(self, phase: str, epoch: int, value: float, t0: float, optimizer, what: str) -> None:
         seconds = time.perf_counter() - t0

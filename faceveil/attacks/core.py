@@ -69,6 +69,17 @@ def ensemble_distance(ensemble: Ensemble, emb: Embeddings, reference: Embeddings
     return total
 
 
+def pairwise_ensemble_distance(ensemble: Ensemble, emb: Embeddings, reference: Embeddings) -> torch.Tensor:
+    """All-pairs weighted feature distance [B, R] between two sets of ensemble embeddings, on the scale of
+    `ensemble_distance` (1 - cos; dlib's L2 over L2_SCALE)."""
+    total = 0
+    for name, w in ensemble.weights.items():
+        metric = ensemble.metric(name)
+        score = zoo.score_matrix(metric, emb[name], reference[name])
+        total = total + w * (-score / L2_SCALE if metric == "l2" else 1 - score)
+    return total
+
+
 @contextlib.contextmanager
 def feature_dropout(models: list[nn.Module], p: float, generator: torch.Generator) -> Iterator[None]:
     """DFANet (Zhong & Deng 2020): dropout on the surrogates' intermediate conv features during the attack,

@@ -31,11 +31,11 @@ from faceveil.apply import (
     enroll,
     reference_embeddings,
 )
+from faceveil.bench.pipeline import TWELVE_MP
 from faceveil.detect.mtcnn import MTCNN
 from faceveil.io.images import read_image, write_image
 from faceveil.io.maskfile import PersonMask
 
-TWELVE_MP = (4243, 2828)  # as `bench detect`
 APPLY_GOAL_SECONDS = 0.8
 VIDEO_GOAL_FPS = 25.0
 

@@ -22,6 +22,8 @@ from faceveil.io.images import read_image, write_image
 from faceveil.methods import pgd
 from faceveil.models import zoo
 
+TWELVE_MP = (4243, 2828)  # width, height of the ~12-megapixel test photos
+
 
 def bench_detect_12mp(repeats: int = 5) -> list[dict]:
     """Median seconds of `detect_large` on each sample photo upscaled to ~12 MP (4243 x 2828)."""
@@ -29,7 +31,7 @@ def bench_detect_12mp(repeats: int = 5) -> list[dict]:
     rows = []
     for path in weights.sample_photos()[:3]:
         with Image.open(path) as im:
-            big = np.asarray(im.convert("RGB").resize((4243, 2828), Image.BICUBIC))
+            big = np.asarray(im.convert("RGB").resize(TWELVE_MP, Image.BICUBIC))
         detector.detect_large(big)  # warm-up
         times = []
         for _ in range(repeats):

@@ -3,14 +3,20 @@ then one similarity-aligned crop per crop geometry."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from faceveil.detect.align import align
+from faceveil.detect.cache import load_rgb
 from faceveil.detect.lfw import detect_lfw_faces
+from faceveil.models import zoo
+
+EMBED_CHUNK = 64  # distractor images read, aligned and embedded at once (memory stays flat over all of LFW)
 
 
 def landmarks_for(files: list[Path], progress: bool = True) -> tuple[dict[Path, np.ndarray], dict]:
@@ -34,3 +40,38 @@ def aligned_crops(files: list[Path], geometries: list[str],
         for g in geometries:
             crops[g][f] = align(rgb, landmarks[f], g)
     return crops, {**info, "fallback_alignment_count": len(info["fallback_alignment"])}
+
+
+@dataclass
+class EmbeddingTable:
+    """Clean embeddings of LFW files, one row per file, per judge: computed once per run."""
+
+    files: list[Path]
+    rows: dict[str, torch.Tensor]  # judge -> [N, D]
+    index: dict[Path, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {f: i for i, f in enumerate(self.files)}
+
+    def of(self, judge: str, files: list[Path] | tuple[Path, ...]) -> torch.Tensor:
+        return self.rows[judge][torch.tensor([self.index[f] for f in files], dtype=torch.long)]
+
+
+def embed_files(judges: list[str], files: list[Path], landmarks: dict[Path, np.ndarray],
+                progress: bool = True) -> EmbeddingTable:
+    """Every judge's embedding of every file's labelled face, read in chunks (one alignment per crop geometry,
+    shared by the judges that use it)."""
+    geometries = sorted({zoo.spec(j).geometry for j in judges})
+    parts: dict[str, list[torch.Tensor]] = {j: [] for j in judges}
+    bar = tqdm(total=len(files), desc="clean faces", disable=not progress, unit="img")
+    for start in range(0, len(files), EMBED_CHUNK):
+        chunk = files[start:start + EMBED_CHUNK]
+        photos = [load_rgb(f) for f in chunk]
+        for geometry in geometries:
+            crops = np.stack([align(p, landmarks[f], geometry) for p, f in zip(photos, chunk, strict=True)])
+            for judge in judges:
+                if zoo.spec(judge).geometry == geometry:
+                    parts[judge].append(zoo.embed_crops(zoo.load(judge), crops))
+        bar.update(len(chunk))
+    bar.close()
+    return EmbeddingTable(list(files), {j: torch.cat(p) if p else torch.empty(0) for j, p in parts.items()})

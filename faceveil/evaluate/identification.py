@@ -34,7 +34,7 @@ from faceveil.attacks.faces import from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
 from faceveil.detect.cache import load_rgb
-from faceveil.evaluate.faces import landmarks_for
+from faceveil.evaluate.faces import embed_files, landmarks_for
 from faceveil.evaluate.lfw import identities
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 from faceveil.methods.targets import TargetedResult, TargetIdentity, TargetSet, target_face
@@ -256,9 +256,7 @@ def rank_metrics(scores: torch.Tensor, gallery_labels: list[str], true_labels: l
 
 def _gallery_embeddings(judges: list[str], gallery: list[Labelled], landmarks: dict[Path, np.ndarray],
                         progress: bool) -> dict[str, torch.Tensor]:
-    photos = [load_rgb(p) for _, p in tqdm(gallery, desc="gallery", disable=not progress, unit="img")]
-    marks = [landmarks[p] for _, p in gallery]
-    return {j: embed_images(j, photos, marks) for j in judges}
+    return embed_files(judges, [p for _, p in gallery], landmarks, progress).rows
 
 
 def _clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:

@@ -44,10 +44,9 @@ from tqdm import tqdm
 
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import FaceBatch, from_photos
-from faceveil.detect.align import align
 from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
-from faceveil.evaluate.faces import landmarks_for
+from faceveil.evaluate.faces import EmbeddingTable, embed_files, landmarks_for
 from faceveil.evaluate.identification import Protected, collect_crops, collect_photos, embed_images, surrogate_groups
 from faceveil.models import zoo
 
@@ -65,7 +64,6 @@ TRANSFER_SUFFIX = "+md"
 TRANSFER_MOMENTUM = 1.0
 TRANSFER_DROPOUT = 0.1
 BATCH = 8
-EMBED_CHUNK = 64  # distractor images read, aligned and embedded at once (memory stays flat over all of LFW)
 
 Labelled = tuple[str, Path]  # (identity, image file)
 MaskLearner = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor]  # one person's faces -> [n_M,3,256,256]
@@ -192,43 +190,6 @@ def _summary(prefix: str, tallies: list[Tally]) -> dict:
         out[f"{prefix}top1_psr_std"] = float(rates[:, 0].std())
         out[f"{prefix}top5_psr_std"] = float(rates[:, 1].std())
     return out
-
-
-# ---- embeddings ------------------------------------------------------------------------------------------------
-
-@dataclass
-class EmbeddingTable:
-    """Clean embeddings of LFW files, one row per file, per judge: computed once per run."""
-
-    files: list[Path]
-    rows: dict[str, torch.Tensor]  # judge -> [N, D]
-    index: dict[Path, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.index = {f: i for i, f in enumerate(self.files)}
-
-    def of(self, judge: str, files: list[Path] | tuple[Path, ...]) -> torch.Tensor:
-        return self.rows[judge][torch.tensor([self.index[f] for f in files], dtype=torch.long)]
-
-
-def embed_files(judges: list[str], files: list[Path], landmarks: dict[Path, np.ndarray],
-                progress: bool = True) -> EmbeddingTable:
-    """Every judge's embedding of every file's labelled face, read in chunks (one alignment per crop geometry,
-    shared by the judges that use it)."""
-    geometries = sorted({zoo.spec(j).geometry for j in judges})
-    parts: dict[str, list[torch.Tensor]] = {j: [] for j in judges}
-    bar = tqdm(total=len(files), desc="clean faces", disable=not progress, unit="img")
-    for start in range(0, len(files), EMBED_CHUNK):
-        chunk = files[start:start + EMBED_CHUNK]
-        photos = [load_rgb(f) for f in chunk]
-        for geometry in geometries:
-            crops = np.stack([align(p, landmarks[f], geometry) for p, f in zip(photos, chunk, strict=True)])
-            for judge in judges:
-                if zoo.spec(judge).geometry == geometry:
-                    parts[judge].append(zoo.embed_crops(zoo.load(judge), crops))
-        bar.update(len(chunk))
-    bar.close()
-    return EmbeddingTable(list(files), {j: torch.cat(p) if p else torch.empty(0) for j, p in parts.items()})
 
 
 # ---- masks -----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import adaptive, identification, transforms
 from faceveil.evaluate.adaptive import DEFAULT_FOLDS
+from faceveil.evaluate.faces import embed_files
 from faceveil.models import zoo
 
 NONE = "none"  # the untransformed protected probes: the reference of `retained`
@@ -154,18 +155,17 @@ class OpomAdapter:
         self.split, self.judges, self.surrogates = split, judges, surrogates
         self.learner, self.settings, self.mode = learner, settings, settings.mode
         self.info: dict = {}
-        self.clean = None  # opom_protocol.EmbeddingTable of the test images and distractors
+        self.clean = None  # evaluate.faces.EmbeddingTable of the test images and distractors
         self.photo_redetect_failures: dict[str, int] = {}
 
     def scenarios(self) -> Iterator[Scenario]:
-        from faceveil.evaluate import opom_protocol as P
         from faceveil.evaluate.faces import landmarks_for
 
         people, progress = self.split.people, self.settings.progress
         files = sorted({f for p in people for f in p.train + p.test} | {f for _, f in self.split.distractors})
         landmarks, self.info = landmarks_for(files, progress)
         clean_files = sorted({f for p in people for f in p.test} | {f for _, f in self.split.distractors})
-        self.clean = P.embed_files(self.judges, clean_files, landmarks, progress)
+        self.clean = embed_files(self.judges, clean_files, landmarks, progress)
         for group, group_judges in identification.surrogate_groups(self.judges, self.surrogates).items():
             start = time.perf_counter()
             protected, clean, layout, quality = self._mask_everybody(list(group), landmarks)

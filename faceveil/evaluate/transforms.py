@@ -57,11 +57,15 @@ def _resize(factor: float) -> PixelFunction:
     return run
 
 
-def _blur(sigma: float) -> PixelFunction:
+def _pil_filter(kernel: ImageFilter.Filter) -> PixelFunction:
     def run(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma))).copy()
+        return np.asarray(Image.fromarray(image).filter(kernel)).copy()
 
     return run
+
+
+def _blur(sigma: float) -> PixelFunction:
+    return _pil_filter(ImageFilter.GaussianBlur(sigma))
 
 
 def _bits(depth: int) -> PixelFunction:
@@ -74,10 +78,7 @@ def _bits(depth: int) -> PixelFunction:
 
 
 def _median(size: int) -> PixelFunction:
-    def run(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.asarray(Image.fromarray(image).filter(ImageFilter.MedianFilter(size))).copy()
-
-    return run
+    return _pil_filter(ImageFilter.MedianFilter(size))
 
 
 def _crop_pad(max_fraction: float) -> PixelFunction:
