@@ -12,13 +12,14 @@ from faceveil.detect import canonical as C
 from faceveil.detect.align import ARCFACE_112, align, warp_faces
 
 
-def _synthetic_photo(size: int = 480, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random image and a rotated, scaled face landmark set inside it."""
+def _synthetic_photo(size: int = 480, seed: int = 0, scale: float = 1.8) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random image and a rotated, scaled face landmark set inside it (`scale`: ArcFace-112 crop pixels
+    per photo pixel; 1.8 is a face a little larger than in canonical space: paste upsamples)."""
     gen = np.random.default_rng(seed)
     coarse = gen.uniform(0, 255, (12, 12, 3))
     image = np.kron(coarse, np.ones((size // 12, size // 12, 1)))
     image = np.clip(image + gen.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
-    angle, scale = 0.2, 1.8  # face a little larger than in canonical space: paste upsamples
+    angle = 0.2
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
     marks = (np.asarray(ARCFACE_112) - 56) @ rot.T + size / 2
     return image, marks
@@ -54,15 +55,34 @@ def test_paste_is_local_clipped_and_recoverable():
     assert float(recovered) > 0.8
 
 
-def test_optimiser_view_equals_saved_pixels():
-    """photos mode: the region the optimiser perturbs is exactly what paste() writes (faces at native scale)."""
-    image, marks = _synthetic_photo()
+def _seen_and_saved(scale: float, size: int = 480) -> tuple[torch.Tensor, ...]:
+    """(optimiser's view, saved photo's crop, both clean crops) of one face, arcface112 crop, photos mode."""
+    image, marks = _synthetic_photo(size=size, scale=scale)
     batch = from_photos([image], [marks], ["arcface112"], "photos")
     delta = (torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 8 / 255
-    seen = batch.crops(batch.perturbed(delta), "arcface112")
-    saved = align(C.paste(image, marks, delta[0]), marks, "arcface112")
-    saved = torch.from_numpy(saved).permute(2, 0, 1)[None].float() / 255
+
+    def crop(photo: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(align(photo, marks, "arcface112")).permute(2, 0, 1)[None].float() / 255
+
+    return (batch.crops(batch.perturbed(delta), "arcface112"), crop(C.paste(image, marks, delta[0])),
+            batch.crops(batch.regions, "arcface112"), crop(image))
+
+
+def test_optimiser_view_equals_saved_pixels():
+    """photos mode: the region the optimiser perturbs is exactly what paste() writes (faces at native scale)."""
+    seen, saved, _, _ = _seen_and_saved(scale=1.5)  # canonical zoom < 1: the region is the photo's pixels
     assert float((seen - saved).abs().mean()) < 2 / 255
+
+
+def test_large_face_optimised_on_downscaled_region():
+    """A face far larger than canonical space is optimised on a region capped at MAX_REGION_ZOOM: the optimiser's
+    view of the perturbation still agrees with what the saved full-resolution photo holds."""
+    seen, saved, seen_clean, saved_clean = _seen_and_saved(scale=4.0, size=960)
+    image, marks = _synthetic_photo(size=960, scale=4.0)
+    assert from_photos([image], [marks], ["arcface112"], "photos").regions.shape[-1] < 0.6 * 960
+    change = torch.nn.functional.cosine_similarity((seen - seen_clean).flatten(), (saved - saved_clean).flatten(), 0)
+    assert float(change) > 0.85
+    assert float((seen_clean - saved_clean).abs().mean()) < 8 / 255  # mostly the direct crop aliasing
 
 
 def test_quantise_straight_through():

@@ -135,11 +135,20 @@ class Pairs:
     embeddings: Embeddings  # server model -> clean embeddings [N, D]
 
 
-def _pairs_key(files: list[Path], root: Path, s: TrainSettings) -> str:
-    description = {"format": PAIRS_FORMAT, "grid": APF_GRID, "files": [str(f.relative_to(root)) for f in files],
-                   "servers": s.server_models, "weights": s.weights(), "client": dataclasses.asdict(s.client),
-                   "batch": s.batch}
+def _digest(description: object) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pairs_key(s: TrainSettings) -> str:
+    """The cache folder: what every chunk's pairs depend on besides its faces."""
+    return _digest({"format": PAIRS_FORMAT, "grid": APF_GRID, "servers": s.server_models, "weights": s.weights(),
+                    "client": dataclasses.asdict(s.client), "batch": s.batch})
+
+
+def _chunk_name(index: int, files: list[Path], root: Path) -> str:
+    """A chunk is named by its position and its faces, so a run with more --images (the same seeded order,
+    longer) reuses the chunks of a shorter one."""
+    return f"chunk-{index:05d}-{_digest([str(f.relative_to(root)) for f in files])}.pt"
 
 
 def pairs_folder(key: str) -> Path:
@@ -158,14 +167,14 @@ def _compute_chunk(batch: FaceBatch, s: TrainSettings, servers: dict[str, Ensemb
 def precompute_pairs(files: list[Path], landmarks: dict[Path, np.ndarray], root: Path, s: TrainSettings,
                      progress: bool = True) -> tuple[Pairs, dict]:
     """(g, g~) of every training face, from the chunk cache where present, computed (and cached) otherwise."""
-    folder = pairs_folder(_pairs_key(files, root, s))
+    folder = pairs_folder(_pairs_key(s))
     folder.mkdir(parents=True, exist_ok=True)
     servers = {name: Ensemble([name]) for name in s.server_models}
     geometries = sorted({zoo.spec(n).geometry for n in [s.client.probe, *s.server_models]})
     chunks, computed, start = [], 0, time.perf_counter()
     starts = range(0, len(files), s.batch)
     for i in tqdm(starts, desc="pairs (g, g~)", disable=not progress, unit="chunk"):
-        path = folder / f"chunk-{i // s.batch:05d}.pt"
+        path = folder / _chunk_name(i // s.batch, files[i:i + s.batch], root)
         chunk = _read_chunk(path)
         if chunk is None:
             chunk = _compute_chunk(face_batch(files[i:i + s.batch], landmarks, geometries), s, servers)
