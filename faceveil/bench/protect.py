@@ -32,6 +32,7 @@ from faceveil.models import zoo
 from faceveil.protect import PhotoProtector, ProtectSettings
 
 BATCH_FACES = 16
+FLOOR_BLOCK = 5  # iterations per floor timing
 # A sample photo with four faces (no sample photo has exactly one): the photo's time is divided by its faces.
 BENCH_PHOTO = "sample6.jpg"
 
@@ -56,8 +57,12 @@ def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: i
             xg = x.clone().requires_grad_(True)
             model(xg).square().sum().backward()
 
-    one_iteration()  # warm-up
-    return iterations * _median_seconds(one_iteration, repeats)
+    def block() -> None:  # several iterations per timing: one iteration alone is too short to time steadily
+        for _ in range(FLOOR_BLOCK):
+            one_iteration()
+
+    block()  # warm-up
+    return iterations * _median_seconds(block, repeats) / FLOOR_BLOCK
 
 
 def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -83,7 +88,7 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     photos, marks = _sample_faces(protector.detector, BATCH_FACES)
     for size in (1, BATCH_FACES):
         batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
-        seconds = _median_seconds(lambda b=batch: protector.optimise(b), repeats if size == 1 else 1)
+        seconds = _median_seconds(lambda b=batch: protector.optimise(b), repeats)
         rows.append({"preset": name, "case": f"optimise-{size}", "faces": size, "seconds_per_face": seconds / size,
                      "floor_seconds_per_face": floor_seconds(settings.surrogates, size, iterations) / size})
     for row in rows:

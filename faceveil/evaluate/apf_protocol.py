@@ -10,7 +10,7 @@ accessible" is the same algorithm run by the server models themselves on x (ense
 setting that violates non-accessibility. Each judge decides "recognised" by its calibrated threshold
 (faceveil.models.zoo.threshold) on the enrolled photo's embedding and the (protected) face's, and
 ASR = (N_w/o - N_w/) / N_total (Eq. 11). `box`: white = a server model (white-box to the server), probe = the
-client's probe, black = neither (black-box).
+client's probe, family = same family as one of those, black = a family neither side saw (black-box).
 
 Table 4 (`table` = "adversarial-matching"): pairs whose identity has a third image e: e is enrolled and both images
 of the pair are protected against it, without and with the Eq. 13 offset. adversarial-original matches each
@@ -113,9 +113,15 @@ def client_config(server: ApfServerModel, algorithm: str, options: Options, offs
 
 
 def box(judge: str, server: ApfServerModel, probe: str) -> str:
-    if judge in server.meta.get("server_models", []):
+    """white: a server model; probe: the client's probe; family: another model of a server model's or the probe's
+    family (same layers, other weights: not a fair black-box judge); black: a family neither side has seen."""
+    servers = server.meta.get("server_models", [])
+    if judge in servers:
         return "white"
-    return "probe" if judge == probe else "black"
+    if judge == probe:
+        return "probe"
+    seen = {zoo.spec(name).family for name in [*servers, probe]}
+    return "family" if zoo.spec(judge).family in seen else "black"
 
 
 def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -334,7 +340,8 @@ def run_and_emit(root: Path, server: ApfServerModel, options: Options, checkpoin
     settings["checkpoint"] = str(checkpoint or default_checkpoint())
     asr_rows = [r for r in rows if r["table"] == "asr"]
     t4_rows = [r for r in rows if r["table"] == "adversarial-matching"]
-    print("ASR (Eq. 11) per judge [white = server model, probe = client's probe, black = black-box]")
+    print("ASR (Eq. 11) per judge [white = server model, probe = client's probe, family = their family, "
+          "black = black-box family]")
     print(markdown_table(pivot(asr_rows, [])))
     if t4_rows:
         print("\nAdversarial-original / adversarial-adversarial matching (Table 4)")
