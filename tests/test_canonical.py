@@ -119,3 +119,15 @@ def test_alignment_jitter_is_small_and_seeded():
     corners = torch.tensor([[0.0, 0.0, 1.0], [111.0, 111.0, 1.0]], dtype=torch.float64)
     moved = corners @ a.transpose(-1, -2)
     assert float((moved - corners[:, :2]).abs().max()) < 6.0  # a few pixels at most, even at the corners
+
+
+def test_clip_quantise_is_clamp_then_quantise():
+    x = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 1.4 - 0.2).requires_grad_(True)
+    y = C.clip_quantise_ste(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = C.quantise_ste(x2.clamp(0, 1))
+    assert torch.allclose(y, y2, atol=1e-7)
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    (y * weights).sum().backward()
+    (y2 * weights).sum().backward()
+    assert torch.equal(x.grad, x2.grad)

@@ -63,8 +63,9 @@ class FaceBatch:
             if u1 <= u0 or v1 <= v0:  # the face lies outside its region: nothing to paste
                 faces.append(region)
                 continue
-            window = (region[:, :, v0:v1, u0:u1] + pasted[i]).clamp(0, 1)
-            faces.append(_with_window(region, C.quantise_ste(window) if self.quantise else window, u0, v0))
+            window = region[:, :, v0:v1, u0:u1] + pasted[i]
+            window = C.clip_quantise_ste(window) if self.quantise else window.clamp(0, 1)
+            faces.append(_with_window(region, window, u0, v0))
         return torch.cat(faces)
 
     def crops(self, regions: torch.Tensor, geometry: str, jitter: float = 0.0,
