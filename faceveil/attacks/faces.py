@@ -37,19 +37,26 @@ class FaceBatch:
     quantise: bool = True
     mask: torch.Tensor = field(default_factory=C.face_mask)
 
+    # each face's warp (kept by `take`, so candidate batches do not rebuild them), and the batched form
+    _face_warps: list[C.RegionWarp] | None = field(default=None, repr=False, compare=False)
     _region_warps: C.BatchedRegionWarps | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.regions.shape[0]
 
     @property
+    def face_warps(self) -> list[C.RegionWarp]:
+        if self._face_warps is None:
+            h, w = self.regions.shape[-2:]
+            self._face_warps = [C.RegionWarp.make(m, (0, 0, w, h), dtype=self.regions.dtype, support=self.mask)
+                                for m in self.canonical_to_region]
+        return self._face_warps
+
+    @property
     def region_warps(self) -> C.BatchedRegionWarps:
         """Every face's canonical -> region warp, built once per batch (the optimiser pastes every iteration)."""
         if self._region_warps is None:
-            h, w = self.regions.shape[-2:]
-            self._region_warps = C.BatchedRegionWarps(
-                [C.RegionWarp.make(m, (0, 0, w, h), dtype=self.regions.dtype, support=self.mask)
-                 for m in self.canonical_to_region])
+            self._region_warps = C.BatchedRegionWarps(self.face_warps)
         return self._region_warps
 
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
@@ -81,8 +88,9 @@ class FaceBatch:
 
     def take(self, index: torch.Tensor) -> FaceBatch:
         """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair."""
+        warps = None if self._face_warps is None else [self._face_warps[i] for i in index.tolist()]
         return FaceBatch(self.regions[index], self.canonical_to_region[index],
-                         {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask)
+                         {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask, warps)
 
     def canonical(self, regions: torch.Tensor) -> torch.Tensor:
         """Canonical-space images [B,3,256,256] of (perturbed) regions, differentiably."""
