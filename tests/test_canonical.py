@@ -131,3 +131,13 @@ def test_clip_quantise_is_clamp_then_quantise():
     (y * weights).sum().backward()
     (y2 * weights).sum().backward()
     assert torch.equal(x.grad, x2.grad)
+
+
+def test_take_keeps_paste_warps_and_pastes_the_same():
+    image, marks = _synthetic_photo()
+    batch = from_photos([image, image], [marks, marks + 5], ["arcface112"], "photos")
+    delta = (torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 8 / 255
+    whole = batch.perturbed(delta)
+    part = batch.take(torch.tensor([1, 1, 0]))
+    assert part.face_warps[0] is batch.face_warps[1]  # reused, not rebuilt
+    assert torch.equal(part.perturbed(delta[[1, 1, 0]]), whole[[1, 1, 0]])
