@@ -126,20 +126,22 @@ def from_photos(photos: list[np.ndarray], landmarks: list[np.ndarray], geometrie
                      {g: torch.stack(m) for g, m in crops.items()}, quantise=(mode == "photos"))
 
 
+def _as_float(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float [3,H,W] in [0,1]; called on the part used only (a photo can be 12 MP, a region 0.1)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div(255)
+
+
 def _face_region(photo: np.ndarray, marks: np.ndarray, mode: str):
     """(region [3,h,w], canonical->region matrix, landmarks in region pixels)."""
-    def as_float(pixels: np.ndarray) -> torch.Tensor:  # only the part used: a photo can be 12 MP, a region 0.1
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div(255)
-
     canonical_to_photo = inverse_matrix(warp_matrix(marks, C.CANONICAL))
     if mode == "crops":
-        canonical = C.sample(as_float(photo)[None], canonical_to_photo[None], (C.CANONICAL_SIZE, C.CANONICAL_SIZE))[0]
+        canonical = C.sample(_as_float(photo)[None], canonical_to_photo[None], (C.CANONICAL_SIZE, C.CANONICAL_SIZE))[0]
         to_canonical = warp_matrix(marks, C.CANONICAL).numpy()
         return canonical, torch.eye(2, 3, dtype=torch.float64), marks @ to_canonical[:, :2].T + to_canonical[:, 2]
     if mode != "photos":
         raise ValueError(f"unknown mode {mode!r} (crops or photos)")
     x0, y0, x1, y1 = C.region_box(canonical_to_photo, photo.shape[1], photo.shape[0])
-    region = as_float(photo[y0:y1, x0:x1])
+    region = _as_float(photo[y0:y1, x0:x1])
     marks = marks - [x0, y0]
     shift = torch.tensor([[1.0, 0, -x0], [0, 1.0, -y0]], dtype=torch.float64)
     to_region = C.compose(shift, canonical_to_photo)

@@ -72,11 +72,7 @@ def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
         algorithms=algorithms, stages=stages, judges=zoo.parse_models(args.judges), limit=args.limit,
         baseline=not args.no_baseline, adversarial=not args.no_adversarial, adversarial_limit=args.adversarial_limit,
         batch=args.batch, seed=args.seed, iterations=args.iterations, progress=not args.quiet)
-    doc = apf_protocol.run_and_emit(root, server, options, args.checkpoint, args.json)
-    if args.report:
-        from faceveil.report import write_report
-
-        write_report(args.report, "eval", doc)
+    apf_protocol.run_and_emit(root, server, options, args.checkpoint, args.json, args.report)
     return 0
 
 

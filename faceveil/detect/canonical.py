@@ -155,9 +155,7 @@ class RegionWarp:
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """[B,C,256,256] -> the window of the region [B,C,v1-v0,u1-u0]."""
-        if self.small is not None:
-            delta = F.interpolate(delta, size=(self.small, self.small), mode="bilinear", antialias=True,
-                                  align_corners=False)
+        delta = _low_pass(delta, self.small)
         grid = self.grid.expand(delta.shape[0], *self.grid.shape[1:])
         return F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -186,14 +184,19 @@ class BatchedRegionWarps:
         """[B,C,256,256] (one per warp) -> each face's region window [1,C,v1-v0,u1-u0]."""
         out: list[torch.Tensor | None] = [None] * len(self.windows)
         for small, index, grid in self.groups:
-            src = delta if len(index) == len(delta) else delta[index]  # index_select: a linear backward
-            if small is not None:
-                src = F.interpolate(src, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+            src = _low_pass(delta if len(index) == len(delta) else delta[index], small)  # index_select: linear
             sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             for face, one in zip(index.tolist(), sampled.split(1), strict=True):
                 u0, v0, u1, v1 = self.windows[face]
                 out[face] = one[..., :v1 - v0, :u1 - u0]
         return out  # type: ignore[return-value]
+
+
+def _low_pass(delta: torch.Tensor, small: int | None) -> torch.Tensor:
+    """The canonical tensors resized (antialiased) to the side a shrinking warp reads them at; as they are if None."""
+    if small is None:
+        return delta
+    return F.interpolate(delta, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _prepare_warp(delta: torch.Tensor, canonical_to_photo: torch.Tensor, x0: int, y0: int):
@@ -204,7 +207,7 @@ def _prepare_warp(delta: torch.Tensor, canonical_to_photo: torch.Tensor, x0: int
     if scale < 0.95:
         small = max(8, round(delta.shape[-1] * scale))
         k = delta.shape[-1] / small
-        delta = F.interpolate(delta, size=(small, small), mode="bilinear", antialias=True, align_corners=False)
+        delta = _low_pass(delta, small)
         # small pixel p <-> canonical pixel (p + 0.5) k - 0.5
         m = compose(m, torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64))
     region_to_src = compose(inverse_matrix(m), torch.tensor([[1.0, 0, x0], [0, 1.0, y0]], dtype=torch.float64))

@@ -43,7 +43,7 @@ from faceveil.evaluate.faces import landmarks_for
 from faceveil.evaluate.identification import embed_images
 from faceveil.evaluate.lfw import Pair, identities, read_pairs
 from faceveil.evaluate.quality import ssim
-from faceveil.evaluate.results import markdown_table, write_json_atomic
+from faceveil.evaluate.results import markdown_table, write_outputs
 from faceveil.methods.apf import (
     ApfClientConfig,
     adversarial_noise,
@@ -335,7 +335,7 @@ def pivot(rows: list[dict], columns: list[str]) -> list[dict]:
 
 
 def run_and_emit(root: Path, server: ApfServerModel, options: Options, checkpoint: str | None,
-                 json_out: str | None) -> dict:
+                 json_out: str | None, report: str | None = None) -> dict:
     rows, settings = run(root, server, options)
     settings["checkpoint"] = str(checkpoint or default_checkpoint())
     asr_rows = [r for r in rows if r["table"] == "asr"]
@@ -346,7 +346,4 @@ def run_and_emit(root: Path, server: ApfServerModel, options: Options, checkpoin
     if t4_rows:
         print("\nAdversarial-original / adversarial-adversarial matching (Table 4)")
         print(markdown_table(pivot(t4_rows, ["offset", "matching"])))
-    doc = {"command": "eval verification-asr", "settings": settings, "rows": rows}
-    if json_out:
-        write_json_atomic(json_out, doc)
-    return doc
+    return write_outputs({"command": "eval verification-asr", "settings": settings, "rows": rows}, json_out, report)
