@@ -141,3 +141,22 @@ def test_take_keeps_paste_warps_and_pastes_the_same():
     part = batch.take(torch.tensor([1, 1, 0]))
     assert part.face_warps[0] is batch.face_warps[1]  # reused, not rebuilt
     assert torch.equal(part.perturbed(delta[[1, 1, 0]]), whole[[1, 1, 0]])
+
+
+def test_crops_mode_pastes_whole_canonical_regions_like_the_windows():
+    """crops mode: regions are canonical space, so the perturbation is added to them whole in one op; the same
+    values and gradient as pasting each face's window through the (identity) warp."""
+    image, marks = _synthetic_photo()
+    batch = from_photos([image, image], [marks, marks + 3], ["arcface112"], "crops")
+    assert batch.in_canonical_space
+    delta = ((torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6)) * 2 - 1) * 12 / 255)
+    weights = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(7))
+    seen = []
+    for whole in (True, False):
+        batch._in_canonical_space = whole
+        d = delta.clone().requires_grad_(True)
+        out = batch.perturbed(d)
+        (out * weights).sum().backward()
+        seen.append((out.detach(), d.grad))
+    assert float((seen[0][0] - seen[1][0]).abs().max()) < 1e-5
+    assert float((seen[0][1] - seen[1][1]).norm() / seen[1][1].norm()) < 1e-3

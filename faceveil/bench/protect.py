@@ -8,6 +8,8 @@ For each preset (the CLI default, and TIP-IM with the paper's settings) it times
 and the floor: iterations x (forward + backward of every surrogate at its input size, same batch) on random crops —
 what the networks alone cost. ratio = measured / floor; the difference is warps, paste-back, 8-bit rounding,
 projection, and for TIP-IM the target search (its candidate passes are algorithmic cost, not overhead).
+Each repeat times the case and then its floor, back to back, and the ratio is the median of the repeats' ratios:
+this CPU's speed drifts by 10-20 % over minutes, which would bias a ratio of two medians taken minutes apart.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,6 @@ from faceveil.models import zoo
 from faceveil.protect import PhotoProtector, ProtectSettings
 
 BATCH_FACES = 16
-FLOOR_BLOCK = 5  # iterations per floor timing
 # A sample photo with four faces (no sample photo has exactly one): the photo's time is divided by its faces.
 BENCH_PHOTO = "sample6.jpg"
 
@@ -46,23 +48,33 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: int = 3) -> float:
-    """iterations x forward+backward of every surrogate on `batch` random crops at its input size."""
+def floor_timer(surrogates: list[str], batch: int, iterations: int) -> Callable[[], None]:
+    """A function running iterations x forward+backward of every surrogate on `batch` random crops at its input
+    size (warmed up once)."""
     gen = torch.Generator().manual_seed(0)
     models = [zoo.load(name) for name in surrogates]
     inputs = [torch.rand(batch, 3, m.spec.input_size, m.spec.input_size, generator=gen) for m in models]
 
-    def one_iteration() -> None:
-        for model, x in zip(models, inputs, strict=True):
-            xg = x.clone().requires_grad_(True)
-            model(xg).square().sum().backward()
+    def run() -> None:
+        for _ in range(iterations):
+            for model, x in zip(models, inputs, strict=True):
+                model(x.clone().requires_grad_(True)).square().sum().backward()
 
-    def block() -> None:  # several iterations per timing: one iteration alone is too short to time steadily
-        for _ in range(FLOOR_BLOCK):
-            one_iteration()
+    run()
+    return run
 
-    block()  # warm-up
-    return iterations * _median_seconds(block, repeats) / FLOOR_BLOCK
+
+def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: int = 3) -> float:
+    """iterations x forward+backward of every surrogate on `batch` random crops at its input size (median)."""
+    return _median_seconds(floor_timer(surrogates, batch, iterations), repeats)
+
+
+def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int) -> tuple[float, float, float]:
+    """(median case seconds, median floor seconds, median of the per-repeat ratios): each floor is timed right
+    after its case."""
+    pairs = [(_median_seconds(case, 1), _median_seconds(floor, 1)) for _ in range(repeats)]
+    return (statistics.median(c for c, _ in pairs), statistics.median(f for _, f in pairs),
+            statistics.median(c / f for c, f in pairs))
 
 
 def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -82,19 +94,18 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     photo = next(p for p in weights.sample_photos() if p.name == BENCH_PHOTO)
     item = BatchItem(path=photo, kind="image")
     faces = protector(item)["faces"]  # warm-up, and how many faces the photo has
-    rows = [{"preset": name, "case": "photo", "faces": faces,
-             "seconds_per_face": _median_seconds(lambda: protector(item), repeats) / faces,
-             "floor_seconds_per_face": floor_seconds(settings.surrogates, faces, iterations) / faces}]
+    cases = [("photo", faces, lambda: protector(item))]
     photos, marks = _sample_faces(protector.detector, BATCH_FACES)
     for size in (1, BATCH_FACES):
         batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
-        seconds = _median_seconds(lambda b=batch: protector.optimise(b), repeats)
-        rows.append({"preset": name, "case": f"optimise-{size}", "faces": size, "seconds_per_face": seconds / size,
-                     "floor_seconds_per_face": floor_seconds(settings.surrogates, size, iterations) / size})
-    for row in rows:
-        ratio = row["seconds_per_face"] / row["floor_seconds_per_face"]
-        row.update(method=settings.method, surrogates=settings.surrogates, iterations=iterations,
-                   eps=round(settings.attack.eps * 255, 2), ratio=ratio)
+        cases.append((f"optimise-{size}", size, lambda b=batch: protector.optimise(b)))
+    rows = []
+    for case, count, fn in cases:
+        seconds, floor, ratio = _paired(fn, floor_timer(settings.surrogates, count, iterations), repeats)
+        rows.append({"preset": name, "case": case, "faces": count, "seconds_per_face": seconds / count,
+                     "floor_seconds_per_face": floor / count, "method": settings.method,
+                     "surrogates": settings.surrogates, "iterations": iterations,
+                     "eps": round(settings.attack.eps * 255, 2), "ratio": ratio})
     return rows
 
 

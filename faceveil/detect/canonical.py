@@ -160,6 +160,11 @@ class RegionWarp:
         return F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def is_identity(m: torch.Tensor) -> bool:
+    """A 2x3 affine matrix that maps every pixel to itself."""
+    return bool(torch.allclose(m.to(torch.float64), torch.eye(2, 3, dtype=torch.float64), rtol=0, atol=1e-9))
+
+
 class BatchedRegionWarps:
     """Many faces' RegionWarps applied together: one grid_sample per group of faces whose warps read the same
     source size (its CPU kernel parallelises over the batch; one call per face runs on one thread and costs ~1.6x).
