@@ -167,9 +167,9 @@ class PhotoProtector:
         marks = [f.landmarks for f in faces]
         batch = from_photos([photo.rgb] * len(faces), marks, self.ensemble.geometries, "photos")
         delta, result = self.optimise(batch)
-        protected = photo.rgb
+        protected = photo.rgb.copy()  # the original array stays untouched; each face is pasted into this one copy
         for m, d in zip(marks, delta, strict=True):
-            protected = C.paste(protected, m, d)
+            C.paste_into(protected, m, d)
         seconds = time.perf_counter() - start
         write_image(dataclasses.replace(photo, rgb=protected), out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality,
                     keep_metadata=s.keep_metadata)

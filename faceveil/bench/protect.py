@@ -39,13 +39,10 @@ BATCH_FACES = 16
 BENCH_PHOTO = "sample6.jpg"
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def floor_timer(surrogates: list[str], batch: int, iterations: int) -> Callable[[], None]:
@@ -66,13 +63,14 @@ def floor_timer(surrogates: list[str], batch: int, iterations: int) -> Callable[
 
 def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: int = 3) -> float:
     """iterations x forward+backward of every surrogate on `batch` random crops at its input size (median)."""
-    return _median_seconds(floor_timer(surrogates, batch, iterations), repeats)
+    run = floor_timer(surrogates, batch, iterations)
+    return statistics.median(_seconds(run) for _ in range(repeats))
 
 
 def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int) -> tuple[float, float, float]:
     """(median case seconds, median floor seconds, median of the per-repeat ratios): each floor is timed right
     after its case."""
-    pairs = [(_median_seconds(case, 1), _median_seconds(floor, 1)) for _ in range(repeats)]
+    pairs = [(_seconds(case), _seconds(floor)) for _ in range(repeats)]
     return (statistics.median(c for c, _ in pairs), statistics.median(f for _, f in pairs),
             statistics.median(c / f for c, f in pairs))
 
