@@ -10,6 +10,7 @@ from pathlib import Path
 from faceveil.commands import register_all
 from faceveil.errors import FaceveilError
 from faceveil.report import add_report_flag
+from faceveil.runtime import keep_freed_memory
 
 
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
@@ -448,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except FaceveilError as exc:

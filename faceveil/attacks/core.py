@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from faceveil.attacks.diversity import input_diversity
-from faceveil.attacks.faces import FaceBatch
+from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
 from faceveil.attacks.norms import momentum_update, normalise_step, project, random_init
 from faceveil.detect import canonical as C
@@ -37,7 +37,7 @@ class Ensemble:
     def geometries(self) -> list[str]:
         return sorted({m.spec.geometry for m in self.models.values()})
 
-    def embed(self, batch: FaceBatch, regions: torch.Tensor, diversity: float = 0.0,
+    def embed(self, batch: FaceBatch, regions: Regions, diversity: float = 0.0,
               generator: torch.Generator | None = None, jitter: float = 0.0,
               transforms: tuple[str, ...] = ("resize",)) -> Embeddings:
         out = {}
@@ -124,7 +124,7 @@ class AttackConfig:
 
 Objective = Callable[[Embeddings, int], torch.Tensor]  # (embeddings, step) -> per-face loss [B], minimised
 # (perturbed regions [B,3,h,w], step) -> per-face loss [B], minimised: terms on the image itself (naturalness)
-ImageTerm = Callable[[torch.Tensor, int], torch.Tensor]
+ImageTerm = Callable[[Regions, int], torch.Tensor]
 StepHook = Callable[[int, torch.Tensor], None]  # (step, current delta)
 
 
@@ -179,7 +179,7 @@ def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, de
                   owner: torch.Tensor | None = None) -> torch.Tensor:
     """d(objective)/d(delta); with `owner`, delta is [M,...] and each mask's gradient sums over its faces."""
     d = delta.detach().requires_grad_(True)
-    regions = batch.perturbed(d if owner is None else d[owner])
+    regions = batch.pasted(d if owner is None else d[owner])
     emb = ensemble.embed(batch, regions, cfg.diversity, gen if cfg.diversity > 0 or cfg.jitter > 0 else None,
                          cfg.jitter, cfg.diversity_transforms)
     loss = objective(emb, step)
@@ -194,7 +194,7 @@ def loss_gradients(batch: FaceBatch, ensemble: Ensemble, objectives: list[Object
     """Gradients of several objectives at the same iterate, from one forward pass (no diversity): the
     activations are shared, only the backward passes differ (e.g. one per candidate target)."""
     d = delta.detach().requires_grad_(True)
-    emb = ensemble.embed(batch, batch.perturbed(d))
+    emb = ensemble.embed(batch, batch.pasted(d))
     grads = []
     for i, objective in enumerate(objectives):
         (grad,) = torch.autograd.grad(objective(emb, step).sum(), d, retain_graph=i < len(objectives) - 1)
@@ -212,7 +212,7 @@ def perturbed_embeddings(batch: FaceBatch, ensemble: Ensemble, delta: torch.Tens
     for start in range(0, len(batch), chunk):
         index = torch.arange(start, min(start + chunk, len(batch)))
         part = batch if len(index) == len(batch) else batch.take(index)
-        parts.append(ensemble.embed(part, part.perturbed(delta[index])))
+        parts.append(ensemble.embed(part, part.pasted(delta[index])))
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 

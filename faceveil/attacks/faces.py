@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from faceveil.detect import canonical as C
 from faceveil.detect.align import get_geometry, inverse_matrix, warp_matrix
+from faceveil.detect.paste_kernels import PasteChange, PasteTaps, SamplePasted
 
 # In photos mode, faces larger than canonical space are optimised on a downscaled copy of their region (at most
 # one region pixel per canonical pixel): every surrogate crop is coarser than canonical space (ArcFace-112 spans 174
@@ -33,6 +34,39 @@ from faceveil.detect.align import get_geometry, inverse_matrix, warp_matrix
 MAX_REGION_ZOOM = 1.0
 
 
+@dataclass(frozen=True)
+class PastedRegions:
+    """Perturbed regions held as their clean pixels plus what the paste changed in each face's window: sampling
+    reads both at once (a fused kernel), so the optimiser never assembles whole perturbed regions."""
+
+    clean: torch.Tensor  # [B,3,H,W]
+    change: torch.Tensor  # [B,3,h,w]: perturbed minus clean pixels of each face's window (top left), 0 elsewhere
+    corner: torch.Tensor  # [B,2] long: (u0, v0), where each window starts in its region
+
+    def sample(self, dst_to_region: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """`C.sample` of the perturbed regions."""
+        return SamplePasted.apply(self.clean, self.change, self.corner, dst_to_region, out_hw)
+
+
+@dataclass(frozen=True)
+class PasteGroup:
+    """Faces whose paste reads the same source size: what the paste kernel needs of them, built once per batch."""
+
+    small: int | None  # the low-pass side of their canonical perturbation (None: full size)
+    faces: torch.Tensor  # [G] their indices in the batch
+    taps: PasteTaps  # where each window pixel reads the source
+    clean: torch.Tensor  # [G,3,h,w]: each clean window at the top left, zeros around it
+
+
+Regions = torch.Tensor | PastedRegions  # [B,3,H,W] pixels, or the same as clean pixels + pasted change
+
+
+def sample_regions(regions: Regions, dst_to_region: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    if isinstance(regions, PastedRegions):
+        return regions.sample(dst_to_region, out_hw)
+    return C.sample(regions, dst_to_region, out_hw)
+
+
 @dataclass
 class FaceBatch:
     regions: torch.Tensor  # [B,3,h,w] clean pixels in [0,1] (zero-padded to a common size)
@@ -45,6 +79,7 @@ class FaceBatch:
     _face_warps: list[C.RegionWarp] | None = field(default=None, repr=False, compare=False)
     _region_warps: C.BatchedRegionWarps | None = field(default=None, init=False, repr=False, compare=False)
     _in_canonical_space: bool | None = field(default=None, init=False, repr=False, compare=False)
+    _paste_groups: list[PasteGroup] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.regions.shape[0]
@@ -92,7 +127,45 @@ class FaceBatch:
             faces.append(_with_window(region, window, u0, v0))
         return torch.cat(faces)
 
-    def crops(self, regions: torch.Tensor, geometry: str, jitter: float = 0.0,
+    def pasted(self, delta: torch.Tensor) -> Regions:
+        """`perturbed`, as the optimiser needs it: in photos mode the same pixels as PastedRegions, computed by
+        the fused paste kernel on the faces' windows only; in canonical space (crops mode) the regions themselves."""
+        if self.in_canonical_space or not self.quantise:
+            return self.perturbed(delta)
+        masked = delta * self.mask
+        parts, order = [], []
+        for group in self.paste_groups:
+            whole = len(group.faces) == len(self)
+            src = C.low_pass(masked if whole else masked[group.faces], group.small)
+            parts.append(PasteChange.apply(src.contiguous(), group.taps, group.clean))
+            order.append(group.faces)
+        change = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.cat(order))]
+        return PastedRegions(self.regions, change, self.window_corners)
+
+    @property
+    def paste_groups(self) -> list[PasteGroup]:
+        """The faces grouped by the source size their paste reads (see C.warp_groups), each face's clean window at
+        the top left of a zero plane of the batch's largest window size."""
+        if self._paste_groups is None:
+            warps = self.face_warps
+            h = max(w.window[3] - w.window[1] for w in warps)
+            w_ = max(w.window[2] - w.window[0] for w in warps)
+            self._paste_groups = []
+            for small, index in C.warp_groups(warps):
+                clean = self.regions.new_zeros(len(index), 3, h, w_)
+                for j, i in enumerate(index):
+                    u0, v0, u1, v1 = warps[i].window
+                    clean[j, :, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1]
+                taps = PasteTaps.from_grids([warps[i].grid for i in index], small or C.CANONICAL_SIZE, (h, w_))
+                self._paste_groups.append(PasteGroup(small, torch.tensor(index), taps, clean))
+        return self._paste_groups
+
+    @property
+    def window_corners(self) -> torch.Tensor:
+        """[B,2] long: where each face's paste window starts in its region (u0, v0)."""
+        return torch.tensor([w.window[:2] for w in self.face_warps], dtype=torch.long)
+
+    def crops(self, regions: Regions, geometry: str, jitter: float = 0.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """Each face's crop for a geometry; with `jitter` > 0, through a random similarity of about that many crop
         pixels (shift, and rotation/scale moving the crop's edge that far): the alignment error a re-detection or
@@ -101,7 +174,7 @@ class FaceBatch:
         matrices = self.crop_to_region[geometry]
         if jitter > 0 and generator is not None:
             matrices = C.compose(matrices, alignment_jitter(len(self), size, jitter, generator))
-        return C.sample(regions, matrices, (size, size))
+        return sample_regions(regions, matrices, (size, size))
 
     def take(self, index: torch.Tensor) -> FaceBatch:
         """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair."""
@@ -109,9 +182,9 @@ class FaceBatch:
         return FaceBatch(self.regions[index], self.canonical_to_region[index],
                          {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask, warps)
 
-    def canonical(self, regions: torch.Tensor) -> torch.Tensor:
+    def canonical(self, regions: Regions) -> torch.Tensor:
         """Canonical-space images [B,3,256,256] of (perturbed) regions, differentiably."""
-        return C.sample(regions, self.canonical_to_region, (C.CANONICAL_SIZE, C.CANONICAL_SIZE))
+        return sample_regions(regions, self.canonical_to_region, (C.CANONICAL_SIZE, C.CANONICAL_SIZE))
 
 
 def _with_window(region: torch.Tensor, window: torch.Tensor, u0: int, v0: int) -> torch.Tensor:

@@ -155,7 +155,7 @@ class RegionWarp:
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """[B,C,256,256] -> the window of the region [B,C,v1-v0,u1-u0]."""
-        delta = _low_pass(delta, self.small)
+        delta = low_pass(delta, self.small)
         grid = self.grid.expand(delta.shape[0], *self.grid.shape[1:])
         return F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -175,8 +175,7 @@ class BatchedRegionWarps:
     def __init__(self, warps: list[RegionWarp]):
         self.windows = [w.window for w in warps]
         self.groups: list[tuple[int | None, torch.Tensor, torch.Tensor]] = []
-        for small in dict.fromkeys(w.small for w in warps):
-            index = [i for i, w in enumerate(warps) if w.small == small]
+        for small, index in warp_groups(warps):
             h = max(warps[i].grid.shape[1] for i in index)
             w_ = max(warps[i].grid.shape[2] for i in index)
             grid = torch.full((len(index), h, w_, 2), self._OUTSIDE, dtype=warps[index[0]].grid.dtype)
@@ -189,7 +188,7 @@ class BatchedRegionWarps:
         """[B,C,256,256] (one per warp) -> each face's region window [1,C,v1-v0,u1-u0]."""
         out: list[torch.Tensor | None] = [None] * len(self.windows)
         for small, index, grid in self.groups:
-            src = _low_pass(delta if len(index) == len(delta) else delta[index], small)  # index_select: linear
+            src = low_pass(delta if len(index) == len(delta) else delta[index], small)  # index_select: linear
             sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             for face, one in zip(index.tolist(), sampled.split(1), strict=True):
                 u0, v0, u1, v1 = self.windows[face]
@@ -197,7 +196,13 @@ class BatchedRegionWarps:
         return out  # type: ignore[return-value]
 
 
-def _low_pass(delta: torch.Tensor, small: int | None) -> torch.Tensor:
+def warp_groups(warps: list[RegionWarp]) -> list[tuple[int | None, list[int]]]:
+    """(low-pass size, the warps' indices) for each source size the warps read, in order of first use."""
+    sizes = dict.fromkeys(w.small for w in warps)
+    return [(small, [i for i, w in enumerate(warps) if w.small == small]) for small in sizes]
+
+
+def low_pass(delta: torch.Tensor, small: int | None) -> torch.Tensor:
     """The canonical tensors resized (antialiased) to the side a shrinking warp reads them at; as they are if None."""
     if small is None:
         return delta
@@ -212,7 +217,7 @@ def _prepare_warp(delta: torch.Tensor, canonical_to_photo: torch.Tensor, x0: int
     if scale < 0.95:
         small = max(8, round(delta.shape[-1] * scale))
         k = delta.shape[-1] / small
-        delta = _low_pass(delta, small)
+        delta = low_pass(delta, small)
         # small pixel p <-> canonical pixel (p + 0.5) k - 0.5
         m = compose(m, torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64))
     region_to_src = compose(inverse_matrix(m), torch.tensor([[1.0, 0, x0], [0, 1.0, y0]], dtype=torch.float64))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from faceveil.apf.networks import APF_GRID, ApfServerModel, canonical_from_grid
 from faceveil.attacks.core import AttackConfig, Embeddings, Ensemble, clean_embeddings, ensemble_distance, run_attack
 from faceveil.attacks.diversity import APF_DI_TRANSFORMS
-from faceveil.attacks.faces import FaceBatch
+from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.errors import FaceveilError
 
 GRADIENT_ALGORITHMS = ("fgsm", "i-fgsm", "mi-fgsm", "di2-fgsm", "m-di2-fgsm")
@@ -86,6 +86,9 @@ class GridFaceBatch(FaceBatch):
 
     def perturbed(self, delta: torch.Tensor) -> torch.Tensor:
         return super().perturbed(canonical_from_grid(delta))
+
+    def pasted(self, delta: torch.Tensor) -> Regions:
+        return super().pasted(canonical_from_grid(delta))
 
     def take(self, index: torch.Tensor) -> GridFaceBatch:
         return on_grid(super().take(index))

@@ -53,7 +53,7 @@ from faceveil.attacks.core import (
     run_attack,
 )
 from faceveil.attacks.diversity import projective_views, random_homographies
-from faceveil.attacks.faces import FaceBatch
+from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import gaussian_mmd
 from faceveil.detect import canonical as C
 from faceveil.methods.targets import DEFAULT_MAX_TARGETS, FaceTargets, TargetedResult, TargetSet
@@ -188,17 +188,17 @@ class MMDNaturalness:
         with torch.no_grad():
             self.noise_mmd = self.mmd(batch.perturbed(noise)).clamp_min(1e-12)
 
-    def mmd(self, regions: torch.Tensor) -> torch.Tensor:
+    def mmd(self, regions: Regions) -> torch.Tensor:
         fake = self.views(regions)
         return torch.stack([gaussian_mmd(fake[b], self.real[b]) for b in range(len(fake))])
 
-    def views(self, regions: torch.Tensor) -> torch.Tensor:
+    def views(self, regions: Regions) -> torch.Tensor:
         # the face area (the perturbation mask's square) fills each view before the random warp
         extent = C.MASK_HALF_SIDE / (C.CANONICAL_SIZE / 2)
         return projective_views(self.batch.canonical(regions), self.homographies, MMD_VIEW_SIZE, extent,
                                 self.brightness)
 
-    def __call__(self, regions: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, regions: Regions, step: int) -> torch.Tensor:
         return self.gamma * self.mmd(regions) / self.noise_mmd
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from faceveil.errors import FaceveilError
 from faceveil.models.loaders.fx_common import f32, to_channels_last
+from faceveil.models.prelu import PReLU
 
 __all__ = ["load_onnx", "OnnxConversionError"]
 
@@ -189,9 +190,7 @@ def _prelu(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     trailing = slope.shape[-2:] if slope.ndim >= 3 else ()
     per_channel = slope.ndim >= 3 and trailing == (1, 1) and slope.size == slope.shape[-3]
     if slope.size == 1 or per_channel:  # one slope, or (C, 1, 1) broadcast over NCHW: a real nn.PReLU
-        prelu = nn.PReLU(slope.size)
-        prelu.weight.data = f32(slope.reshape(-1))
-        return b._module("prelu", prelu, x)
+        return b._module("prelu", PReLU(f32(slope)), x)
     neg = b.graph.call_function(torch.mul, (x, b._value(node.input[1])))
     return b.graph.call_function(torch.where, (b.graph.call_function(operator.gt, (x, 0.0)), x, neg))
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceveil.errors import FaceveilError
+from faceveil.models.prelu import prelu
 
 INF = math.inf
 _NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -278,7 +279,7 @@ class _PRelu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
-            return F.prelu(x, self.alpha)
+            return prelu(x, self.alpha)
         return torch.where(x > 0, x, x * self.alpha)
 
 

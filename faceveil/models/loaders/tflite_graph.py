@@ -29,6 +29,7 @@ from torch import nn
 
 from faceveil.errors import FaceveilError
 from faceveil.models.loaders.fx_common import f32, to_channels_last
+from faceveil.models.prelu import PReLU
 
 __all__ = ["load_tflite", "TfliteConversionError"]
 
@@ -210,9 +211,7 @@ class _Builder:
         return node if code == tflite.ActivationFunctionType.NONE else self.module("act", make(), node)
 
     def _emit_prelu(self, x: int, slope: np.ndarray, out: int) -> None:
-        prelu = nn.PReLU(slope.size)
-        prelu.weight.data = f32(2.0 * slope.astype(np.float32).reshape(-1))
-        self.env[out] = self.module("prelu", prelu, self._value(x))
+        self.env[out] = self.module("prelu", PReLU(f32(2.0 * slope.astype(np.float32))), self._value(x))
 
 
 def _options(op: _Op, cls: type) -> Any:
@@ -371,9 +370,7 @@ def _prelu(b: _Builder, op: _Op) -> fx.Node:
     channels = b.shape(op.inputs[0])[-1]
     x = b._value(op.inputs[0])
     if slope.size in (1, channels) and slope.shape[-1:] in ((), (1,), (channels,)):
-        prelu = nn.PReLU(slope.size)
-        prelu.weight.data = f32(slope.reshape(-1))
-        return b.module("prelu", prelu, x)
+        return b.module("prelu", PReLU(f32(slope)), x)
     neg = b.graph.call_function(torch.mul, (x, b._value(op.inputs[1], len(b.shape(op.inputs[0])))))
     return b.graph.call_function(torch.where, (b.graph.call_function(operator.gt, (x, 0.0)), x, neg))
 

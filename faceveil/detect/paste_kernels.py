@@ -1,0 +1,223 @@
+"""The optimiser's paste-back and crop sampling as fused CPU kernels (forward and backward), for photos mode.
+
+What they compute is `FaceBatch.perturbed` followed by `canonical.sample`: each face's canonical perturbation
+bilinearly warped into its window of the photo region (zeros outside the source, as grid_sample), added to the
+clean pixels, clipped to [0, 1] and rounded to 8 bits with a straight-through gradient; then every model's crop
+bilinearly sampled from the perturbed region. With torch ops that is a dozen passes over every window per iteration
+plus grid_sample's scatter backward, twice: more than the surrogate networks themselves cost on a batch of faces.
+Here the paste is one pass forward and one backward, and a crop reads the clean region and the change at once.
+The paste's taps are computed once per batch (its warp is fixed); a crop's, whose jitter changes every iteration,
+where they are used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from faceveil.jit import as_array, parallel_kernel, use_torch_threads
+
+
+@dataclass(frozen=True)
+class PasteTaps:
+    """Where each window pixel reads its source (a canonical perturbation, maybe low-passed, [S,S]): the top-left
+    of a 2x2 block (flat index, kept inside the plane) and the block's separable bilinear weights, zero for taps
+    that grid_sample would read outside the source and beyond each face's window. Built once per batch from the
+    paste grids, with grid_sample's float32 arithmetic: the optimiser's view matches the saved paste's to 1e-5."""
+
+    offset: torch.Tensor  # [G,h,w] int32: y * S + x of the block's top-left pixel
+    weight_x: torch.Tensor  # [G,h,w,2] float32: the block's left and right columns
+    weight_y: torch.Tensor  # [G,h,w,2] float32: its top and bottom rows
+    window_hw: torch.Tensor  # [G,2] int64: each face's window (h_i, w_i); the rest of [h, w] changes nothing
+
+    @classmethod
+    def from_grids(cls, grids: list[torch.Tensor], size: int, hw: tuple[int, int]) -> PasteTaps:
+        """One grid [1,h_i,w_i,2] per face (F.grid_sample's normalised coordinates into [S,S] sources), each
+        placed at the top left of [h, w]."""
+        offset = torch.zeros(len(grids), *hw, dtype=torch.int32)
+        weight_x = torch.zeros(len(grids), *hw, 2)
+        weight_y = torch.zeros(len(grids), *hw, 2)
+        for i, grid in enumerate(grids):
+            h, w = grid.shape[1:3]
+            x, weight_x[i, :h, :w] = _axis_taps(grid[0, ..., 0], size)
+            y, weight_y[i, :h, :w] = _axis_taps(grid[0, ..., 1], size)
+            offset[i, :h, :w] = (y * size + x).to(torch.int32)
+        return cls(offset, weight_x, weight_y, torch.tensor([g.shape[1:3] for g in grids], dtype=torch.int64))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.offset.numpy(), self.weight_x.numpy(), self.weight_y.numpy(), self.window_hw.numpy()
+
+
+def _axis_taps(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first pixel of the 2-pixel block, its two weights [...,2]) along one axis."""
+    pixel = ((coordinate + 1) * size - 1) / 2  # grid_sample's unnormalisation (align_corners=False), float32
+    low = torch.floor(pixel)
+    frac = pixel - low
+    low = low.to(torch.int64)
+    first = low.clamp(0, size - 2)
+    weights = torch.zeros(*coordinate.shape, 2)
+    for tap, w in ((low, 1 - frac), (low + 1, frac)):
+        for slot in range(2):  # the tap lands in slot `tap - first` of the block, if it is a real pixel
+            weights[..., slot] += torch.where((tap - first == slot) & (tap >= 0) & (tap < size), w, 0)
+    return first, weights
+
+
+@parallel_kernel
+def _paste_forward(src, offset, weight_x, weight_y, window_hw, clean, change, inside):
+    """change = round8(clip(clean + warp(src))) - clean; inside = clean + warp(src) within [0, 1], on each face's
+    window; change and inside 0 beyond it. src [G,C,S,S]; clean, change [G,C,h,w]; inside uint8 [G,C,h,w]."""
+    groups, channels, size = src.shape[0], src.shape[1], src.shape[2]
+    h = clean.shape[2]
+    zero, one, levels = np.float32(0), np.float32(1), np.float32(255)
+    for task in numba.prange(groups * channels * h):
+        g = task // (channels * h)
+        c = task // h - g * channels
+        v = task - (g * channels + c) * h
+        plane = src[g, c].reshape(size * size)
+        at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
+        before, out, ok = clean[g, c, v], change[g, c, v], inside[g, c, v]
+        w = window_hw[g, 1] if v < window_hw[g, 0] else 0
+        out[w:] = 0
+        ok[w:] = 0
+        for u in range(w):
+            o = at[u]
+            top = wx[u, 0] * plane[o] + wx[u, 1] * plane[o + 1]
+            bottom = wx[u, 0] * plane[o + size] + wx[u, 1] * plane[o + size + 1]
+            pixel = before[u] + (wy[u, 0] * top + wy[u, 1] * bottom)
+            ok[u] = (pixel >= zero) & (pixel <= one)
+            out[u] = np.rint(min(max(pixel, zero), one) * levels) / levels - before[u]
+
+
+@parallel_kernel
+def _paste_backward(grad_change, offset, weight_x, weight_y, window_hw, inside, grad_src):
+    """The adjoint of the warp, through clip (zero gradient outside [0, 1]) and rounding (straight through). Each
+    task owns one (face, channel) plane of grad_src [G,C,S,S] (zeroed): no two threads add to the same pixel."""
+    groups, channels, size = grad_src.shape[0], grad_src.shape[1], grad_src.shape[2]
+    for task in numba.prange(groups * channels):
+        g = task // channels
+        c = task - g * channels
+        plane = grad_src[g, c].reshape(size * size)
+        h, w = window_hw[g, 0], window_hw[g, 1]
+        for v in range(h):
+            at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
+            grad, ok = grad_change[g, c, v], inside[g, c, v]
+            for u in range(w):
+                if not ok[u]:
+                    continue
+                o = at[u]
+                top, bottom = wy[u, 0] * grad[u], wy[u, 1] * grad[u]
+                plane[o] += wx[u, 0] * top
+                plane[o + 1] += wx[u, 1] * top
+                plane[o + size] += wx[u, 0] * bottom
+                plane[o + size + 1] += wx[u, 1] * bottom
+
+
+class PasteChange(torch.autograd.Function):
+    """(src [G,C,S,S]: canonical perturbations, masked and low-passed; their PasteTaps; clean windows [G,C,h,w]) ->
+    what pasting src changes in each window [G,C,h,w], 8-bit rounded; the gradient flows to src."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, taps: PasteTaps, clean: torch.Tensor) -> torch.Tensor:
+        use_torch_threads()
+        change = torch.empty_like(clean)
+        inside = torch.empty(clean.shape, dtype=torch.uint8)
+        _paste_forward(as_array(src), *taps.arrays(), as_array(clean), change.numpy(), inside.numpy())
+        ctx.save_for_backward(inside)
+        ctx.taps, ctx.src_shape = taps, src.shape
+        return change
+
+    @staticmethod
+    def backward(ctx, grad_change: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        use_torch_threads()
+        grad_src = torch.zeros(ctx.src_shape, dtype=grad_change.dtype)
+        _paste_backward(as_array(grad_change), *ctx.taps.arrays(), inside.numpy(), grad_src.numpy())
+        return grad_src, None, None
+
+
+@parallel_kernel
+def _sample_forward(clean, change, corner, dst_to_region, out):
+    """out = bilinear samples of (clean + change) at dst_to_region @ (u, v, 1), zeros outside the region;
+    change [B,C,h,w] is the region's window starting at corner[b] = (u0, v0), zero beyond it."""
+    batch, channels, height, width = clean.shape
+    h, w = change.shape[2], change.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    one = np.float32(1)
+    for task in numba.prange(batch * oh):
+        b = task // oh
+        v = task - b * oh
+        u0, v0, m = corner[b, 0], corner[b, 1], dst_to_region[b]
+        for u in range(ow):
+            x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+            y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+            x0, y0 = math.floor(x), math.floor(y)
+            fx, fy = np.float32(x - x0), np.float32(y - y0)
+            for c in range(channels):
+                value = np.float32(0)
+                for ty in range(y0, y0 + 2):
+                    if ty < 0 or ty >= height:
+                        continue
+                    weight_y = fy if ty > y0 else one - fy
+                    for tx in range(x0, x0 + 2):
+                        if tx < 0 or tx >= width:
+                            continue
+                        pixel = clean[b, c, ty, tx]
+                        if 0 <= ty - v0 < h and 0 <= tx - u0 < w:
+                            pixel += change[b, c, ty - v0, tx - u0]
+                        value += weight_y * (fx if tx > x0 else one - fx) * pixel
+                out[b, c, v, u] = value
+
+
+@parallel_kernel
+def _sample_backward(grad_out, corner, dst_to_region, grad_change):
+    """The adjoint of `_sample_forward` for change, scattered into grad_change [B,C,h,w] (zeroed) one
+    (face, channel) plane per task (taps outside the window carry no gradient: change is zero there)."""
+    batch, channels, oh, ow = grad_out.shape
+    h, w = grad_change.shape[2], grad_change.shape[3]
+    one = np.float32(1)
+    for task in numba.prange(batch * channels):
+        b = task // channels
+        c = task - b * channels
+        m, plane = dst_to_region[b], grad_change[b, c]
+        # dst -> window pixel: the region -> window shift folded into the translation
+        m02, m12 = m[0, 2] - corner[b, 0], m[1, 2] - corner[b, 1]
+        for v in range(oh):
+            for u in range(ow):
+                x = m[0, 0] * u + m[0, 1] * v + m02
+                y = m[1, 0] * u + m[1, 1] * v + m12
+                x0, y0 = math.floor(x), math.floor(y)
+                if x0 < -1 or x0 >= w or y0 < -1 or y0 >= h:
+                    continue
+                fx, fy = np.float32(x - x0), np.float32(y - y0)
+                for ty in range(max(y0, 0), min(y0 + 2, h)):
+                    grad = grad_out[b, c, v, u] * (fy if ty > y0 else one - fy)
+                    for tx in range(max(x0, 0), min(x0 + 2, w)):
+                        plane[ty, tx] += grad * (fx if tx > x0 else one - fx)
+
+
+class SamplePasted(torch.autograd.Function):
+    """Crops [B,C,oh,ow] of perturbed regions (clean [B,C,H,W] plus change [B,C,h,w] at corner [B,2]) through
+    dst -> region pixel matrices [B,2,3]: `canonical.sample` of the pasted regions; the gradient flows to change."""
+
+    @staticmethod
+    def forward(ctx, clean: torch.Tensor, change: torch.Tensor, corner: torch.Tensor, dst_to_region: torch.Tensor,
+                out_hw: tuple[int, int]) -> torch.Tensor:
+        use_torch_threads()
+        out = torch.empty(clean.shape[0], clean.shape[1], *out_hw, dtype=clean.dtype)
+        dst_to_region = dst_to_region.to(torch.float64).contiguous()
+        _sample_forward(as_array(clean), as_array(change), corner.numpy(), dst_to_region.numpy(), out.numpy())
+        ctx.save_for_backward(corner, dst_to_region)
+        ctx.change_shape = change.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        corner, dst_to_region = ctx.saved_tensors
+        use_torch_threads()
+        grad_change = torch.zeros(ctx.change_shape, dtype=grad_out.dtype)
+        _sample_backward(as_array(grad_out), corner.numpy(), dst_to_region.numpy(), grad_change.numpy())
+        return None, grad_change, None, None, None
