@@ -156,7 +156,7 @@ class FaceBatch:
                 for j, i in enumerate(index):
                     u0, v0, u1, v1 = warps[i].window
                     clean[j, :, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1]
-                taps = PasteTaps.from_grids([warps[i].grid for i in index], small or C.CANONICAL_SIZE, (h, w_))
+                taps = PasteTaps.from_warps([warps[i] for i in index], small or C.CANONICAL_SIZE, (h, w_))
                 self._paste_groups.append(PasteGroup(small, torch.tensor(index), taps, clean))
         return self._paste_groups
 
@@ -240,6 +240,8 @@ def _face_region(photo: np.ndarray, marks: np.ndarray, mode: str):
         k = MAX_REGION_ZOOM / zoom
         size = (max(1, round(region.shape[1] * k)), max(1, round(region.shape[2] * k)))
         region = F.interpolate(region[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        # 8-bit like every other region (and the saved photo): then a paste value below _NO_CHANGE changes no pixel
+        region = region.mul(255).round_().div_(255)
         down = torch.tensor([[k, 0, 0.5 * k - 0.5], [0, k, 0.5 * k - 0.5]], dtype=torch.float64)
         to_region = C.compose(down, to_region)
         marks = (marks + 0.5) * k - 0.5

@@ -139,6 +139,9 @@ class RegionWarp:
     small: int | None  # side of the low-pass copy of the canonical tensor, or None when the warp does not shrink
     grid: torch.Tensor  # [1,v1-v0,u1-u0,2] F.grid_sample grid into the (low-passed) canonical tensor
     window: tuple[int, int, int, int]  # (u0, v0, u1, v1) of the region that `grid` covers
+    # with a support: per window row, the columns [start, stop) where the warped support exceeds _NO_CHANGE (the
+    # support is convex: one span per row). A tilted face's window is its bounding box; these are its rows.
+    row_spans: torch.Tensor | None = None  # [v1-v0, 2] int32
 
     @classmethod
     def make(cls, canonical_to_photo: torch.Tensor, box: tuple[int, int, int, int], size: int = CANONICAL_SIZE,
@@ -151,13 +154,24 @@ class RegionWarp:
         if support is not None:
             window = _changing_window(src, region_to_src, out_hw) or (0, 0, 0, 0)
         grid = _window_grid(_theta(src, region_to_src[None], out_hw), out_hw, window)
-        return cls(src.shape[-1] if src.shape[-1] != size else None, grid, window)
+        spans = None if support is None else _row_spans(F.grid_sample(src, grid, align_corners=False)[0, 0])
+        return cls(src.shape[-1] if src.shape[-1] != size else None, grid, window, spans)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         """[B,C,256,256] -> the window of the region [B,C,v1-v0,u1-u0]."""
         delta = low_pass(delta, self.small)
         grid = self.grid.expand(delta.shape[0], *self.grid.shape[1:])
         return F.grid_sample(delta, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _row_spans(warped_support: torch.Tensor) -> torch.Tensor:
+    """[h, 2] int32: per row, the columns [start, stop) where the warped support [h, w] exceeds _NO_CHANGE
+    (everything between the first and the last such column); (0, 0) for a row with none."""
+    active = warped_support > _NO_CHANGE
+    columns = torch.arange(active.shape[1])
+    start = torch.where(active, columns, active.shape[1]).amin(dim=1)
+    stop = torch.where(active, columns + 1, 0).amax(dim=1)
+    return torch.stack([start.clamp(max=stop), stop], dim=1).to(torch.int32)
 
 
 def is_identity(m: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 import torch
 
+from faceveil.detect.canonical import RegionWarp
 from faceveil.jit import as_array, parallel_kernel, use_torch_threads
 
 
@@ -32,24 +33,27 @@ class PasteTaps:
     offset: torch.Tensor  # [G,h,w] int32: y * S + x of the block's top-left pixel
     weight_x: torch.Tensor  # [G,h,w,2] float32: the block's left and right columns
     weight_y: torch.Tensor  # [G,h,w,2] float32: its top and bottom rows
-    window_hw: torch.Tensor  # [G,2] int64: each face's window (h_i, w_i); the rest of [h, w] changes nothing
+    row_spans: torch.Tensor  # [G,h,2] int32: per window row, the columns the paste can change (RegionWarp)
 
     @classmethod
-    def from_grids(cls, grids: list[torch.Tensor], size: int, hw: tuple[int, int]) -> PasteTaps:
-        """One grid [1,h_i,w_i,2] per face (F.grid_sample's normalised coordinates into [S,S] sources), each
-        placed at the top left of [h, w]."""
-        offset = torch.zeros(len(grids), *hw, dtype=torch.int32)
-        weight_x = torch.zeros(len(grids), *hw, 2)
-        weight_y = torch.zeros(len(grids), *hw, 2)
-        for i, grid in enumerate(grids):
-            h, w = grid.shape[1:3]
-            x, weight_x[i, :h, :w] = _axis_taps(grid[0, ..., 0], size)
-            y, weight_y[i, :h, :w] = _axis_taps(grid[0, ..., 1], size)
+    def from_warps(cls, warps: list[RegionWarp], size: int, hw: tuple[int, int]) -> PasteTaps:
+        """Each face's paste (its grid [1,h_i,w_i,2] into [S,S] sources, F.grid_sample's normalised coordinates,
+        and its row spans) placed at the top left of [h, w]."""
+        offset = torch.zeros(len(warps), *hw, dtype=torch.int32)
+        weight_x = torch.zeros(len(warps), *hw, 2)
+        weight_y = torch.zeros(len(warps), *hw, 2)
+        spans = torch.zeros(len(warps), hw[0], 2, dtype=torch.int32)
+        for i, warp in enumerate(warps):
+            grid = warp.grid[0]
+            h, w = grid.shape[:2]
+            x, weight_x[i, :h, :w] = _axis_taps(grid[..., 0], size)
+            y, weight_y[i, :h, :w] = _axis_taps(grid[..., 1], size)
             offset[i, :h, :w] = (y * size + x).to(torch.int32)
-        return cls(offset, weight_x, weight_y, torch.tensor([g.shape[1:3] for g in grids], dtype=torch.int64))
+            spans[i, :h] = torch.tensor([[0, w]], dtype=torch.int32) if warp.row_spans is None else warp.row_spans
+        return cls(offset, weight_x, weight_y, spans)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.offset.numpy(), self.weight_x.numpy(), self.weight_y.numpy(), self.window_hw.numpy()
+        return self.offset.numpy(), self.weight_x.numpy(), self.weight_y.numpy(), self.row_spans.numpy()
 
 
 def _axis_taps(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +71,10 @@ def _axis_taps(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch
 
 
 @parallel_kernel
-def _paste_forward(src, offset, weight_x, weight_y, window_hw, clean, change, inside):
-    """change = round8(clip(clean + warp(src))) - clean; inside = clean + warp(src) within [0, 1], on each face's
-    window; change and inside 0 beyond it. src [G,C,S,S]; clean, change [G,C,h,w]; inside uint8 [G,C,h,w]."""
+def _paste_forward(src, offset, weight_x, weight_y, row_spans, clean, change, inside):
+    """change = round8(clip(clean + warp(src))) - clean; inside = clean + warp(src) within [0, 1], on each row's
+    span, 0 beyond it (the masked perturbation is below _NO_CHANGE there: with 8-bit clean pixels, as FaceBatch's
+    regions are, it changes none). src [G,C,S,S]; clean, change [G,C,h,w]; inside uint8 [G,C,h,w]."""
     groups, channels, size = src.shape[0], src.shape[1], src.shape[2]
     h = clean.shape[2]
     zero, one, levels = np.float32(0), np.float32(1), np.float32(255)
@@ -80,10 +85,12 @@ def _paste_forward(src, offset, weight_x, weight_y, window_hw, clean, change, in
         plane = src[g, c].reshape(size * size)
         at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
         before, out, ok = clean[g, c, v], change[g, c, v], inside[g, c, v]
-        w = window_hw[g, 1] if v < window_hw[g, 0] else 0
-        out[w:] = 0
-        ok[w:] = 0
-        for u in range(w):
+        start, stop = row_spans[g, v, 0], row_spans[g, v, 1]
+        out[:start] = 0  # beyond the span the paste changes no (8-bit) pixel
+        ok[:start] = 0
+        out[stop:] = 0
+        ok[stop:] = 0
+        for u in range(start, stop):
             o = at[u]
             top = wx[u, 0] * plane[o] + wx[u, 1] * plane[o + 1]
             bottom = wx[u, 0] * plane[o + size] + wx[u, 1] * plane[o + size + 1]
@@ -93,7 +100,7 @@ def _paste_forward(src, offset, weight_x, weight_y, window_hw, clean, change, in
 
 
 @parallel_kernel
-def _paste_backward(grad_change, offset, weight_x, weight_y, window_hw, inside, grad_src):
+def _paste_backward(grad_change, offset, weight_x, weight_y, row_spans, inside, grad_src):
     """The adjoint of the warp, through clip (zero gradient outside [0, 1]) and rounding (straight through). Each
     task owns one (face, channel) plane of grad_src [G,C,S,S] (zeroed): no two threads add to the same pixel."""
     groups, channels, size = grad_src.shape[0], grad_src.shape[1], grad_src.shape[2]
@@ -101,11 +108,10 @@ def _paste_backward(grad_change, offset, weight_x, weight_y, window_hw, inside, 
         g = task // channels
         c = task - g * channels
         plane = grad_src[g, c].reshape(size * size)
-        h, w = window_hw[g, 0], window_hw[g, 1]
-        for v in range(h):
+        for v in range(grad_change.shape[2]):
             at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
             grad, ok = grad_change[g, c, v], inside[g, c, v]
-            for u in range(w):
+            for u in range(row_spans[g, v, 0], row_spans[g, v, 1]):
                 if not ok[u]:
                     continue
                 o = at[u]
