@@ -20,6 +20,11 @@ def parallel_kernel(fn: Callable) -> Callable:
     return numba.njit(parallel=True, cache=True, nogil=True)(fn)
 
 
+def kernel(fn: Callable) -> Callable:
+    """A numba-compiled helper that kernels call (inlined into them)."""
+    return numba.njit(cache=True, inline="always")(fn)
+
+
 def use_torch_threads() -> None:
     """Run numba's parallel loops on torch's thread count (the user's --threads, or the cores)."""
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

@@ -9,6 +9,7 @@ gradient alone, in one pass; a slope that requires a gradient falls back to F.pr
 from __future__ import annotations
 
 import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,10 +37,14 @@ def prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
 
 @parallel_kernel
 def _input_gradient_channels_last(x, grad, slope, out):
-    """out = grad where x > 0, else slope[c] * grad; arrays [pixels, C] (channels last), slope [C]."""
-    for p in numba.prange(x.shape[0]):
-        for c in range(x.shape[1]):
-            out[p, c] = grad[p, c] if x[p, c] > 0 else slope[c] * grad[p, c]
+    """out = grad where x > 0, else slope[c] * grad; arrays [pixels, C] (channels last), slope [C]; 64 pixels
+    per task (a task per pixel costs more to schedule than its work)."""
+    pixels, channels = x.shape
+    one = np.float32(1)
+    for block in numba.prange((pixels + 63) // 64):
+        for p in range(block * 64, min(pixels, block * 64 + 64)):
+            for c in range(channels):
+                out[p, c] = grad[p, c] * (one if x[p, c] > 0 else slope[c])
 
 
 @parallel_kernel
