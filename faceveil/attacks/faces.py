@@ -50,12 +50,22 @@ class PastedRegions:
 
 @dataclass(frozen=True)
 class PasteGroup:
-    """Faces whose paste reads the same source size: what the paste kernel needs of them, built once per batch."""
+    """Faces whose paste reads the same source size: what the paste kernel needs of them, built once per batch and
+    shared (by `rows`) with every batch taken from it."""
 
     small: int | None  # the low-pass side of their canonical perturbation (None: full size)
-    faces: torch.Tensor  # [G] their indices in the batch
-    taps: PasteTaps  # where each window pixel reads the source
-    clean: torch.Tensor  # [G,3,h,w]: each clean window at the top left, zeros around it
+    faces: torch.Tensor  # [G] their positions in the batch
+    rows: torch.Tensor  # [G] long: each face's row in taps and clean
+    taps: PasteTaps  # [R,...]: where each window pixel reads the source
+    clean: torch.Tensor  # [R,3,h,w]: each clean window at the top left, zeros around it
+
+    def taken(self, index: torch.Tensor, batch_size: int) -> PasteGroup | None:
+        """This group's part of batch.take(index) (None if none of its faces is taken)."""
+        row_of = torch.full((batch_size,), -1, dtype=torch.long)
+        row_of[self.faces] = self.rows
+        rows = row_of[index]
+        kept = torch.nonzero(rows >= 0).flatten()
+        return PasteGroup(self.small, kept, rows[kept], self.taps, self.clean) if len(kept) else None
 
 
 Regions = torch.Tensor | PastedRegions  # [B,3,H,W] pixels, or the same as clean pixels + pasted change
@@ -127,17 +137,22 @@ class FaceBatch:
             faces.append(_with_window(region, window, u0, v0))
         return torch.cat(faces)
 
+    @property
+    def uses_paste_kernel(self) -> bool:
+        """Photos mode: the optimiser pastes with the fused kernels (crops mode adds the perturbation whole)."""
+        return self.quantise and not self.in_canonical_space
+
     def pasted(self, delta: torch.Tensor) -> Regions:
         """`perturbed`, as the optimiser needs it: in photos mode the same pixels as PastedRegions, computed by
         the fused paste kernel on the faces' windows only; in canonical space (crops mode) the regions themselves."""
-        if self.in_canonical_space or not self.quantise:
+        if not self.uses_paste_kernel:
             return self.perturbed(delta)
         masked = delta * self.mask
         parts, order = [], []
         for group in self.paste_groups:
             whole = len(group.faces) == len(self)
             src = C.low_pass(masked if whole else masked[group.faces], group.small)
-            parts.append(PasteChange.apply(src.contiguous(), group.taps, group.clean))
+            parts.append(PasteChange.apply(src.contiguous(), group.taps, group.rows, group.clean))
             order.append(group.faces)
         change = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.cat(order))]
         return PastedRegions(self.regions, change, self.window_corners)
@@ -157,7 +172,7 @@ class FaceBatch:
                     u0, v0, u1, v1 = warps[i].window
                     clean[j, :, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1]
                 taps = PasteTaps.from_warps([warps[i] for i in index], small or C.CANONICAL_SIZE, (h, w_))
-                self._paste_groups.append(PasteGroup(small, torch.tensor(index), taps, clean))
+                self._paste_groups.append(PasteGroup(small, torch.tensor(index), torch.arange(len(index)), taps, clean))
         return self._paste_groups
 
     @property
@@ -177,10 +192,16 @@ class FaceBatch:
         return sample_regions(regions, matrices, (size, size))
 
     def take(self, index: torch.Tensor) -> FaceBatch:
-        """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair."""
+        """The faces at `index` (repeats allowed): e.g. one entry per (face, candidate target) pair. Paste warps
+        and the paste kernel's taps and clean windows are shared, not rebuilt (TIP-IM takes every iteration)."""
+        groups = None
+        if self.uses_paste_kernel:
+            groups = [g for g in (group.taken(index, len(self)) for group in self.paste_groups) if g is not None]
         warps = None if self._face_warps is None else [self._face_warps[i] for i in index.tolist()]
-        return FaceBatch(self.regions[index], self.canonical_to_region[index],
+        part = FaceBatch(self.regions[index], self.canonical_to_region[index],
                          {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask, warps)
+        part._paste_groups = groups
+        return part
 
     def canonical(self, regions: Regions) -> torch.Tensor:
         """Canonical-space images [B,3,256,256] of (perturbed) regions, differentiably."""

@@ -71,17 +71,19 @@ def _axis_taps(coordinate: torch.Tensor, size: int) -> tuple[torch.Tensor, torch
 
 
 @parallel_kernel
-def _paste_forward(src, offset, weight_x, weight_y, row_spans, clean, change, inside):
+def _paste_forward(src, rows, offset, weight_x, weight_y, row_spans, clean, change, inside):
     """change = round8(clip(clean + warp(src))) - clean; inside = clean + warp(src) within [0, 1], on each row's
     span, 0 beyond it (the masked perturbation is below _NO_CHANGE there: with 8-bit clean pixels, as FaceBatch's
-    regions are, it changes none). src [G,3,S,S]; clean, change [G,3,h,w]; inside uint8 [G,3,h,w]. One task per
-    window row, the three channels together: their taps are read once (25 % faster than a task per channel)."""
+    regions are, it changes none). src [G,3,S,S]; face g's taps and clean window are row rows[g] of theirs
+    ([R,...], [R,3,h,w]); change [G,3,h,w], inside uint8 [G,3,h,w]. One task per window row, the three channels
+    together: their taps are read once (25 % faster than a task per channel)."""
     groups, size, h = src.shape[0], src.shape[2], clean.shape[2]
     for task in numba.prange(groups * h):
         g = task // h
         v = task - g * h
-        at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
-        start, stop = row_spans[g, v, 0], row_spans[g, v, 1]
+        r = rows[g]
+        at, wx, wy = offset[r, v], weight_x[r, v], weight_y[r, v]
+        start, stop = row_spans[r, v, 0], row_spans[r, v, 1]
         for c in range(3):
             change[g, c, v, :start] = 0
             change[g, c, v, stop:] = 0
@@ -93,9 +95,9 @@ def _paste_forward(src, offset, weight_x, weight_y, row_spans, clean, change, in
             o = at[u]
             w00, w01 = wy[u, 0] * wx[u, 0], wy[u, 0] * wx[u, 1]
             w10, w11 = wy[u, 1] * wx[u, 0], wy[u, 1] * wx[u, 1]
-            _round_paste(clean, change, inside, g, 0, v, u, _bilinear(red, o, size, w00, w01, w10, w11))
-            _round_paste(clean, change, inside, g, 1, v, u, _bilinear(green, o, size, w00, w01, w10, w11))
-            _round_paste(clean, change, inside, g, 2, v, u, _bilinear(blue, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, 0, v, u], change, inside, g, 0, v, u, _bilinear(red, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, 1, v, u], change, inside, g, 1, v, u, _bilinear(green, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, 2, v, u], change, inside, g, 2, v, u, _bilinear(blue, o, size, w00, w01, w10, w11))
 
 
 @kernel
@@ -105,28 +107,27 @@ def _bilinear(plane, o, size, w00, w01, w10, w11):
 
 
 @kernel
-def _round_paste(clean, change, inside, g, c, v, u, warped):
-    """The pasted pixel clean + warped, clipped and rounded to 8 bits: its change and whether clip let it through."""
+def _round_paste(before, change, inside, g, c, v, u, warped):
+    """The pasted pixel before + warped, clipped and rounded to 8 bits: its change and whether clip let it through."""
     zero, one, levels = np.float32(0), np.float32(1), np.float32(255)
-    before = clean[g, c, v, u]
     pixel = before + warped
     inside[g, c, v, u] = (pixel >= zero) & (pixel <= one)
     change[g, c, v, u] = np.rint(min(max(pixel, zero), one) * levels) / levels - before
 
 
 @parallel_kernel
-def _paste_backward(grad_change, offset, weight_x, weight_y, row_spans, inside, grad_src):
+def _paste_backward(grad_change, rows, offset, weight_x, weight_y, row_spans, inside, grad_src):
     """The adjoint of the warp, through clip (zero gradient outside [0, 1]) and rounding (straight through). Each
     task owns one (face, channel) plane of grad_src [G,C,S,S] (zeroed): no two threads add to the same pixel."""
     groups, channels, size = grad_src.shape[0], grad_src.shape[1], grad_src.shape[2]
     for task in numba.prange(groups * channels):
         g = task // channels
         c = task - g * channels
-        plane = grad_src[g, c].reshape(size * size)
+        plane, r = grad_src[g, c].reshape(size * size), rows[g]
         for v in range(grad_change.shape[2]):
-            at, wx, wy = offset[g, v], weight_x[g, v], weight_y[g, v]
+            at, wx, wy = offset[r, v], weight_x[r, v], weight_y[r, v]
             grad, ok = grad_change[g, c, v], inside[g, c, v]
-            for u in range(row_spans[g, v, 0], row_spans[g, v, 1]):
+            for u in range(row_spans[r, v, 0], row_spans[r, v, 1]):
                 if not ok[u]:
                     continue
                 o = at[u]
@@ -138,26 +139,29 @@ def _paste_backward(grad_change, offset, weight_x, weight_y, row_spans, inside, 
 
 
 class PasteChange(torch.autograd.Function):
-    """(src [G,C,S,S]: canonical perturbations, masked and low-passed; their PasteTaps; clean windows [G,C,h,w]) ->
-    what pasting src changes in each window [G,C,h,w], 8-bit rounded; the gradient flows to src."""
+    """(src [G,3,S,S]: canonical perturbations, masked and low-passed; PasteTaps [R,...] and clean windows
+    [R,3,h,w] of the faces, face g at row rows[g]) -> what pasting src changes in each window [G,3,h,w], 8-bit
+    rounded; the gradient flows to src."""
 
     @staticmethod
-    def forward(ctx, src: torch.Tensor, taps: PasteTaps, clean: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, src: torch.Tensor, taps: PasteTaps, rows: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        if src.shape[1] != 3:
+            raise ValueError(f"the paste kernel takes RGB perturbations, got {src.shape[1]} channels")
         use_torch_threads()
-        change = torch.empty_like(clean)
-        inside = torch.empty(clean.shape, dtype=torch.uint8)
-        _paste_forward(as_array(src), *taps.arrays(), as_array(clean), change.numpy(), inside.numpy())
-        ctx.save_for_backward(inside)
+        change = clean.new_empty(len(src), *clean.shape[1:])
+        inside = torch.empty(change.shape, dtype=torch.uint8)
+        _paste_forward(as_array(src), rows.numpy(), *taps.arrays(), as_array(clean), change.numpy(), inside.numpy())
+        ctx.save_for_backward(rows, inside)
         ctx.taps, ctx.src_shape = taps, src.shape
         return change
 
     @staticmethod
     def backward(ctx, grad_change: torch.Tensor):
-        (inside,) = ctx.saved_tensors
+        rows, inside = ctx.saved_tensors
         use_torch_threads()
         grad_src = torch.zeros(ctx.src_shape, dtype=grad_change.dtype)
-        _paste_backward(as_array(grad_change), *ctx.taps.arrays(), inside.numpy(), grad_src.numpy())
-        return grad_src, None, None
+        _paste_backward(as_array(grad_change), rows.numpy(), *ctx.taps.arrays(), inside.numpy(), grad_src.numpy())
+        return grad_src, None, None, None
 
 
 @parallel_kernel
