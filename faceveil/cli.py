@@ -13,6 +13,13 @@ from faceveil.report import add_report_flag
 from faceveil.runtime import keep_freed_memory
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
     from faceveil import weights
 
@@ -161,7 +168,8 @@ def _protect_settings(args: argparse.Namespace):
                            jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
                            copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain,
                            targets_dir=Path(args.targets) if args.targets else None, max_targets=max_targets,
-                           server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset)
+                           server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
+                           batch_faces=args.batch_faces)
 
 
 def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> int:
@@ -174,7 +182,7 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
         ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), Path(out_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     items = expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=args.recursive)
-    protector = PhotoProtector(settings, Path(out_dir))
+    protector = PhotoProtector(settings, Path(out_dir), upcoming=items)
     report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
     _print_protect_table(report.results, settings.judges)
     if args.report:  # also after Ctrl-C: the photos done so far
@@ -247,6 +255,10 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-defaults", action="store_true",
                    help="TIP-IM paper settings: L-inf eps 12, alpha 1.5, 50 iterations, momentum 1, 10 targets")
     p.add_argument("--faces", default="all", help="all | largest | N")
+    p.add_argument("--batch-faces", type=_positive_int, default=16, metavar="N",
+                   help="optimise the faces of consecutive photos together, up to N faces (a batch costs about half "
+                        "as much per face as one face alone; a photo's faces always stay together; 1 = every photo "
+                        "alone)")
     p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")

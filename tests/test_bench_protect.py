@@ -19,3 +19,21 @@ def test_bench_protect_is_a_command():
 
     args = build_parser().parse_args(["bench", "protect", "--presets", "default", "--repeats", "1"])
     assert args.presets == "default" and args.repeats == 1
+
+
+@needs_weights
+def test_folder_case_batches_the_sample_photos(tmp_path):
+    """The folder case runs every sample photo through one protector, faces of consecutive photos together, and
+    its floor covers exactly the batches it made."""
+    import dataclasses
+
+    from faceveil.bench.protect import _folder_case
+    from faceveil.protect import ProtectSettings
+
+    base = ProtectSettings(surrogates=["mobileface"], verify=False)
+    settings = dataclasses.replace(base, attack=dataclasses.replace(base.attack, steps=1))
+    name, faces, run, floor = _folder_case(settings, tmp_path)
+    assert name == "folder" and faces >= 20  # the six sample photos hold 22 faces
+    run()
+    floor()
+    assert len(list(tmp_path.iterdir())) == 6

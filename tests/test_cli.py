@@ -65,6 +65,32 @@ def test_protect_end_to_end(tmp_path: Path, capsys):
 
 
 @needs_weights
+def test_consecutive_photos_are_optimised_together_each_reporting_its_own_result(tmp_path: Path):
+    """Faces of consecutive photos share one optimisation (--batch-faces); a broken file and a photo without a face
+    between them still report their own status, every good photo is written and verified, and the same seed gives
+    the same files again."""
+    src = _small_face_photo(tmp_path)
+    for name in ("b_people.jpg", "e_people.jpg"):
+        shutil.copy(src, src.parent / name)
+    (src.parent / "c_broken.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(src.parent / "d_sky.png")
+    flags = ["--iters", "2", "--surrogates", "mobileface", "--judges", "mobileface", "--faces", "largest", "--quiet"]
+    runs = {}
+    for name, extra in (("together", []), ("again", []), ("alone", ["--batch-faces", "1"])):
+        report = tmp_path / f"{name}.json"
+        assert main(["protect", str(src.parent), "-o", str(tmp_path / name), "--json", str(report),
+                     *flags, *extra]) == 2  # the broken file
+        runs[name] = {Path(r["file"]).name: r for r in json.loads(report.read_text())["results"]}
+    together = runs["together"]
+    assert [together[n]["status"] for n in sorted(together)] == ["ok", "error", "no_face", "ok", "ok"]
+    for name in ("b_people.jpg", "e_people.jpg", "people.jpg"):
+        assert together[name]["details"]["batch"] == {"photos": 3, "faces": 3}
+        assert together[name]["details"]["faces"][0]["redetected"]
+        assert _sha(tmp_path / "together" / name) == _sha(tmp_path / "again" / name)
+        assert "batch" not in runs["alone"][name]["details"]
+
+
+@needs_weights
 def test_no_face_is_reported_and_copied_only_on_request(tmp_path: Path):
     src = tmp_path / "in" / "sky.png"
     src.parent.mkdir()

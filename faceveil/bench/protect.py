@@ -3,6 +3,8 @@
 For each preset (the CLI default, and TIP-IM with the paper's settings) it times
 - `photo`: the whole job on a sample photo with four faces (read, detect, optimise the faces together through
   paste-back, paste, write; no verification), per face, i.e. what a user waits for per face;
+- `folder`: the same job on all the sample photos in one run, faces of consecutive photos optimised together
+  (`--batch-faces`), per face; its floor is that of the batches the run made;
 - `optimise-1` / `optimise-16`: the optimisation alone for a batch of 1 and of 16 faces (photos mode, the faces of
   the sample photos);
 and the floor: iterations x (forward + backward of every surrogate at its input size, same batch) on random crops —
@@ -92,19 +94,35 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     photo = next(p for p in weights.sample_photos() if p.name == BENCH_PHOTO)
     item = BatchItem(path=photo, kind="image")
     faces = protector(item)["faces"]  # warm-up, and how many faces the photo has
-    cases = [("photo", faces, lambda: protector(item))]
+    cases = [("photo", faces, lambda: protector(item)), _folder_case(settings, out_dir)]
     photos, marks = _sample_faces(protector.detector, BATCH_FACES)
     for size in (1, BATCH_FACES):
         batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
         cases.append((f"optimise-{size}", size, lambda b=batch: protector.optimise(b)))
     rows = []
-    for case, count, fn in cases:
-        seconds, floor, ratio = _paired(fn, floor_timer(settings.surrogates, count, iterations), repeats)
+    for case, count, fn, *floor in cases:
+        floor = floor[0] if floor else floor_timer(settings.surrogates, count, iterations)
+        seconds, floor, ratio = _paired(fn, floor, repeats)
         rows.append({"preset": name, "case": case, "faces": count, "seconds_per_face": seconds / count,
                      "floor_seconds_per_face": floor / count, "method": settings.method,
                      "surrogates": settings.surrogates, "iterations": iterations,
                      "eps": round(settings.attack.eps * 255, 2), "ratio": ratio})
     return rows
+
+
+def _folder_case(settings: ProtectSettings, out_dir: Path) -> tuple:
+    """("folder", faces, run every sample photo as `faceveil protect` does, the floor of the batches it made)."""
+    items = [BatchItem(path=p, kind="image") for p in weights.sample_photos()]
+    protector = PhotoProtector(settings, out_dir, upcoming=items)
+
+    def run_folder() -> None:
+        protector.batches.clear()
+        for item in items:
+            protector(item)
+
+    run_folder()  # warm-up; records the batches
+    floors = [floor_timer(settings.surrogates, n, settings.attack.steps) for n in protector.batches]
+    return "folder", sum(protector.batches), run_folder, lambda: [floor() for floor in floors]
 
 
 def run(presets: dict[str, ProtectSettings], repeats: int = 3, progress: bool = True) -> tuple[list[dict], dict]:
