@@ -164,6 +164,16 @@ class PasteChange(torch.autograd.Function):
         return grad_src, None, None, None
 
 
+@kernel
+def _source_pixel(m, u, v, shift_x, shift_y):
+    """Where dst pixel (u, v) samples through the affine m (minus a shift): the 2x2 block's top-left pixel and the
+    fractions (float32, as the weights of torch's sampling are)."""
+    x = m[0, 0] * u + m[0, 1] * v + m[0, 2] - shift_x
+    y = m[1, 0] * u + m[1, 1] * v + m[1, 2] - shift_y
+    x0, y0 = math.floor(x), math.floor(y)
+    return x0, y0, np.float32(x - x0), np.float32(y - y0)
+
+
 @parallel_kernel
 def _sample_forward(clean, change, corner, dst_to_region, out):
     """out = bilinear samples of (clean + change) at dst_to_region @ (u, v, 1), zeros outside the region;
@@ -177,10 +187,7 @@ def _sample_forward(clean, change, corner, dst_to_region, out):
         v = task - b * oh
         u0, v0, m = corner[b, 0], corner[b, 1], dst_to_region[b]
         for u in range(ow):
-            x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
-            y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
-            x0, y0 = math.floor(x), math.floor(y)
-            fx, fy = np.float32(x - x0), np.float32(y - y0)
+            x0, y0, fx, fy = _source_pixel(m, u, v, 0.0, 0.0)
             for c in range(channels):
                 value = np.float32(0)
                 for ty in range(y0, y0 + 2):
@@ -208,16 +215,12 @@ def _sample_backward(grad_out, corner, dst_to_region, grad_change):
         b = task // channels
         c = task - b * channels
         m, plane = dst_to_region[b], grad_change[b, c]
-        # dst -> window pixel: the region -> window shift folded into the translation
-        m02, m12 = m[0, 2] - corner[b, 0], m[1, 2] - corner[b, 1]
         for v in range(oh):
             for u in range(ow):
-                x = m[0, 0] * u + m[0, 1] * v + m02
-                y = m[1, 0] * u + m[1, 1] * v + m12
-                x0, y0 = math.floor(x), math.floor(y)
+                # in window pixels: the region -> window shift taken off
+                x0, y0, fx, fy = _source_pixel(m, u, v, float(corner[b, 0]), float(corner[b, 1]))
                 if x0 < -1 or x0 >= w or y0 < -1 or y0 >= h:
                     continue
-                fx, fy = np.float32(x - x0), np.float32(y - y0)
                 for ty in range(max(y0, 0), min(y0 + 2, h)):
                     grad = grad_out[b, c, v, u] * (fy if ty > y0 else one - fy)
                     for tx in range(max(x0, 0), min(x0 + 2, w)):
