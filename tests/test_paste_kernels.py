@@ -95,3 +95,9 @@ def test_crop_kernel_samples_through_any_matrix():
                   alignment_jitter(len(batch), 112, 20.0, torch.Generator().manual_seed(7)))
     fused = batch.pasted(delta).sample(m, (112, 112))
     assert float((fused - C.sample(batch.perturbed(delta), m, (112, 112))).abs().max()) < 1e-4
+
+
+def test_warmup_compiles_every_kernel():
+    from faceveil.warmup import compile_kernels
+
+    assert compile_kernels() > 0
