@@ -37,3 +37,28 @@ def test_folder_case_batches_the_sample_photos(tmp_path):
     run()
     floor()
     assert len(list(tmp_path.iterdir())) == 6
+
+
+@needs_weights
+def test_network_clock_times_forward_and_backward_inside_a_run():
+    """The in-run network time covers each recogniser's forward and backward, is part of the run's time, and
+    its hooks are gone afterwards."""
+    import time
+
+    import torch
+
+    from faceveil.bench.network_clock import NetworkClock
+    from faceveil.models import zoo
+
+    model = zoo.load("mobileface")
+    x = torch.rand(2, 3, 112, 112, requires_grad=True)
+    with NetworkClock().timing([model]) as forward_only:
+        with torch.no_grad():
+            model(x)
+    start = time.perf_counter()
+    with NetworkClock().timing([model]) as clock:
+        model(x).square().sum().backward()
+        torch.rand(512, 512) @ torch.rand(512, 512)  # not a network's: not counted
+    total = time.perf_counter() - start
+    assert 0 < forward_only.seconds < clock.seconds < total
+    assert not model._forward_hooks and not model._forward_pre_hooks and not model._backward_hooks

@@ -13,6 +13,8 @@ projection, and for TIP-IM the target search (its candidate passes are algorithm
 Each repeat times the case and then its floor, back to back, and the ratio is the median of the repeats' ratios:
 this CPU's speed drifts by 10-20 % over minutes, which would bias a ratio of two medians taken minutes apart. The
 ratio of the fastest case to the fastest floor is reported beside it: other work on the machine only slows runs.
+And each case also clocks its surrogates' own forward and backward passes while it runs (`NetworkClock`):
+`ratio_in_run` = the case's time over that network time, free of the drift between a case and its floor.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from faceveil import weights
 from faceveil.attacks.faces import from_photos
+from faceveil.bench.network_clock import NetworkClock
 from faceveil.detect.mtcnn import MTCNN
 from faceveil.io.batch import BatchItem
 from faceveil.io.images import read_image
@@ -70,13 +73,22 @@ def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: i
     return statistics.median(_seconds(run) for _ in range(repeats))
 
 
-def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int) -> dict[str, float]:
-    """Each floor timed right after its case: the medians, the median of the per-repeat ratios, and the ratio of
-    the fastest case to the fastest floor (interference from other work only ever slows a run down)."""
-    pairs = [(_seconds(case), _seconds(floor)) for _ in range(repeats)]
+def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int,
+            networks: list[torch.nn.Module]) -> dict[str, float]:
+    """Each floor timed right after its case: the medians, the median of the per-repeat ratios, the ratio of
+    the fastest case to the fastest floor (interference from other work only ever slows a run down), and the
+    median ratio of each case to the time its networks ran within it."""
+    pairs, in_run = [], []
+    for _ in range(repeats):
+        with NetworkClock().timing(networks) as clock:
+            seconds = _seconds(case)
+        pairs.append((seconds, _seconds(floor)))
+        in_run.append((seconds, clock.seconds))
     cases, floors = [c for c, _ in pairs], [f for _, f in pairs]
     return {"seconds": statistics.median(cases), "floor": statistics.median(floors),
-            "ratio": statistics.median(c / f for c, f in pairs), "ratio_of_minimums": min(cases) / min(floors)}
+            "ratio": statistics.median(c / f for c, f in pairs), "ratio_of_minimums": min(cases) / min(floors),
+            "network_seconds": statistics.median(n for _, n in in_run),
+            "ratio_in_run": statistics.median(c / n for c, n in in_run)}
 
 
 def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -104,12 +116,14 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     rows = []
     for case, count, fn, *floor in cases:
         floor = floor[0] if floor else floor_timer(settings.surrogates, count, iterations)
-        timed = _paired(fn, floor, repeats)
+        timed = _paired(fn, floor, repeats, [zoo.load(n) for n in settings.surrogates])
         rows.append({"preset": name, "case": case, "faces": count, "seconds_per_face": timed["seconds"] / count,
                      "floor_seconds_per_face": timed["floor"] / count, "method": settings.method,
                      "surrogates": settings.surrogates, "iterations": iterations,
                      "eps": round(settings.attack.eps * 255, 2), "ratio": timed["ratio"],
-                     "ratio_of_minimums": timed["ratio_of_minimums"]})
+                     "ratio_of_minimums": timed["ratio_of_minimums"],
+                     "network_seconds_per_face": timed["network_seconds"] / count,
+                     "ratio_in_run": timed["ratio_in_run"]})
     return rows
 
 

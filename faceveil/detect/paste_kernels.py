@@ -116,26 +116,32 @@ def _round_paste(before, change, inside, g, c, v, u, warped):
 
 
 @parallel_kernel
-def _paste_backward(grad_change, rows, offset, weight_x, weight_y, row_spans, inside, grad_src):
+def _paste_backward(grad_change, rows, offset, weight_x, weight_y, row_spans, inside, grad_src, per_channel):
     """The adjoint of the warp, through clip (zero gradient outside [0, 1]) and rounding (straight through). Each
-    task owns one (face, channel) plane of grad_src [G,C,S,S] (zeroed): no two threads add to the same pixel."""
+    task owns one face's planes of grad_src [G,C,S,S] (zeroed), reading its taps once for the three channels; or,
+    with `per_channel` (fewer faces than threads), one (face, channel) plane: no two threads add to the same
+    pixel, and every pixel sums its terms in the same order either way."""
     groups, channels, size = grad_src.shape[0], grad_src.shape[1], grad_src.shape[2]
-    for task in numba.prange(groups * channels):
-        g = task // channels
-        c = task - g * channels
-        plane, r = grad_src[g, c].reshape(size * size), rows[g]
+    parts = channels if per_channel else 1
+    for task in numba.prange(groups * parts):
+        g = task // parts
+        first = task - g * parts
+        last = first + 1 if per_channel else channels
+        r = rows[g]
+        planes = grad_src[g].reshape(channels, size * size)
         for v in range(grad_change.shape[2]):
             at, wx, wy = offset[r, v], weight_x[r, v], weight_y[r, v]
-            grad, ok = grad_change[g, c, v], inside[g, c, v]
             for u in range(row_spans[r, v, 0], row_spans[r, v, 1]):
-                if not ok[u]:
-                    continue
                 o = at[u]
-                top, bottom = wy[u, 0] * grad[u], wy[u, 1] * grad[u]
-                plane[o] += wx[u, 0] * top
-                plane[o + 1] += wx[u, 1] * top
-                plane[o + size] += wx[u, 0] * bottom
-                plane[o + size + 1] += wx[u, 1] * bottom
+                for c in range(first, last):
+                    if not inside[g, c, v, u]:
+                        continue
+                    grad = grad_change[g, c, v, u]
+                    top, bottom = wy[u, 0] * grad, wy[u, 1] * grad
+                    planes[c, o] += wx[u, 0] * top
+                    planes[c, o + 1] += wx[u, 1] * top
+                    planes[c, o + size] += wx[u, 0] * bottom
+                    planes[c, o + size + 1] += wx[u, 1] * bottom
 
 
 class PasteChange(torch.autograd.Function):
@@ -160,7 +166,9 @@ class PasteChange(torch.autograd.Function):
         rows, inside = ctx.saved_tensors
         use_torch_threads()
         grad_src = torch.zeros(ctx.src_shape, dtype=grad_change.dtype)
-        _paste_backward(as_array(grad_change), rows.numpy(), *ctx.taps.arrays(), inside.numpy(), grad_src.numpy())
+        per_channel = len(grad_src) < torch.get_num_threads()
+        _paste_backward(as_array(grad_change), rows.numpy(), *ctx.taps.arrays(), inside.numpy(), grad_src.numpy(),
+                        per_channel)
         return grad_src, None, None, None
 
 
@@ -175,9 +183,12 @@ def _source_pixel(m, u, v, shift_x, shift_y):
 
 
 @parallel_kernel
-def _sample_forward(clean, change, corner, dst_to_region, out):
+def _sample_forward(clean, change, corner, dst_to_region, out, block, fraction):
     """out = bilinear samples of (clean + change) at dst_to_region @ (u, v, 1), zeros outside the region;
-    change [B,C,h,w] is the region's window starting at corner[b] = (u0, v0), zero beyond it."""
+    change [B,C,h,w] is the region's window starting at corner[b] = (u0, v0), zero beyond it. Each crop pixel's
+    2x2 block (top-left region pixel [B,oh,ow,2] int32) and fractions (float32) are kept for the backward.
+    Blocks wholly inside the region, and wholly inside or outside the window (nearly all), take a path without
+    per-tap tests."""
     batch, channels, height, width = clean.shape
     h, w = change.shape[2], change.shape[3]
     oh, ow = out.shape[2], out.shape[3]
@@ -188,24 +199,53 @@ def _sample_forward(clean, change, corner, dst_to_region, out):
         u0, v0, m = corner[b, 0], corner[b, 1], dst_to_region[b]
         for u in range(ow):
             x0, y0, fx, fy = _source_pixel(m, u, v, 0.0, 0.0)
+            block[b, v, u, 0], block[b, v, u, 1] = x0, y0
+            fraction[b, v, u, 0], fraction[b, v, u, 1] = fx, fy
+            if not (0 <= x0 < width - 1 and 0 <= y0 < height - 1):
+                for c in range(channels):
+                    out[b, c, v, u] = _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0)
+                continue
+            wx, wy = x0 - u0, y0 - v0
+            in_window = 0 <= wx < w - 1 and 0 <= wy < h - 1
+            if not in_window and (wx >= -1 and wx < w and wy >= -1 and wy < h):  # straddles the window's edge
+                for c in range(channels):
+                    out[b, c, v, u] = _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0)
+                continue
+            w00, w01 = (one - fy) * (one - fx), (one - fy) * fx
+            w10, w11 = fy * (one - fx), fy * fx
             for c in range(channels):
-                value = np.float32(0)
-                for ty in range(y0, y0 + 2):
-                    if ty < 0 or ty >= height:
-                        continue
-                    weight_y = fy if ty > y0 else one - fy
-                    for tx in range(x0, x0 + 2):
-                        if tx < 0 or tx >= width:
-                            continue
-                        pixel = clean[b, c, ty, tx]
-                        if 0 <= ty - v0 < h and 0 <= tx - u0 < w:
-                            pixel += change[b, c, ty - v0, tx - u0]
-                        value += weight_y * (fx if tx > x0 else one - fx) * pixel
-                out[b, c, v, u] = value
+                p00, p01 = clean[b, c, y0, x0], clean[b, c, y0, x0 + 1]
+                p10, p11 = clean[b, c, y0 + 1, x0], clean[b, c, y0 + 1, x0 + 1]
+                if in_window:
+                    p00 += change[b, c, wy, wx]
+                    p01 += change[b, c, wy, wx + 1]
+                    p10 += change[b, c, wy + 1, wx]
+                    p11 += change[b, c, wy + 1, wx + 1]
+                out[b, c, v, u] = w00 * p00 + w01 * p01 + w10 * p10 + w11 * p11
+
+
+@kernel
+def _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0):
+    """One crop pixel whose block leaves the region (zeros there) or straddles the window's edge: tap by tap."""
+    height, width = clean.shape[2], clean.shape[3]
+    h, w = change.shape[2], change.shape[3]
+    one, value = np.float32(1), np.float32(0)
+    for ty in range(y0, y0 + 2):
+        if ty < 0 or ty >= height:
+            continue
+        weight_y = fy if ty > y0 else one - fy
+        for tx in range(x0, x0 + 2):
+            if tx < 0 or tx >= width:
+                continue
+            pixel = clean[b, c, ty, tx]
+            if 0 <= ty - v0 < h and 0 <= tx - u0 < w:
+                pixel += change[b, c, ty - v0, tx - u0]
+            value += weight_y * (fx if tx > x0 else one - fx) * pixel
+    return value
 
 
 @parallel_kernel
-def _sample_backward(grad_out, corner, dst_to_region, grad_change):
+def _sample_backward(grad_out, corner, block, fraction, grad_change):
     """The adjoint of `_sample_forward` for change, scattered into grad_change [B,C,h,w] (zeroed) one
     (face, channel) plane per task (taps outside the window carry no gradient: change is zero there)."""
     batch, channels, oh, ow = grad_out.shape
@@ -214,17 +254,25 @@ def _sample_backward(grad_out, corner, dst_to_region, grad_change):
     for task in numba.prange(batch * channels):
         b = task // channels
         c = task - b * channels
-        m, plane = dst_to_region[b], grad_change[b, c]
+        plane, u0, v0 = grad_change[b, c], corner[b, 0], corner[b, 1]
         for v in range(oh):
             for u in range(ow):
-                # in window pixels: the region -> window shift taken off
-                x0, y0, fx, fy = _source_pixel(m, u, v, float(corner[b, 0]), float(corner[b, 1]))
+                x0, y0 = block[b, v, u, 0] - u0, block[b, v, u, 1] - v0  # in window pixels
                 if x0 < -1 or x0 >= w or y0 < -1 or y0 >= h:
                     continue
+                fx, fy = fraction[b, v, u, 0], fraction[b, v, u, 1]
+                grad = grad_out[b, c, v, u]
+                if 0 <= x0 < w - 1 and 0 <= y0 < h - 1:
+                    top, bottom = grad * (one - fy), grad * fy
+                    plane[y0, x0] += top * (one - fx)
+                    plane[y0, x0 + 1] += top * fx
+                    plane[y0 + 1, x0] += bottom * (one - fx)
+                    plane[y0 + 1, x0 + 1] += bottom * fx
+                    continue
                 for ty in range(max(y0, 0), min(y0 + 2, h)):
-                    grad = grad_out[b, c, v, u] * (fy if ty > y0 else one - fy)
+                    g = grad * (fy if ty > y0 else one - fy)
                     for tx in range(max(x0, 0), min(x0 + 2, w)):
-                        plane[ty, tx] += grad * (fx if tx > x0 else one - fx)
+                        plane[ty, tx] += g * (fx if tx > x0 else one - fx)
 
 
 class SamplePasted(torch.autograd.Function):
@@ -236,16 +284,19 @@ class SamplePasted(torch.autograd.Function):
                 out_hw: tuple[int, int]) -> torch.Tensor:
         use_torch_threads()
         out = torch.empty(clean.shape[0], clean.shape[1], *out_hw, dtype=clean.dtype)
-        dst_to_region = dst_to_region.to(torch.float64).contiguous()
-        _sample_forward(as_array(clean), as_array(change), corner.numpy(), dst_to_region.numpy(), out.numpy())
-        ctx.save_for_backward(corner, dst_to_region)
+        block = torch.empty(clean.shape[0], *out_hw, 2, dtype=torch.int32)
+        fraction = torch.empty(clean.shape[0], *out_hw, 2)
+        matrices = dst_to_region.to(torch.float64).contiguous().numpy()
+        _sample_forward(as_array(clean), as_array(change), corner.numpy(), matrices, out.numpy(), block.numpy(),
+                        fraction.numpy())
+        ctx.save_for_backward(corner, block, fraction)
         ctx.change_shape = change.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        corner, dst_to_region = ctx.saved_tensors
+        corner, block, fraction = ctx.saved_tensors
         use_torch_threads()
         grad_change = torch.zeros(ctx.change_shape, dtype=grad_out.dtype)
-        _sample_backward(as_array(grad_out), corner.numpy(), dst_to_region.numpy(), grad_change.numpy())
+        _sample_backward(as_array(grad_out), corner.numpy(), block.numpy(), fraction.numpy(), grad_change.numpy())
         return None, grad_change, None, None, None
