@@ -4,10 +4,11 @@ clipped, and survives a re-crop; the straight-through rounding passes gradients.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from faceveil.attacks.faces import from_photos
-from faceveil.attacks.norms import momentum_update, normalise_step, project
+from faceveil.attacks.norms import descend, momentum_update, normalise_step, project
 from faceveil.detect import canonical as C
 from faceveil.detect.align import ARCFACE_112, align, warp_faces
 
@@ -108,6 +109,16 @@ def test_norms():
     assert torch.allclose(normalise_step(d, "l2").flatten(1).norm(dim=1), torch.ones(4))
     v = momentum_update(None, d, 1.0)
     assert torch.allclose(v.abs().flatten(1).mean(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_descend_is_the_projected_normalised_step_exactly(norm: str):
+    gen = torch.Generator().manual_seed(7)
+    delta, grad = torch.randn(3, 3, 8, 8, generator=gen) * 0.02, torch.randn(3, 3, 8, 8, generator=gen)
+    before = grad.clone()
+    expected = project(delta - 0.01 * normalise_step(grad, norm), norm, 0.03)
+    assert torch.equal(descend(delta, grad, 0.01, norm, 0.03), expected)
+    assert torch.equal(grad, before)  # the gradient (maybe a momentum buffer) is left as it was
 
 
 def test_alignment_jitter_is_small_and_seeded():

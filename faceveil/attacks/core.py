@@ -15,7 +15,7 @@ from tqdm import tqdm
 from faceveil.attacks.diversity import input_diversity
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
-from faceveil.attacks.norms import momentum_update, normalise_step, project, random_init
+from faceveil.attacks.norms import descend, momentum_update, random_init
 from faceveil.detect import canonical as C
 from faceveil.models import zoo
 
@@ -161,7 +161,7 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
 
 def candidate_step(delta: torch.Tensor, grad: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
     """One normalised descent step, projected onto the budget (Eq. 5 of TIP-IM without momentum)."""
-    return project(delta - cfg.alpha * normalise_step(grad, cfg.norm), cfg.norm, cfg.eps)
+    return descend(delta, grad, cfg.alpha, cfg.norm, cfg.eps)
 
 
 def shared_count(owner: torch.Tensor) -> int:

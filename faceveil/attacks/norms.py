@@ -27,6 +27,13 @@ def normalise_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
     raise ValueError(f"unknown norm {norm!r} (linf or l2)")
 
 
+def descend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str, eps: float) -> torch.Tensor:
+    """project(delta - alpha * normalise_step(grad)): the same values, in two fewer passes over the batch (the
+    step direction is a new tensor, updated in place; -alpha * s + delta is delta - alpha * s exactly)."""
+    stepped = normalise_step(grad, norm).mul_(-alpha).add_(delta)
+    return stepped.clamp_(-eps, eps) if norm == "linf" else project(stepped, norm, eps)
+
+
 def momentum_update(velocity: torch.Tensor | None, grad: torch.Tensor, mu: float) -> torch.Tensor:
     """MI-FGSM: g_{t+1} = mu * g_t + grad / ||grad||_1 (per sample, mean-abs normalised)."""
     scaled = grad / grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
