@@ -9,12 +9,13 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project each sample's perturbation onto the `norm` ball of radius eps."""
+def project(delta: torch.Tensor, norm: str, eps: float, in_place: bool = False) -> torch.Tensor:
+    """Project each sample's perturbation onto the `norm` ball of radius eps (`in_place`: overwriting delta)."""
     if norm == "linf":
-        return delta.clamp(-eps, eps)
+        return delta.clamp_(-eps, eps) if in_place else delta.clamp(-eps, eps)
     if norm == "l2":
-        return delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+        scale = (eps / _per_sample_norm(delta)).clamp(max=1.0)
+        return delta.mul_(scale) if in_place else delta * scale
     raise ValueError(f"unknown norm {norm!r} (linf or l2)")
 
 
@@ -31,7 +32,7 @@ def descend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str, ep
     """project(delta - alpha * normalise_step(grad)): the same values, in two fewer passes over the batch (the
     step direction is a new tensor, updated in place; -alpha * s + delta is delta - alpha * s exactly)."""
     stepped = normalise_step(grad, norm).mul_(-alpha).add_(delta)
-    return stepped.clamp_(-eps, eps) if norm == "linf" else project(stepped, norm, eps)
+    return project(stepped, norm, eps, in_place=True)
 
 
 def momentum_update(velocity: torch.Tensor | None, grad: torch.Tensor, mu: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 entry and exit, and between the start and the end of its backward, summed.
 
 `bench protect` compares a job with a floor timed separately right after it; on a CPU whose speed drifts by
-10-20 % within minutes, that ratio moves by about as much between identical runs. Timed inside the same run, the
+10-50 % within minutes, that ratio moves by about as much between identical runs. Timed inside the same run, the
 networks' share is free of the drift: `seconds / network seconds` is the overhead of everything around them (paste,
 rounding, crop sampling, the step, detection, I/O) at the speed the machine had during that very run.
 

@@ -113,10 +113,11 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     for size in (1, BATCH_FACES):
         batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
         cases.append((f"optimise-{size}", size, lambda b=batch: protector.optimise(b)))
+    networks = list(protector.ensemble.models.values())
     rows = []
     for case, count, fn, *floor in cases:
         floor = floor[0] if floor else floor_timer(settings.surrogates, count, iterations)
-        timed = _paired(fn, floor, repeats, [zoo.load(n) for n in settings.surrogates])
+        timed = _paired(fn, floor, repeats, networks)
         rows.append({"preset": name, "case": case, "faces": count, "seconds_per_face": timed["seconds"] / count,
                      "floor_seconds_per_face": timed["floor"] / count, "method": settings.method,
                      "surrogates": settings.surrogates, "iterations": iterations,

@@ -173,11 +173,11 @@ class PasteChange(torch.autograd.Function):
 
 
 @kernel
-def _source_pixel(m, u, v, shift_x, shift_y):
-    """Where dst pixel (u, v) samples through the affine m (minus a shift): the 2x2 block's top-left pixel and the
-    fractions (float32, as the weights of torch's sampling are)."""
-    x = m[0, 0] * u + m[0, 1] * v + m[0, 2] - shift_x
-    y = m[1, 0] * u + m[1, 1] * v + m[1, 2] - shift_y
+def _source_pixel(m, u, v):
+    """Where dst pixel (u, v) samples through the affine m: the 2x2 block's top-left pixel and the fractions
+    (float32, as the weights of torch's sampling are)."""
+    x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+    y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
     x0, y0 = math.floor(x), math.floor(y)
     return x0, y0, np.float32(x - x0), np.float32(y - y0)
 
@@ -198,16 +198,14 @@ def _sample_forward(clean, change, corner, dst_to_region, out, block, fraction):
         v = task - b * oh
         u0, v0, m = corner[b, 0], corner[b, 1], dst_to_region[b]
         for u in range(ow):
-            x0, y0, fx, fy = _source_pixel(m, u, v, 0.0, 0.0)
+            x0, y0, fx, fy = _source_pixel(m, u, v)
             block[b, v, u, 0], block[b, v, u, 1] = x0, y0
             fraction[b, v, u, 0], fraction[b, v, u, 1] = fx, fy
-            if not (0 <= x0 < width - 1 and 0 <= y0 < height - 1):
-                for c in range(channels):
-                    out[b, c, v, u] = _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0)
-                continue
             wx, wy = x0 - u0, y0 - v0
+            in_region = 0 <= x0 < width - 1 and 0 <= y0 < height - 1
             in_window = 0 <= wx < w - 1 and 0 <= wy < h - 1
-            if not in_window and (wx >= -1 and wx < w and wy >= -1 and wy < h):  # straddles the window's edge
+            off_window = wx < -1 or wx >= w or wy < -1 or wy >= h
+            if not in_region or not (in_window or off_window):  # leaves the region, or straddles the window's edge
                 for c in range(channels):
                     out[b, c, v, u] = _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0)
                 continue
