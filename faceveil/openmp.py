@@ -9,8 +9,8 @@ forward+backward of mobileface + mfn512, ms):
 |---|---|---|---|
 | idle | sleep at once (OMP_WAIT_POLICY=PASSIVE) | 50-59 | 190-280 |
 | idle | spin, then sleep (libgomp's default) | 23-28 | 160-190 |
-| one other busy process | sleep at once | 33-35 | 286-289 |
-| one other busy process | spin, then sleep | 70-104 | 480-620 |
+| one other busy process | sleep at once | 33-35 | 286-321 |
+| one other busy process | spin, then sleep | 37-104 | 162-623 |
 
 Every operator of a batch-1 network is a short parallel region; a thread that sleeps between them must be woken by a
 system call each time (futex calls halve with spinning), which doubles one face's time. But a spinning thread holds
