@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 CHOSEN_BY_US = "FACEVEIL_CHOSE_OMP_WAIT_POLICY"  # marks a policy this module set (children decide again)
 SAMPLE_SECONDS = 0.1
@@ -53,7 +53,7 @@ def _cpu_times() -> list[int] | None:
 
 
 def choose_wait_policy(env: MutableMapping[str, str] = os.environ,
-                       measure=busy_share) -> str | None:
+                       measure: Callable[[], float | None] = busy_share) -> str | None:
     """Set OMP_WAIT_POLICY=PASSIVE in `env` when the machine is busy; the policy now in force (None = libgomp's
     default, spin then sleep)."""
     if env.pop(CHOSEN_BY_US, None) is not None:
