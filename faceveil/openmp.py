@@ -2,13 +2,13 @@
 
 Decided once per process, before torch (and numba's OpenMP pool) start their runtimes, which read the setting only
 when they load. Two libgomp runtimes run in a faceveil process: torch's bundled one and the system's, which numba's
-pool links by its full file name. Measured on this project's 2-core machine (`bench protect`; median
-forward+backward of mobileface + mfn512, ms):
+pool links by its full file name. Measured on this project's 2-core machine (forward+backward of mobileface +
+mfn512 on random crops, as `bench protect` times its floor; fastest of 3, ms, several processes each):
 
 | machine | waiting | 1 face | 16 faces |
 |---|---|---|---|
-| idle | sleep at once (OMP_WAIT_POLICY=PASSIVE) | 50-59 | 190-280 |
-| idle | spin, then sleep (libgomp's default) | 23-28 | 160-190 |
+| idle | sleep at once (OMP_WAIT_POLICY=PASSIVE) | 50-59 | 187-280 |
+| idle | spin, then sleep (libgomp's default; also GOMP_SPINCOUNT 3000 or 30000) | 22-30 | 160-211 |
 | one other busy process | sleep at once | 33-35 | 286-321 |
 | one other busy process | spin, then sleep | 37-104 | 162-623 |
 

@@ -11,7 +11,7 @@ and the floor: iterations x (forward + backward of every surrogate at its input 
 what the networks alone cost. ratio = measured / floor; the difference is warps, paste-back, 8-bit rounding,
 projection, and for TIP-IM the target search (its candidate passes are algorithmic cost, not overhead).
 Each repeat times the case and then its floor, back to back, and the ratio is the median of the repeats' ratios:
-this CPU's speed drifts by 10-20 % over minutes, which would bias a ratio of two medians taken minutes apart. The
+this CPU's speed drifts by 10-50 % over minutes, which would bias a ratio of two medians taken minutes apart. The
 ratio of the fastest case to the fastest floor is reported beside it: other work on the machine only slows runs.
 And each case also clocks its surrogates' own forward and backward passes while it runs (`NetworkClock`):
 `ratio_in_run` = the case's time over that network time, free of the drift between a case and its floor.
