@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from faceveil.attacks.faces import from_photos
-from faceveil.attacks.norms import descend, momentum_update, normalise_step, project
+from faceveil.attacks.norms import descend, momentum_sign_step, momentum_update, normalise_step, project
 from faceveil.detect import canonical as C
 from faceveil.detect.align import ARCFACE_112, align, warp_faces
 
@@ -119,6 +119,26 @@ def test_descend_is_the_projected_normalised_step_exactly(norm: str):
     expected = project(delta - 0.01 * normalise_step(grad, norm), norm, 0.03)
     assert torch.equal(descend(delta, grad, 0.01, norm, 0.03), expected)
     assert torch.equal(grad, before)  # the gradient (maybe a momentum buffer) is left as it was
+
+
+def test_fused_momentum_step_is_momentum_then_descend_exactly():
+    """The one-pass L-inf momentum step gives bit for bit what momentum_update then descend give, over several
+    steps (zeros in the velocity included), batches of one and several faces and chunked rows; delta is not
+    written in place (hooks may hold it)."""
+    for batch, side in ((1, 8), (3, 100)):  # 3 x 100 x 100 values: several of the kernel's chunks per face
+        gen = torch.Generator().manual_seed(batch)
+        delta = (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1) * 0.03
+        velocity, fused_delta, fused_velocity = None, delta.clone(), None
+        for _ in range(3):
+            grad = torch.randn(batch, 3, side, side, generator=gen)
+            grad[0, 0, 0, :4] = 0
+            velocity = momentum_update(velocity, grad, 1.0)
+            delta = descend(delta, velocity, 0.01, "linf", 0.03)
+            held = fused_delta.clone()
+            stepped, fused_velocity = momentum_sign_step(fused_delta, fused_velocity, grad.clone(), 1.0, 0.01, 0.03)
+            assert torch.equal(fused_delta, held)
+            fused_delta = stepped
+            assert torch.equal(fused_velocity, velocity) and torch.equal(fused_delta, delta)
 
 
 def test_alignment_jitter_is_small_and_seeded():

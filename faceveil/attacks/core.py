@@ -15,7 +15,7 @@ from tqdm import tqdm
 from faceveil.attacks.diversity import input_diversity
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
-from faceveil.attacks.norms import descend, momentum_update, random_init
+from faceveil.attacks.norms import descend, momentum_sign_step, momentum_update, random_init
 from faceveil.detect import canonical as C
 from faceveil.models import zoo
 
@@ -150,13 +150,22 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
             if before_step is not None:
                 before_step(step, delta)
             grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen, image_term, owner)
-            if cfg.momentum > 0:
-                velocity = momentum_update(velocity, grad, cfg.momentum)
-                grad = velocity
-            delta = candidate_step(delta, grad, cfg)
+            delta, velocity = momentum_step(delta, velocity, grad, cfg)
             if on_step is not None:
                 on_step(step, delta)
     return delta.detach()
+
+
+def momentum_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor,
+                  cfg: AttackConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(delta, velocity) after one step on `grad`, with MI-FGSM momentum when cfg.momentum > 0 (`grad` is the
+    caller's to give away: it may become the velocity)."""
+    if cfg.momentum > 0 and cfg.norm == "linf":
+        return momentum_sign_step(delta, velocity, grad, cfg.momentum, cfg.alpha, cfg.eps)
+    if cfg.momentum > 0:
+        velocity = momentum_update(velocity, grad, cfg.momentum)
+        grad = velocity
+    return candidate_step(delta, grad, cfg), velocity
 
 
 def candidate_step(delta: torch.Tensor, grad: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:

@@ -37,10 +37,11 @@ MAX_REGION_ZOOM = 1.0
 @dataclass(frozen=True)
 class PastedRegions:
     """Perturbed regions held as their clean pixels plus what the paste changed in each face's window: sampling
-    reads both at once (a fused kernel), so the optimiser never assembles whole perturbed regions."""
+    reads both at once (a fused kernel), so the optimiser never assembles whole perturbed regions. Both are
+    channels last, the layout the kernels read fastest (see paste_kernels)."""
 
-    clean: torch.Tensor  # [B,3,H,W]
-    change: torch.Tensor  # [B,3,h,w]: perturbed minus clean pixels of each face's window (top left), 0 elsewhere
+    clean: torch.Tensor  # [B,H,W,3]
+    change: torch.Tensor  # [B,h,w,3]: perturbed minus clean pixels of each face's window (top left), 0 elsewhere
     corner: torch.Tensor  # [B,2] long: (u0, v0), where each window starts in its region
 
     def sample(self, dst_to_region: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -57,7 +58,7 @@ class PasteGroup:
     faces: torch.Tensor  # [G] their positions in the batch
     rows: torch.Tensor  # [G] long: each face's row in taps and clean
     taps: PasteTaps  # [R,...]: where each window pixel reads the source
-    clean: torch.Tensor  # [R,3,h,w]: each clean window at the top left, zeros around it
+    clean: torch.Tensor  # [R,h,w,3]: each clean window at the top left, zeros around it (channels last)
 
     def taken(self, index: torch.Tensor, batch_size: int) -> PasteGroup | None:
         """This group's part of batch.take(index) (None if none of its faces is taken)."""
@@ -90,6 +91,7 @@ class FaceBatch:
     _region_warps: C.BatchedRegionWarps | None = field(default=None, init=False, repr=False, compare=False)
     _in_canonical_space: bool | None = field(default=None, init=False, repr=False, compare=False)
     _paste_groups: list[PasteGroup] | None = field(default=None, init=False, repr=False, compare=False)
+    _clean_channels_last: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.regions.shape[0]
@@ -155,7 +157,14 @@ class FaceBatch:
             parts.append(PasteChange.apply(src.contiguous(), group.taps, group.rows, group.clean))
             order.append(group.faces)
         change = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.cat(order))]
-        return PastedRegions(self.regions, change, self.window_corners)
+        return PastedRegions(self.clean_channels_last, change, self.window_corners)
+
+    @property
+    def clean_channels_last(self) -> torch.Tensor:
+        """The regions [B,H,W,3] as the paste and crop kernels read them, made once per batch."""
+        if self._clean_channels_last is None:
+            self._clean_channels_last = self.regions.permute(0, 2, 3, 1).contiguous()
+        return self._clean_channels_last
 
     @property
     def paste_groups(self) -> list[PasteGroup]:
@@ -167,10 +176,10 @@ class FaceBatch:
             w_ = max(w.window[2] - w.window[0] for w in warps)
             self._paste_groups = []
             for small, index in C.warp_groups(warps):
-                clean = self.regions.new_zeros(len(index), 3, h, w_)
+                clean = self.regions.new_zeros(len(index), h, w_, 3)
                 for j, i in enumerate(index):
                     u0, v0, u1, v1 = warps[i].window
-                    clean[j, :, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1]
+                    clean[j, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1].permute(1, 2, 0)
                 taps = PasteTaps.from_warps([warps[i] for i in index], small or C.CANONICAL_SIZE, (h, w_))
                 self._paste_groups.append(PasteGroup(small, torch.tensor(index), torch.arange(len(index)), taps, clean))
         return self._paste_groups
@@ -201,6 +210,8 @@ class FaceBatch:
         part = FaceBatch(self.regions[index], self.canonical_to_region[index],
                          {g: m[index] for g, m in self.crop_to_region.items()}, self.quantise, self.mask, warps)
         part._paste_groups = groups
+        if self._clean_channels_last is not None:
+            part._clean_channels_last = self._clean_channels_last[index]
         return part
 
     def canonical(self, regions: Regions) -> torch.Tensor:

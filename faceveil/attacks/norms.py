@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
+
+from faceveil.jit import as_array, parallel_kernel, use_torch_threads
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -37,8 +41,60 @@ def descend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str, ep
 
 def momentum_update(velocity: torch.Tensor | None, grad: torch.Tensor, mu: float) -> torch.Tensor:
     """MI-FGSM: g_{t+1} = mu * g_t + grad / ||grad||_1 (per sample, mean-abs normalised)."""
-    scaled = grad / grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    scaled = grad / _mean_abs(grad).view(-1, *([1] * (grad.dim() - 1)))
     return scaled if velocity is None else mu * velocity + scaled
+
+
+def _mean_abs(grad: torch.Tensor) -> torch.Tensor:
+    """[B] each sample's mean absolute value (at least 1e-12)."""
+    return grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
+
+
+def momentum_sign_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor, mu: float,
+                       alpha: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`momentum_update` then `descend` under L-inf, in one pass over the batch: (new delta, new velocity). The
+    same float operations in the same order (bit-identical results); the velocity is updated in place, delta is
+    not (hooks may hold it). Separately they take nine passes and four temporaries of the batch's size: 3 % of an
+    iteration on 16 faces, measured."""
+    first = velocity is None
+    velocity = torch.empty_like(grad) if first else velocity
+    stepped = torch.empty_like(delta)
+    use_torch_threads()
+    rows = [len(delta), -1]
+    _momentum_sign_step(as_array(delta).reshape(rows), velocity.numpy().reshape(rows), as_array(grad).reshape(rows),
+                        _mean_abs(grad).numpy(), stepped.numpy().reshape(rows), mu, alpha, eps, first)
+    return stepped, velocity
+
+
+_CHUNK = 16384  # values per task: enough to outweigh a task's scheduling, small enough to share out one face
+
+
+@parallel_kernel
+def _momentum_sign_step(delta, velocity, grad, mean_abs, out, mu, alpha, eps, first):
+    """velocity = grad / mean_abs (first step) or mu * velocity + grad / mean_abs; out = clamp(delta - alpha *
+    sign(velocity), -eps, eps); arrays [B, N] float32, the scalars as float32 as torch's ops take them. Simple
+    loops over 1-D slices, so that they vectorise."""
+    batch, size = delta.shape
+    chunks = (size + _CHUNK - 1) // _CHUNK
+    m, step, bound = np.float32(mu), np.float32(-alpha), np.float32(eps)
+    for task in numba.prange(batch * chunks):
+        b = task // chunks
+        start = (task - b * chunks) * _CHUNK
+        stop = min(size, start + _CHUNK)
+        scale = mean_abs[b]
+        d, v, g, o = delta[b, start:stop], velocity[b, start:stop], grad[b, start:stop], out[b, start:stop]
+        if first:
+            for i in range(stop - start):
+                v[i] = g[i] / scale
+        else:
+            for i in range(stop - start):
+                v[i] = m * v[i] + g[i] / scale
+        for i in range(stop - start):
+            x = v[i]
+            sign = np.float32(1) if x > 0 else (np.float32(-1) if x < 0 else np.float32(0))
+            y = sign * step + d[i]
+            y = y if y > -bound else -bound  # clamp(y, -eps, eps)
+            o[i] = y if y < bound else bound
 
 
 def random_init(shape: torch.Size, norm: str, eps: float, generator: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,11 @@ plus grid_sample's scatter backward, twice: more than the surrogate networks the
 Here the paste is one pass forward and one backward, and a crop reads the clean region and the change at once.
 The paste's taps are computed once per batch (its warp is fixed); a crop's, whose jitter changes every iteration,
 where they are used.
+
+The clean regions and the change are held channels last ([B,H,W,3]): a crop pixel's 2x2 block then lies in two
+runs of 24 bytes instead of six planes. The kernels are bound by memory, not arithmetic: with channels first, 16
+faces' crops took 2.6 times as long as the same faces one by one (their data no longer stayed in cache); the
+arithmetic, and the order of every sum, is the same in either layout.
 """
 
 from __future__ import annotations
@@ -75,29 +80,28 @@ def _paste_forward(src, rows, offset, weight_x, weight_y, row_spans, clean, chan
     """change = round8(clip(clean + warp(src))) - clean; inside = clean + warp(src) within [0, 1], on each row's
     span, 0 beyond it (the masked perturbation is below _NO_CHANGE there: with 8-bit clean pixels, as FaceBatch's
     regions are, it changes none). src [G,3,S,S]; face g's taps and clean window are row rows[g] of theirs
-    ([R,...], [R,3,h,w]); change [G,3,h,w], inside uint8 [G,3,h,w]. One task per window row, the three channels
+    ([R,...], [R,h,w,3]); change [G,h,w,3], inside uint8 [G,h,w,3]. One task per window row, the three channels
     together: their taps are read once (25 % faster than a task per channel)."""
-    groups, size, h = src.shape[0], src.shape[2], clean.shape[2]
+    groups, size, h = src.shape[0], src.shape[2], clean.shape[1]
     for task in numba.prange(groups * h):
         g = task // h
         v = task - g * h
         r = rows[g]
         at, wx, wy = offset[r, v], weight_x[r, v], weight_y[r, v]
         start, stop = row_spans[r, v, 0], row_spans[r, v, 1]
-        for c in range(3):
-            change[g, c, v, :start] = 0
-            change[g, c, v, stop:] = 0
-            inside[g, c, v, :start] = 0
-            inside[g, c, v, stop:] = 0
+        change[g, v, :start] = 0
+        change[g, v, stop:] = 0
+        inside[g, v, :start] = 0
+        inside[g, v, stop:] = 0
         red, green, blue = (src[g, 0].reshape(size * size), src[g, 1].reshape(size * size),
                             src[g, 2].reshape(size * size))
         for u in range(start, stop):
             o = at[u]
             w00, w01 = wy[u, 0] * wx[u, 0], wy[u, 0] * wx[u, 1]
             w10, w11 = wy[u, 1] * wx[u, 0], wy[u, 1] * wx[u, 1]
-            _round_paste(clean[r, 0, v, u], change, inside, g, 0, v, u, _bilinear(red, o, size, w00, w01, w10, w11))
-            _round_paste(clean[r, 1, v, u], change, inside, g, 1, v, u, _bilinear(green, o, size, w00, w01, w10, w11))
-            _round_paste(clean[r, 2, v, u], change, inside, g, 2, v, u, _bilinear(blue, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, v, u, 0], change, inside, g, v, u, 0, _bilinear(red, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, v, u, 1], change, inside, g, v, u, 1, _bilinear(green, o, size, w00, w01, w10, w11))
+            _round_paste(clean[r, v, u, 2], change, inside, g, v, u, 2, _bilinear(blue, o, size, w00, w01, w10, w11))
 
 
 @kernel
@@ -107,12 +111,12 @@ def _bilinear(plane, o, size, w00, w01, w10, w11):
 
 
 @kernel
-def _round_paste(before, change, inside, g, c, v, u, warped):
+def _round_paste(before, change, inside, g, v, u, c, warped):
     """The pasted pixel before + warped, clipped and rounded to 8 bits: its change and whether clip let it through."""
     zero, one, levels = np.float32(0), np.float32(1), np.float32(255)
     pixel = before + warped
-    inside[g, c, v, u] = (pixel >= zero) & (pixel <= one)
-    change[g, c, v, u] = np.rint(min(max(pixel, zero), one) * levels) / levels - before
+    inside[g, v, u, c] = (pixel >= zero) & (pixel <= one)
+    change[g, v, u, c] = np.rint(min(max(pixel, zero), one) * levels) / levels - before
 
 
 @parallel_kernel
@@ -129,14 +133,14 @@ def _paste_backward(grad_change, rows, offset, weight_x, weight_y, row_spans, in
         last = first + 1 if per_channel else channels
         r = rows[g]
         planes = grad_src[g].reshape(channels, size * size)
-        for v in range(grad_change.shape[2]):
+        for v in range(grad_change.shape[1]):
             at, wx, wy = offset[r, v], weight_x[r, v], weight_y[r, v]
             for u in range(row_spans[r, v, 0], row_spans[r, v, 1]):
                 o = at[u]
                 for c in range(first, last):
-                    if not inside[g, c, v, u]:
+                    if not inside[g, v, u, c]:
                         continue
-                    grad = grad_change[g, c, v, u]
+                    grad = grad_change[g, v, u, c]
                     top, bottom = wy[u, 0] * grad, wy[u, 1] * grad
                     planes[c, o] += wx[u, 0] * top
                     planes[c, o + 1] += wx[u, 1] * top
@@ -146,7 +150,7 @@ def _paste_backward(grad_change, rows, offset, weight_x, weight_y, row_spans, in
 
 class PasteChange(torch.autograd.Function):
     """(src [G,3,S,S]: canonical perturbations, masked and low-passed; PasteTaps [R,...] and clean windows
-    [R,3,h,w] of the faces, face g at row rows[g]) -> what pasting src changes in each window [G,3,h,w], 8-bit
+    [R,h,w,3] of the faces, face g at row rows[g]) -> what pasting src changes in each window [G,h,w,3], 8-bit
     rounded; the gradient flows to src."""
 
     @staticmethod
@@ -184,13 +188,14 @@ def _source_pixel(m, u, v):
 
 @parallel_kernel
 def _sample_forward(clean, change, corner, dst_to_region, out, block, fraction):
-    """out = bilinear samples of (clean + change) at dst_to_region @ (u, v, 1), zeros outside the region;
-    change [B,C,h,w] is the region's window starting at corner[b] = (u0, v0), zero beyond it. Each crop pixel's
-    2x2 block (top-left region pixel [B,oh,ow,2] int32) and fractions (float32) are kept for the backward.
+    """out [B,C,oh,ow] = bilinear samples of (clean [B,H,W,C] + change) at dst_to_region @ (u, v, 1), zeros
+    outside the region; change [B,h,w,C] is the region's window starting at corner[b] = (u0, v0), zero beyond
+    it. Each crop pixel's 2x2 block (top-left region pixel [B,oh,ow,2] int32) and fractions (float32) are kept for
+    the backward.
     Blocks wholly inside the region, and wholly inside or outside the window (nearly all), take a path without
     per-tap tests."""
-    batch, channels, height, width = clean.shape
-    h, w = change.shape[2], change.shape[3]
+    batch, height, width, channels = clean.shape
+    h, w = change.shape[1], change.shape[2]
     oh, ow = out.shape[2], out.shape[3]
     one = np.float32(1)
     for task in numba.prange(batch * oh):
@@ -212,21 +217,21 @@ def _sample_forward(clean, change, corner, dst_to_region, out, block, fraction):
             w00, w01 = (one - fy) * (one - fx), (one - fy) * fx
             w10, w11 = fy * (one - fx), fy * fx
             for c in range(channels):
-                p00, p01 = clean[b, c, y0, x0], clean[b, c, y0, x0 + 1]
-                p10, p11 = clean[b, c, y0 + 1, x0], clean[b, c, y0 + 1, x0 + 1]
+                p00, p01 = clean[b, y0, x0, c], clean[b, y0, x0 + 1, c]
+                p10, p11 = clean[b, y0 + 1, x0, c], clean[b, y0 + 1, x0 + 1, c]
                 if in_window:
-                    p00 += change[b, c, wy, wx]
-                    p01 += change[b, c, wy, wx + 1]
-                    p10 += change[b, c, wy + 1, wx]
-                    p11 += change[b, c, wy + 1, wx + 1]
+                    p00 += change[b, wy, wx, c]
+                    p01 += change[b, wy, wx + 1, c]
+                    p10 += change[b, wy + 1, wx, c]
+                    p11 += change[b, wy + 1, wx + 1, c]
                 out[b, c, v, u] = w00 * p00 + w01 * p01 + w10 * p10 + w11 * p11
 
 
 @kernel
 def _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0):
     """One crop pixel whose block leaves the region (zeros there) or straddles the window's edge: tap by tap."""
-    height, width = clean.shape[2], clean.shape[3]
-    h, w = change.shape[2], change.shape[3]
+    height, width = clean.shape[1], clean.shape[2]
+    h, w = change.shape[1], change.shape[2]
     one, value = np.float32(1), np.float32(0)
     for ty in range(y0, y0 + 2):
         if ty < 0 or ty >= height:
@@ -235,53 +240,60 @@ def _edge_sample(clean, change, b, c, x0, y0, fx, fy, u0, v0):
         for tx in range(x0, x0 + 2):
             if tx < 0 or tx >= width:
                 continue
-            pixel = clean[b, c, ty, tx]
+            pixel = clean[b, ty, tx, c]
             if 0 <= ty - v0 < h and 0 <= tx - u0 < w:
-                pixel += change[b, c, ty - v0, tx - u0]
+                pixel += change[b, ty - v0, tx - u0, c]
             value += weight_y * (fx if tx > x0 else one - fx) * pixel
     return value
 
 
 @parallel_kernel
 def _sample_backward(grad_out, corner, block, fraction, grad_change):
-    """The adjoint of `_sample_forward` for change, scattered into grad_change [B,C,h,w] (zeroed) one
-    (face, channel) plane per task (taps outside the window carry no gradient: change is zero there)."""
+    """The adjoint of `_sample_forward` for change, scattered into grad_change [B,h,w,C] (zeroed), one face per
+    task: no two threads add to the same pixel, and every pixel sums its terms in a fixed order (taps outside the
+    window carry no gradient: change is zero there). A task per (face, channel), as the channels-first layout had,
+    would make two threads write the same cache lines; one face alone runs on one thread (0.2 ms)."""
     batch, channels, oh, ow = grad_out.shape
-    h, w = grad_change.shape[2], grad_change.shape[3]
-    one = np.float32(1)
-    for task in numba.prange(batch * channels):
-        b = task // channels
-        c = task - b * channels
-        plane, u0, v0 = grad_change[b, c], corner[b, 0], corner[b, 1]
+    h, w = grad_change.shape[1], grad_change.shape[2]
+    for b in numba.prange(batch):
+        plane, u0, v0 = grad_change[b], corner[b, 0], corner[b, 1]
         for v in range(oh):
             for u in range(ow):
                 x0, y0 = block[b, v, u, 0] - u0, block[b, v, u, 1] - v0  # in window pixels
                 if x0 < -1 or x0 >= w or y0 < -1 or y0 >= h:
                     continue
-                fx, fy = fraction[b, v, u, 0], fraction[b, v, u, 1]
-                grad = grad_out[b, c, v, u]
-                if 0 <= x0 < w - 1 and 0 <= y0 < h - 1:
-                    top, bottom = grad * (one - fy), grad * fy
-                    plane[y0, x0] += top * (one - fx)
-                    plane[y0, x0 + 1] += top * fx
-                    plane[y0 + 1, x0] += bottom * (one - fx)
-                    plane[y0 + 1, x0 + 1] += bottom * fx
-                    continue
-                for ty in range(max(y0, 0), min(y0 + 2, h)):
-                    g = grad * (fy if ty > y0 else one - fy)
-                    for tx in range(max(x0, 0), min(x0 + 2, w)):
-                        plane[ty, tx] += g * (fx if tx > x0 else one - fx)
+                for c in range(channels):
+                    _scatter_tap(plane, grad_out[b, c, v, u], x0, y0, fraction[b, v, u, 0], fraction[b, v, u, 1],
+                                 c, h, w)
+
+
+@kernel
+def _scatter_tap(plane, grad, x0, y0, fx, fy, c, h, w):
+    """Adds one crop pixel's gradient to channel c of its 2x2 block of plane [h,w,C] (the parts inside it)."""
+    one = np.float32(1)
+    if 0 <= x0 < w - 1 and 0 <= y0 < h - 1:
+        top, bottom = grad * (one - fy), grad * fy
+        plane[y0, x0, c] += top * (one - fx)
+        plane[y0, x0 + 1, c] += top * fx
+        plane[y0 + 1, x0, c] += bottom * (one - fx)
+        plane[y0 + 1, x0 + 1, c] += bottom * fx
+        return
+    for ty in range(max(y0, 0), min(y0 + 2, h)):
+        g = grad * (fy if ty > y0 else one - fy)
+        for tx in range(max(x0, 0), min(x0 + 2, w)):
+            plane[ty, tx, c] += g * (fx if tx > x0 else one - fx)
 
 
 class SamplePasted(torch.autograd.Function):
-    """Crops [B,C,oh,ow] of perturbed regions (clean [B,C,H,W] plus change [B,C,h,w] at corner [B,2]) through
-    dst -> region pixel matrices [B,2,3]: `canonical.sample` of the pasted regions; the gradient flows to change."""
+    """Crops [B,C,oh,ow] of perturbed regions (clean [B,H,W,C] plus change [B,h,w,C] at corner [B,2], channels
+    last) through dst -> region pixel matrices [B,2,3]: `canonical.sample` of the pasted regions; the gradient flows
+    to change."""
 
     @staticmethod
     def forward(ctx, clean: torch.Tensor, change: torch.Tensor, corner: torch.Tensor, dst_to_region: torch.Tensor,
                 out_hw: tuple[int, int]) -> torch.Tensor:
         use_torch_threads()
-        out = torch.empty(clean.shape[0], clean.shape[1], *out_hw, dtype=clean.dtype)
+        out = torch.empty(clean.shape[0], clean.shape[3], *out_hw, dtype=clean.dtype)
         block = torch.empty(clean.shape[0], *out_hw, 2, dtype=torch.int32)
         fraction = torch.empty(clean.shape[0], *out_hw, 2)
         matrices = dst_to_region.to(torch.float64).contiguous().numpy()
