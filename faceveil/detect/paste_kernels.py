@@ -10,9 +10,10 @@ The paste's taps are computed once per batch (its warp is fixed); a crop's, whos
 where they are used.
 
 The clean regions and the change are held channels last ([B,H,W,3]): a crop pixel's 2x2 block then lies in two
-runs of 24 bytes instead of six planes. The kernels are bound by memory, not arithmetic: with channels first, 16
-faces' crops took 2.6 times as long as the same faces one by one (their data no longer stayed in cache); the
-arithmetic, and the order of every sum, is the same in either layout.
+runs of 24 bytes instead of six planes. The kernels are bound by memory, not arithmetic (16 faces' crops took 2.6
+times as long as the same faces one by one, each still in cache). Measured with the caches flushed between calls,
+16 faces: crop sampling 5.5 -> 5.1 ms forward, 3.2 -> 2.6 backward; the paste, which reads its sources channels
+first, unchanged. The arithmetic, and the order of every sum, is the same in either layout (bit-identical).
 """
 
 from __future__ import annotations
