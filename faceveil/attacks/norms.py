@@ -54,8 +54,8 @@ def momentum_sign_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad:
                        alpha: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`momentum_update` then `descend` under L-inf, in one pass over the batch: (new delta, new velocity). The
     same float operations in the same order (bit-identical results); the velocity is updated in place, delta is
-    not (hooks may hold it). Separately they take nine passes and four temporaries of the batch's size: 3 % of an
-    iteration on 16 faces, measured."""
+    not (hooks may hold it). Separately they take nine passes and four temporaries of the batch's size: measured
+    on 16 faces with the caches flushed, 5.4-10.0 ms against 3.4-3.7 fused, of an iteration of about 200 ms."""
     first = velocity is None
     velocity = torch.empty_like(grad) if first else velocity
     stepped = torch.empty_like(delta)
@@ -72,8 +72,8 @@ _CHUNK = 16384  # values per task: enough to outweigh a task's scheduling, small
 @parallel_kernel
 def _momentum_sign_step(delta, velocity, grad, mean_abs, out, mu, alpha, eps, first):
     """velocity = grad / mean_abs (first step) or mu * velocity + grad / mean_abs; out = clamp(delta - alpha *
-    sign(velocity), -eps, eps); arrays [B, N] float32, the scalars as float32 as torch's ops take them. Simple
-    loops over 1-D slices, so that they vectorise."""
+    sign(velocity), -eps, eps); arrays [B, N] float32, the scalars as float32 as torch's ops take them. Plain
+    loops over 1-D slices: one loop over 2-D indices with the branches inside ran 3-5x slower than torch's ops."""
     batch, size = delta.shape
     chunks = (size + _CHUNK - 1) // _CHUNK
     m, step, bound = np.float32(mu), np.float32(-alpha), np.float32(eps)
