@@ -15,7 +15,7 @@ from tqdm import tqdm
 from faceveil.attacks.diversity import input_diversity
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
-from faceveil.attacks.norms import descend, momentum_sign_step, momentum_update, random_init
+from faceveil.attacks.norms import descend, momentum_descend, random_init
 from faceveil.detect import canonical as C
 from faceveil.models import zoo
 
@@ -160,11 +160,8 @@ def momentum_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torc
                   cfg: AttackConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(delta, velocity) after one step on `grad`, with MI-FGSM momentum when cfg.momentum > 0 (`grad` is the
     caller's to give away: it may become the velocity)."""
-    if cfg.momentum > 0 and cfg.norm == "linf":
-        return momentum_sign_step(delta, velocity, grad, cfg.momentum, cfg.alpha, cfg.eps)
     if cfg.momentum > 0:
-        velocity = momentum_update(velocity, grad, cfg.momentum)
-        grad = velocity
+        return momentum_descend(delta, velocity, grad, cfg.momentum, cfg.alpha, cfg.norm, cfg.eps)
     return candidate_step(delta, grad, cfg), velocity
 
 

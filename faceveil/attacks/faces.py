@@ -179,7 +179,7 @@ class FaceBatch:
                 clean = self.regions.new_zeros(len(index), h, w_, 3)
                 for j, i in enumerate(index):
                     u0, v0, u1, v1 = warps[i].window
-                    clean[j, :v1 - v0, :u1 - u0] = self.regions[i, :, v0:v1, u0:u1].permute(1, 2, 0)
+                    clean[j, :v1 - v0, :u1 - u0] = self.clean_channels_last[i, v0:v1, u0:u1]
                 taps = PasteTaps.from_warps([warps[i] for i in index], small or C.CANONICAL_SIZE, (h, w_))
                 self._paste_groups.append(PasteGroup(small, torch.tensor(index), torch.arange(len(index)), taps, clean))
         return self._paste_groups

@@ -50,6 +50,16 @@ def _mean_abs(grad: torch.Tensor) -> torch.Tensor:
     return grad.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
 
 
+def momentum_descend(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor, mu: float,
+                     alpha: float, norm: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`momentum_update` then `descend`: (new delta, new velocity); under L-inf in one pass (`momentum_sign_step`).
+    `grad` is the caller's to give away: it may become the velocity."""
+    if norm == "linf":
+        return momentum_sign_step(delta, velocity, grad, mu, alpha, eps)
+    velocity = momentum_update(velocity, grad, mu)
+    return descend(delta, velocity, alpha, norm, eps), velocity
+
+
 def momentum_sign_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor, mu: float,
                        alpha: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`momentum_update` then `descend` under L-inf, in one pass over the batch: (new delta, new velocity). The
