@@ -14,7 +14,7 @@ from PIL import Image
 from faceveil import weights
 from faceveil.detect import align as A
 from faceveil.detect.cache import DetectionCache, cache_for, detect_file
-from faceveil.detect.mtcnn import MTCNN, Face, nearest_to_center, nms
+from faceveil.detect.mtcnn import MTCNN, Face, _Pieces, _torch_threads, nearest_to_center, nms
 
 MTCNN_FILES = [weights.home() / "mtcnn" / f"{n}.pt" for n in ("pnet", "rnet", "onet")]
 FETCH_HINT = "run ./setup.sh or `faceveil models fetch`"
@@ -110,6 +110,26 @@ def test_detect_large_matches_full_resolution(detector: MTCNN) -> None:
     scale = big.shape[1] / photo.width
     for face, ref in zip(faces, reference, strict=True):
         assert np.abs(face.scaled(1 / scale, 1 / scale).landmarks - ref.landmarks).max() < 0.06 * ref.size
+
+
+@needs_mtcnn
+@needs_samples
+def test_detection_does_not_depend_on_workers() -> None:
+    """Pyramid levels, P-Net stripes and crop slices shared among threads give exactly one thread's result."""
+    photo = np.asarray(Image.open(SAMPLES[3]).convert("RGB"))
+    results = [MTCNN(workers=n).detect_large(photo) for n in (1, 2, 3)]
+    assert len(results[0]) >= CONFIDENT_FACES[3]
+    for other in results[1:]:
+        assert [f.to_dict() for f in other] == [f.to_dict() for f in results[0]]
+
+
+def test_detection_pieces_run_on_one_intra_op_thread_without_autograd() -> None:
+    """A worker thread would otherwise start with OpenMP's default (every core) and nest a team in each op."""
+    previous = torch.get_num_threads()
+    with _torch_threads(1), _Pieces(2) as pieces:
+        seen = pieces.map(lambda _: (torch.get_num_threads(), torch.is_inference_mode_enabled()), list(range(6)))
+    assert seen == [(1, True)] * 6
+    assert torch.get_num_threads() == previous
 
 
 @needs_mtcnn

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,11 +32,11 @@ from faceveil import weights
 # Bump when detection output changes, so cached detections are recomputed.
 ALGORITHM_VERSION = "mtcnn-1"
 _CHUNK = 256
+T = TypeVar("T")
+R = TypeVar("R")
 _STRIPE_ROWS = 64
 # Crops and pyramid levels are area-resampled from an image copy at least this many times their size.
 _DETAIL = 4
-# P-Net levels at least this big may use several threads; everything smaller runs on one (see MTCNN).
-_BIG_LEVEL = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,27 +115,32 @@ class PNet(nn.Module):
         self.conv4_2 = nn.Conv2d(32, 4, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N,3,H,W] normalised -> (face probability [N,H',W'], box regression [N,4,H',W'])."""
-        if x.shape[2] > 2 * _STRIPE_ROWS + 12:
-            return self._striped(x)
+        """x [N,3,H,W] normalised -> (face probability [N,H',W'], box regression [N,4,H',W']); computed on
+        horizontal stripes (`stripes`), so activations stay in cache (~1.5x faster)."""
+        parts = [self.stripe(x[:, :, a:b]) for a, b in self.stripes(x.shape[2])]
+        return self.join(parts)
+
+    def stripe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs of one stripe of input rows, or of a whole input."""
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         logits = self.conv4_1(x)
         return torch.sigmoid(logits[:, 1] - logits[:, 0]), self.conv4_2(x)
 
-    def _striped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same result computed on horizontal stripes, so activations stay in cache (~1.5x faster).
+    @staticmethod
+    def stripes(height: int) -> list[tuple[int, int]]:
+        """Input row ranges of at most _STRIPE_ROWS output rows each: output row j sees input rows 2j .. 2j+11
+        only, so the stripes' outputs, one under the other, are the whole input's."""
+        if height <= 2 * _STRIPE_ROWS + 12:
+            return [(0, height)]
+        rows_out = (height - 1) // 2 - 4
+        return [(2 * j0, 2 * min(j0 + _STRIPE_ROWS, rows_out) + 10) for j0 in range(0, rows_out, _STRIPE_ROWS)]
 
-        Output row j sees input rows 2j .. 2j+11 only.
-        """
-        rows_out = (x.shape[2] - 1) // 2 - 4
-        probs, regs = [], []
-        for j0 in range(0, rows_out, _STRIPE_ROWS):
-            j1 = min(j0 + _STRIPE_ROWS, rows_out)
-            prob, reg = self(x[:, :, 2 * j0: 2 * j1 + 10])
-            probs.append(prob[:, : j1 - j0])
-            regs.append(reg[:, :, : j1 - j0])
-        return torch.cat(probs, dim=1), torch.cat(regs, dim=2)
+    @staticmethod
+    def join(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p for p, _ in parts], dim=1), torch.cat([r for _, r in parts], dim=2)
 
 
 class RNet(nn.Module):
@@ -260,8 +267,9 @@ class _Levels:
     MTCNN (facenet-pytorch instead stretches the part inside the image).
     """
 
-    def __init__(self, image: Image.Image) -> None:
+    def __init__(self, image: Image.Image, pieces: _Pieces | None = None) -> None:
         self.levels: list[tuple[Image.Image, float, float]] = [(image, 1.0, 1.0)]
+        self.pieces = pieces or _Pieces(1)
 
     def resized(self, sx: float, sy: float, size: tuple[int, int]) -> Image.Image:
         """A copy of the image at scale (sx, sy) with pixel size `size`, made from a larger copy; kept."""
@@ -275,16 +283,61 @@ class _Levels:
         return level
 
     def crops(self, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """boxes [N,4] (pixel-edge units of the full image) -> normalised net input [N,3,size,size]."""
+        """boxes [N,4] (pixel-edge units of the full image) -> normalised net input [N,3,size,size]; consecutive
+        slices of the boxes are cut in parallel."""
+        edges = np.linspace(0, len(boxes), min(self.pieces.workers, len(boxes)) + 1).round().astype(int)
+        parts = self.pieces.map(lambda part: self._mosaic(boxes[part[0]:part[1]].tolist(), size),
+                                list(zip(edges[:-1], edges[1:], strict=True)))
+        pixels = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8))
+        return (pixels.permute(0, 3, 1, 2).float() - 127.5) * 0.0078125
+
+    def _mosaic(self, boxes: list[list[float]], size: int) -> np.ndarray:
+        """The crops of `boxes` [n, size, size, 3] uint8, each from the smallest copy with enough detail."""
         mosaic = Image.new("RGB", (size, size * len(boxes)))
         scales = [min(sx, sy) for _, sx, sy in self.levels]
-        for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
             side = min(x2 - x1, y2 - y1)
             pick = max((k for k, s in enumerate(scales) if side * s >= _DETAIL * size), default=0)
             image, sx, sy = self.levels[pick]
             mosaic.paste(_crop(image, (x1 * sx, y1 * sy, x2 * sx, y2 * sy), size), (0, i * size))
-        pixels = torch.from_numpy(np.array(mosaic).reshape(len(boxes), size, size, 3))
-        return (pixels.permute(0, 3, 1, 2).float() - 127.5) * 0.0078125
+        return np.array(mosaic).reshape(len(boxes), size, size, 3)
+
+
+class _Pieces:
+    """Independent pieces of one detection run on `workers` threads, each torch op on one intra-op thread;
+    results come back in order. Used as a context (the threads end with it); one worker runs them in turn."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Pieces:
+        if self.workers > 1:
+            # a fresh thread reads OpenMP's process default (all cores) until told otherwise
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="faceveil-detect",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def submit(self, fn: Callable[[T], R], item: T) -> Future[R]:
+        """fn(item) on a worker (at once, here, with one worker)."""
+        if self._pool is not None:
+            return self._pool.submit(_piece, fn, item)
+        done: Future[R] = Future()
+        done.set_result(fn(item))
+        return done
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        return [f.result() for f in [self.submit(fn, item) for item in items]]
+
+
+def _piece(fn: Callable[[T], R], item: T) -> R:
+    with torch.inference_mode():  # grad mode is per thread
+        return fn(item)
 
 
 def _crop(image: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
@@ -305,20 +358,20 @@ class MTCNN:
     """Three-stage MTCNN. `detect` for ordinary photos, `detect_large` for big ones (downscale + refine).
 
     Threads: almost all MTCNN work is small tensor ops, which torch's multi-threading slows down (several
-    times; 10x or worse when other processes keep the cores busy, as ffmpeg does in the video pipeline). So
-    detection runs on one intra-op thread, except P-Net on big pyramid levels, which uses `threads` (default 1:
-    on a busy 2-core machine even those levels ran 2-3x slower with 2 threads; None = torch's setting). To use
-    several cores, detect several images in parallel processes. torch.set_num_threads is process-wide: do not
-    detect from one Python thread while another runs torch.
+    times; 10x or worse when other processes keep the cores busy, as ffmpeg does in the video pipeline). So every
+    op runs on one intra-op thread, and the cores share the work by pieces instead: `workers` Python threads
+    (default: torch's thread count) each score whole pyramid levels with P-Net and cut slices of the R-Net/O-Net
+    crops (torch and PIL release the GIL inside them). Every piece is computed exactly as one thread would, and
+    the pieces are joined in order, so the result does not depend on `workers`. torch.set_num_threads is
+    process-wide: do not detect from one Python thread while another runs torch.
     """
 
     def __init__(self, min_face_size: float = 20.0, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-                 factor: float = 0.709, threads: int | None = 1) -> None:
+                 factor: float = 0.709, workers: int | None = None) -> None:
         self.min_face_size = float(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = float(factor)
-        self.threads = threads
-        self._big_threads = 1
+        self.workers = workers
         self.pnet = _load(PNet(), "pnet")
         self.rnet = _load(RNet(), "rnet")
         self.onet = _load(ONet(), "onet")
@@ -334,9 +387,10 @@ class MTCNN:
     @torch.inference_mode()
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces in an HxWx3 uint8 RGB image, best score first."""
-        levels = _Levels(Image.fromarray(_check_image(image)))
-        self._big_threads = self.threads or torch.get_num_threads()
-        with _torch_threads(1):
+        image = _check_image(image)
+        workers = self.workers or torch.get_num_threads()
+        with _torch_threads(1), _Pieces(workers) as pieces:
+            levels = _Levels(Image.fromarray(image), pieces)
             boxes = self._stage1(levels)
             if len(boxes):
                 boxes = self._stage2(levels, boxes)
@@ -368,8 +422,8 @@ class MTCNN:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(_check_image(image))
         boxes = _square(torch.tensor([f.box for f in faces], dtype=torch.float64))
-        with _torch_threads(1):
-            _, reg, marks = _batched(self.onet, _Levels(image).crops(boxes, 48))
+        with _torch_threads(1), _Pieces(self.workers or torch.get_num_threads()) as pieces:
+            _, reg, marks = _batched(self.onet, _Levels(image, pieces).crops(boxes, 48))
         marks = _landmarks(boxes, marks.double())
         boxes = _regress(boxes, reg.double())
         return [Face(tuple(b.tolist()), f.score, m.numpy().astype(np.float32))  # type: ignore[arg-type]
@@ -388,9 +442,20 @@ class MTCNN:
         return scales
 
     def _stage1(self, levels: _Levels) -> torch.Tensor:
-        """P-Net over the image pyramid (kept in `levels`) -> square candidate boxes [N,4] (float64)."""
+        """P-Net over the image pyramid (kept in `levels`) -> square candidate boxes [N,4] (float64).
+
+        The levels are made one after another (each is resampled from the smallest larger one made before it),
+        while the workers score the stripes of those already made."""
         image = levels.levels[0][0]
-        found = [self._pnet_level(levels, image, s) for s in self._scales(image.height, image.width)]
+        scored = []
+        for scale in self._scales(image.height, image.width):
+            level, sx, sy = self._pyramid_level(levels, image, scale)
+            # HWC -> NCHW view: already channels_last in memory, the layout the nets run fastest in.
+            x = (torch.from_numpy(np.array(level)).permute(2, 0, 1)[None].float() - 127.5) * 0.0078125
+            stripes = [levels.pieces.submit(self.pnet.stripe, x[:, :, a:b]) for a, b in self.pnet.stripes(x.shape[2])]
+            scored.append((sx, sy, stripes))
+        found = [self._pnet_candidates(*self.pnet.join([f.result() for f in stripes]), sx, sy)
+                 for sx, sy, stripes in scored]
         found = [f for f in found if len(f)]
         if not found:
             return torch.zeros(0, 4, dtype=torch.float64)
@@ -398,16 +463,16 @@ class MTCNN:
         cand = cand[nms(cand[:, :4], cand[:, 4], 0.7)]
         return _square(_regress(cand[:, :4], cand[:, 5:9]))
 
-    def _pnet_level(self, levels: _Levels, image: Image.Image, scale: float) -> torch.Tensor:
-        """Candidates [K, 9] (box 4, score, regression 4) from one pyramid level, after NMS 0.5."""
+    @staticmethod
+    def _pyramid_level(levels: _Levels, image: Image.Image, scale: float) -> tuple[Image.Image, float, float]:
+        """The image resampled for P-Net at `scale` (kept in `levels`), and its exact scale (sx, sy)."""
         w, h = image.size
         ws, hs = math.ceil(w * scale), math.ceil(h * scale)
         sx, sy = ws / w, hs / h
-        level = levels.resized(sx, sy, (ws, hs))
-        # HWC -> NCHW view: already channels_last in memory, the layout the nets run fastest in.
-        x = torch.from_numpy(np.array(level)).permute(2, 0, 1)[None].float()
-        with _torch_threads(self._big_threads if ws * hs >= _BIG_LEVEL else 1):
-            prob, reg = self.pnet((x - 127.5) * 0.0078125)
+        return levels.resized(sx, sy, (ws, hs)), sx, sy
+
+    def _pnet_candidates(self, prob: torch.Tensor, reg: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
+        """Candidates [K, 9] (box 4, score, regression 4) from one pyramid level's P-Net outputs, after NMS 0.5."""
         rows, cols = torch.nonzero(prob[0] >= self.thresholds[0], as_tuple=True)
         if len(rows) == 0:
             return torch.zeros(0, 9, dtype=torch.float64)
