@@ -32,11 +32,11 @@ from faceveil import weights
 # Bump when detection output changes, so cached detections are recomputed.
 ALGORITHM_VERSION = "mtcnn-1"
 _CHUNK = 256
-T = TypeVar("T")
-R = TypeVar("R")
 _STRIPE_ROWS = 64
 # Crops and pyramid levels are area-resampled from an image copy at least this many times their size.
 _DETAIL = 4
+T = TypeVar("T")  # a piece of detection work ...
+R = TypeVar("R")  # ... and its result
 
 
 @dataclass(frozen=True, eq=False)
