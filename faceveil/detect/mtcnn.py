@@ -388,8 +388,7 @@ class MTCNN:
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces in an HxWx3 uint8 RGB image, best score first."""
         image = _check_image(image)
-        workers = self.workers or torch.get_num_threads()
-        with _torch_threads(1), _Pieces(workers) as pieces:
+        with self._shared_work() as pieces:
             levels = _Levels(Image.fromarray(image), pieces)
             boxes = self._stage1(levels)
             if len(boxes):
@@ -422,12 +421,20 @@ class MTCNN:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(_check_image(image))
         boxes = _square(torch.tensor([f.box for f in faces], dtype=torch.float64))
-        with _torch_threads(1), _Pieces(self.workers or torch.get_num_threads()) as pieces:
+        with self._shared_work() as pieces:
             _, reg, marks = _batched(self.onet, _Levels(image, pieces).crops(boxes, 48))
         marks = _landmarks(boxes, marks.double())
         boxes = _regress(boxes, reg.double())
         return [Face(tuple(b.tolist()), f.score, m.numpy().astype(np.float32))  # type: ignore[arg-type]
                 for b, f, m in zip(boxes, faces, marks, strict=True)]
+
+    @contextlib.contextmanager
+    def _shared_work(self) -> Iterator[_Pieces]:
+        """Every torch op on one intra-op thread, the work shared by pieces among `workers` threads (default:
+        torch's thread count, read before it is set to one; the workers start inside the one-thread block)."""
+        workers = self.workers or torch.get_num_threads()
+        with _torch_threads(1), _Pieces(workers) as pieces:
+            yield pieces
 
     # ---- stages
 
