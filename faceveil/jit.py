@@ -8,6 +8,7 @@ outputs in a fixed order, so results do not depend on the thread count or timing
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numba
@@ -26,10 +27,21 @@ def kernel(fn: Callable) -> Callable:
 
 
 def use_torch_threads() -> None:
-    """Run numba's parallel loops on torch's thread count (the user's --threads, or the cores)."""
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Run numba's parallel loops on torch's thread count (the user's --threads, or the cores).
+
+    Called before every kernel (a recogniser's PReLUs call it some 50 times per iteration), so the count last set
+    in this thread is remembered: asking numba costs more than the smaller kernels themselves. numba's count is
+    per thread, and only this function sets it."""
+    torch_threads = torch.get_num_threads()
+    if getattr(_numba_threads, "follows", None) == torch_threads:
+        return
+    wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+    _numba_threads.follows = torch_threads
+
+
+_numba_threads = threading.local()  # .follows: the torch thread count numba was last set to follow in this thread
 
 
 def as_array(t: torch.Tensor) -> np.ndarray:

@@ -50,3 +50,19 @@ def test_keep_freed_memory_on_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert keep_freed_memory() is True
+
+
+def test_kernels_follow_torchs_thread_count_when_it_changes():
+    import numba
+
+    from faceveil.jit import use_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1):
+            torch.set_num_threads(threads)
+            use_torch_threads()
+            assert numba.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+        use_torch_threads()

@@ -64,19 +64,30 @@ class _FrozenSlopePReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # numpy views instead of torch's reshapes: at batch 1 torch's view ops cost three times the kernel itself
         x, slope = ctx.saved_tensors
         channels = x.shape[1] if x.dim() > 1 else 1
-        slope = slope.detach().reshape(-1).expand(channels).contiguous().numpy()  # one slope: the same per channel
+        slopes = slope.detach().numpy().reshape(-1)
+        if slopes.size != channels:  # one slope: the same for every channel
+            slopes = np.full(channels, slopes[0], dtype=slopes.dtype)
         use_torch_threads()
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             grad = grad.contiguous(memory_format=torch.channels_last)
             out = torch.empty_like(x, memory_format=torch.channels_last)
-            flat = [t.permute(0, 2, 3, 1).reshape(-1, channels).numpy() for t in (x, grad, out)]
-            _input_gradient_channels_last(flat[0], flat[1], slope, flat[2])
+            _input_gradient_channels_last(*(_rows(t.detach().numpy().transpose(0, 2, 3, 1), channels)
+                                            for t in (x, grad)), slopes, _rows(out.numpy().transpose(0, 2, 3, 1),
+                                                                               channels))
             return out, None
-        x, grad = x.contiguous(), grad.contiguous()
+        x, grad = x.detach().contiguous(), grad.contiguous()
         out = torch.empty_like(x)
-        flat = [t.reshape(-1 if x.dim() > 1 else 1, t[0, 0].numel() if x.dim() > 1 else t.numel()).numpy()
-                for t in (x, grad, out)]
-        _input_gradient_planes(flat[0], flat[1], slope, flat[2])
+        pixels = x[0, 0].numel() if x.dim() > 1 else x.numel()
+        _input_gradient_planes(_rows(x.numpy(), pixels), _rows(grad.numpy(), pixels), slopes,
+                               _rows(out.numpy(), pixels))
         return out, None
+
+
+def _rows(array: np.ndarray, width: int) -> np.ndarray:
+    """A view of a C-ordered array as rows of `width` (never a copy: the kernel writes into `out` through it)."""
+    view = array.view()
+    view.shape = (-1, width)  # raises instead of copying
+    return view
