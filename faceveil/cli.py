@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _smoothing_size(text: str) -> int:
+    """argparse type: a TI kernel size, 0 (off) or an odd whole number."""
+    if not text.strip().isdigit() or (int(text) > 0 and int(text) % 2 == 0):
+        raise argparse.ArgumentTypeError(f"expected 0 or an odd whole number, got {text!r}")
+    return int(text)
+
+
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
     from faceveil import weights
 
@@ -93,14 +100,15 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     jitter = args.jitter if args.jitter is not None else (2.0 if args.mode == "photos" else 0.0)
     attack = AttackConfig(eps=args.eps / 255, alpha=args.alpha / 255, steps=args.iters, norm="linf",
-                          momentum=args.momentum, diversity=args.diversity, jitter=jitter, seed=args.seed)
+                          momentum=args.momentum, diversity=args.diversity, jitter=jitter,
+                          smoothing=args.smoothing, seed=args.seed)
     settings = identification.Settings(method=args.method, mode=args.mode, attack=attack, gamma=args.gamma,
                                        batch=args.batch, progress=not args.quiet)
     rows, info = identification.run(root, judges, surrogates, settings, args.seed, args.limit, args.extra)
     meta = {"protocol": args.protocol, "dataset": str(root), "method": args.method, "mode": args.mode,
             "judges": judges, "surrogates": surrogates or "leave-one-family-out", "eps": args.eps,
             "alpha": args.alpha, "iters": args.iters, "momentum": args.momentum, "diversity": args.diversity,
-            "jitter": jitter,
+            "jitter": jitter, "smoothing": args.smoothing,
             "gamma": args.gamma, "batch": args.batch, "threads": _threads(), **info}
     emit("eval identification", meta, rows, args.json, report=args.report)
     return 0
@@ -162,7 +170,7 @@ def _protect_settings(args: argparse.Namespace):
     alpha_255 = args.alpha if args.alpha is not None else preset_alpha
     alpha = alpha_255 / 255 if alpha_255 is not None else max(eps / 255 * 2.5 / iters, 1.0 / 255)
     attack = AttackConfig(eps=eps / 255, alpha=alpha, steps=iters, norm="linf", momentum=momentum,
-                          diversity=args.diversity, jitter=args.jitter, seed=args.seed)
+                          diversity=args.diversity, jitter=args.jitter, smoothing=args.smoothing, seed=args.seed)
     return ProtectSettings(method=args.method, surrogates=zoo.parse_models(args.surrogates), attack=attack,
                            judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
                            jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
@@ -244,6 +252,8 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
                    help="alignment jitter in crop pixels averaged over while optimising (0 = off), so the mask "
                         "survives the re-detection of the saved photo")
     p.add_argument("--diversity", type=float, default=0.0, help="input-diversity probability")
+    p.add_argument("--smoothing", type=_smoothing_size, default=0, metavar="K",
+                   help="TI gradient smoothing: odd Gaussian kernel size in canonical (256 px face) pixels, 0 = off")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "
                         "protection); tip-im, center-opt, single-target")
@@ -375,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1, opom 0)")
     p.add_argument("--diversity", type=float, default=0.0,
                    help="tip-im protocol: input-diversity probability added to any method (DIM/MT-DIM use 0.5 anyway)")
+    p.add_argument("--smoothing", type=_smoothing_size, default=0, metavar="K",
+                   help="tip-im protocol: TI gradient smoothing, odd Gaussian kernel size, canonical pixels (0 = off)")
     p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
     p.add_argument("--gamma", type=float, default=0.0, help="tip-im protocol only: TIP-IM MMD naturalness weight")
     p.add_argument("--batch", type=int, default=8, help="probes protected at once")

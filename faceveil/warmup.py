@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from faceveil.attacks.diversity import translation_invariant
 from faceveil.attacks.faces import from_photos
 from faceveil.attacks.norms import momentum_sign_step
 from faceveil.detect.align import ARCFACE_112
@@ -23,6 +24,7 @@ def compile_kernels() -> float:
     delta = torch.zeros(1, 3, 256, 256, requires_grad=True)
     batch.crops(batch.pasted(delta), "arcface112").sum().backward()
     momentum_sign_step(delta.detach(), None, delta.grad, 1.0, 1 / 255, 8 / 255)
+    translation_invariant(delta.grad, 3)
     layer = PReLU(torch.full((4,), 0.25)).requires_grad_(False)
     for x in (torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last), torch.randn(2, 4, 3, 3)):
         layer(x.requires_grad_(True)).sum().backward()

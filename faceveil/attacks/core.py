@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from faceveil.attacks.diversity import input_diversity
+from faceveil.attacks.diversity import input_diversity, translation_invariant
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
 from faceveil.attacks.norms import descend, momentum_descend, random_init
@@ -118,6 +118,7 @@ class AttackConfig:
     diversity_transforms: tuple[str, ...] = ("resize",)  # DI transforms (attacks.diversity.DI_TRANSFORMS)
     dropout: float = 0.0  # DFANet feature dropout rate
     jitter: float = 0.0  # alignment jitter (crop pixels) averaged over, so masks survive re-detection
+    smoothing: int = 0  # TI: odd Gaussian kernel size (canonical pixels) the gradient is smoothed with; 0 = off
     random_start: bool = False
     seed: int = 0
 
@@ -192,19 +193,20 @@ def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, de
     if image_term is not None:
         loss = loss + image_term(regions, step)
     (grad,) = torch.autograd.grad(loss.sum(), d)
-    return grad
+    return translation_invariant(grad, cfg.smoothing)
 
 
 def loss_gradients(batch: FaceBatch, ensemble: Ensemble, objectives: list[Objective], delta: torch.Tensor,
-                   step: int) -> list[torch.Tensor]:
+                   step: int, smoothing: int = 0) -> list[torch.Tensor]:
     """Gradients of several objectives at the same iterate, from one forward pass (no diversity): the
-    activations are shared, only the backward passes differ (e.g. one per candidate target)."""
+    activations are shared, only the backward passes differ (e.g. one per candidate target). `smoothing`: TI's
+    kernel size, as AttackConfig.smoothing."""
     d = delta.detach().requires_grad_(True)
     emb = ensemble.embed(batch, batch.pasted(d))
     grads = []
     for i, objective in enumerate(objectives):
         (grad,) = torch.autograd.grad(objective(emb, step).sum(), d, retain_graph=i < len(objectives) - 1)
-        grads.append(grad)
+        grads.append(translation_invariant(grad, smoothing))
     return grads
 
 

@@ -6,8 +6,11 @@ one image."""
 
 from __future__ import annotations
 
+import numba
 import torch
 import torch.nn.functional as F
+
+from faceveil.jit import parallel_kernel, use_torch_threads
 
 # The DI transforms: "resize" is Xie et al.'s (rescale and pad); APF adds "rotate" and "colour".
 DI_TRANSFORMS = ("resize", "rotate", "colour")
@@ -101,3 +104,49 @@ def projective_views(images: torch.Tensor, homographies: torch.Tensor, size: int
                           padding_mode="border", align_corners=False)
     views = views.reshape(b, n, *views.shape[1:])
     return views if brightness is None else views * brightness.view(1, n, 1, 1, 1).to(images.dtype)
+
+
+def smoothing_taps(size: int) -> torch.Tensor:
+    """TI-FGSM's kernel (Dong et al. 2019) is a normalised 2-D Gaussian over size x size pixels, sigma =
+    (size - 1) / 6 (the paper's normal density on [-3, 3]); it is the outer product of these 1-D taps [size]."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"smoothing kernel size must be odd and positive, got {size}")
+    taps = torch.exp(-0.5 * torch.linspace(-3.0, 3.0, size) ** 2) if size > 1 else torch.ones(1)
+    return taps / taps.sum()
+
+
+def translation_invariant(grad: torch.Tensor, size: int) -> torch.Tensor:
+    """The gradient [B,C,H,W] convolved with TI's Gaussian kernel (zero padding): the step then works for the image
+    shifted by a few pixels too, which is what carries a perturbation to other model families (smoother, so also
+    less visible to SSIM). A column then a row pass in one compiled kernel: 1.3 / 1.9 ms for one face and 14 / 24 ms
+    for 16 (kernel 7 / 15, 256 px), where torch's depthwise convolutions took 1.9 / 3.3 and 82-144 ms on this CPU
+    (an iteration of 16 faces is ~190 ms). size <= 1: the gradient unchanged."""
+    if size <= 1:
+        return grad
+    planes = grad.detach().contiguous().float()
+    columns, out = torch.empty_like(planes), torch.empty_like(planes)
+    h, w = planes.shape[-2:]
+    use_torch_threads()
+    _smooth_planes(*(t.numpy().reshape(-1, h, w) for t in (planes, columns, out)), smoothing_taps(size).numpy())
+    return out
+
+
+@parallel_kernel
+def _smooth_planes(src, columns, out, taps):
+    """out = taps (rows) * (taps (columns) * src), zero padding, each plane of [planes, H, W] a task; every
+    pixel sums its taps in order (the same value whatever the thread count); the inner loops run along rows."""
+    planes, h, w = src.shape
+    r = taps.size // 2
+    for i in numba.prange(planes):
+        columns[i] = 0
+        out[i] = 0
+        for y in range(h):
+            for j in range(taps.size):
+                yy = y + j - r
+                if 0 <= yy < h:
+                    for x in range(w):
+                        columns[i, y, x] += taps[j] * src[i, yy, x]
+        for y in range(h):
+            for j in range(taps.size):
+                for x in range(max(0, r - j), min(w, w + r - j)):
+                    out[i, y, x] += taps[j] * columns[i, y, x + j - r]

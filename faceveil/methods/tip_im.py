@@ -142,7 +142,7 @@ class GreedyInsertion(TargetChoice):
         """[B, K]: G of the candidate image x_hat = Proj(x_p - alpha * Normalize(grad L_iden(x_t_k, x_p)))."""
         b, k = self.targets.index.shape
         objectives = [self._toward(i) for i in range(k)]
-        grads = loss_gradients(self.batch, self.ensemble, objectives, delta, step)
+        grads = loss_gradients(self.batch, self.ensemble, objectives, delta, step, self.cfg.smoothing)
         # all K*B candidates through the surrogates in a few batched passes
         candidates = torch.cat([candidate_step(delta, grad, self.cfg) for grad in grads])
         emb = perturbed_embeddings(self.pairs, self.ensemble, candidates, CANDIDATE_CHUNK)

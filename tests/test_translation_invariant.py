@@ -1,0 +1,86 @@
+"""TI gradient smoothing (Dong et al. 2019) in the attack core: kernel, convolution, and that it reaches the
+optimisation and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import needs_weights
+
+from faceveil.attacks.diversity import smoothing_taps, translation_invariant
+from faceveil.cli import build_parser, main
+
+
+def test_kernel_is_a_normalised_symmetric_gaussian():
+    taps = smoothing_taps(7)
+    assert taps.shape == (7,) and torch.isclose(taps.sum(), torch.tensor(1.0))
+    assert torch.equal(taps, taps.flip(0)) and taps[3] == taps.max() and taps[0] == taps.min()
+    assert torch.isclose(taps[0] / taps[3], torch.exp(torch.tensor(-4.5)))  # +-3 sigma at the ends
+    with pytest.raises(ValueError, match="odd"):
+        smoothing_taps(4)
+
+
+def test_separable_passes_equal_the_two_dimensional_kernel():
+    grad = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    kernel = torch.outer(smoothing_taps(9), smoothing_taps(9)).expand(3, 1, 9, 9)
+    assert torch.allclose(translation_invariant(grad, 9), F.conv2d(grad, kernel, padding=4, groups=3), atol=1e-6)
+
+
+def test_smoothing_keeps_flat_gradients_and_spreads_a_spike():
+    flat = torch.full((2, 3, 32, 32), 0.25)
+    assert torch.allclose(translation_invariant(flat, 5)[..., 4:-4, 4:-4], flat[..., 4:-4, 4:-4])
+    spike = torch.zeros(1, 3, 32, 32)
+    spike[0, 1, 16, 16] = 1.0
+    smooth = translation_invariant(spike, 5)
+    assert smooth.shape == spike.shape and smooth[0, 0].abs().max() == 0 and smooth[0, 2].abs().max() == 0
+    assert torch.isclose(smooth[0, 1].sum(), torch.tensor(1.0)) and int((smooth[0, 1] > 0).sum()) == 25
+    assert translation_invariant(spike, 0) is spike and translation_invariant(spike, 1) is spike
+
+
+def test_cli_takes_the_kernel_size_and_refuses_even_ones(capsys):
+    from faceveil import cli
+
+    parser = build_parser()
+    settings = cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y", "--smoothing", "7"]))
+    assert settings.attack.smoothing == 7
+    assert cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y"])).attack.smoothing == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protect", "x", "-o", "y", "--smoothing", "4"])
+    assert exit_info.value.code != 0 and "odd" in capsys.readouterr().err
+
+
+@needs_weights
+def test_smoothing_reaches_the_optimisation():
+    import numpy as np
+
+    from faceveil import weights
+    from faceveil.attacks.core import AttackConfig, Ensemble, clean_embeddings, loss_gradient
+    from faceveil.attacks.faces import from_photos
+    from faceveil.detect.cache import detect_file, load_rgb
+    from faceveil.detect.mtcnn import MTCNN
+    from faceveil.methods import pgd
+
+    photo = weights.sample_photos()[2]
+    found, _ = detect_file(photo, MTCNN(), max_side=1024)
+    face = max(found, key=lambda f: f.size)
+    ensemble = Ensemble(["mobileface"])
+    batch = from_photos([np.array(load_rgb(photo))], [face.landmarks], ensemble.geometries, "crops")
+    original = clean_embeddings(batch, ensemble)
+
+    def objective(emb, _step):
+        return -(emb["mobileface"] - original["mobileface"]).pow(2).sum(dim=1)
+
+    delta = torch.zeros(1, 3, 256, 256)
+    gen = torch.Generator()
+    raw = loss_gradient(batch, ensemble, objective, delta, 0, AttackConfig(), gen)
+    smooth = loss_gradient(batch, ensemble, objective, delta, 0, AttackConfig(smoothing=9), gen)
+    assert torch.allclose(smooth, translation_invariant(raw, 9), atol=1e-7)
+    cfg = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=2, momentum=1.0)
+    plain = pgd.protect(batch, ensemble, cfg)
+    ti = pgd.protect(batch, ensemble, AttackConfig(eps=8 / 255, alpha=2 / 255, steps=2, momentum=1.0, smoothing=9))
+
+    def roughness(d: torch.Tensor) -> float:  # mean step between neighbouring pixels
+        return float((d[..., 1:, :] - d[..., :-1, :]).abs().mean())
+
+    assert roughness(ti) < 0.8 * roughness(plain)
