@@ -9,7 +9,7 @@ from pathlib import Path
 
 from faceveil.commands import register_all
 from faceveil.errors import FaceveilError
-from faceveil.report import add_report_flag
+from faceveil.report import add_report_flag, batch_header
 from faceveil.runtime import keep_freed_memory
 
 
@@ -191,7 +191,8 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     items = expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=args.recursive)
     protector = PhotoProtector(settings, Path(out_dir), upcoming=items)
-    report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect")
+    report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect",
+                       header=batch_header("protect", settings))
     _print_protect_table(report.results, settings.judges)
     if args.report:  # also after Ctrl-C: the photos done so far
         from faceveil.report import batch_payload, write_report

@@ -61,6 +61,8 @@ def test_protect_end_to_end(tmp_path: Path, capsys):
     assert results["broken.jpg"]["status"] == "error" and results["empty.png"]["status"] == "error"
     face = results["people.jpg"]["details"]["faces"][0]
     assert face["redetected"] and "mobileface" in face and "mfn512" in face
+    assert doc["command"] == "protect" and doc["settings"]["surrogates"] == ["mobileface"]
+    assert doc["settings"]["attack"]["steps"] == 3 and doc["settings"]["attack"]["smoothing"] == 0
     assert "people.jpg" in capsys.readouterr().out
 
 

@@ -111,6 +111,15 @@ def test_json_report_is_complete(tmp_path: Path) -> None:
     assert [r["file"] for r in data["results"]] == [str(tmp_path / "ok.jpg"), str(tmp_path / "noface.jpg")]
 
 
+def test_json_report_starts_with_its_header(tmp_path: Path) -> None:
+    report_path = tmp_path / "run.json"
+    header = {"command": "protect", "settings": {"seed": 3}}
+    run_batch(_items(tmp_path, ["ok.jpg"]), _process, report_path=report_path, header=header)
+    data = json.loads(report_path.read_text())
+    assert list(data)[:2] == ["command", "settings"] and data["settings"] == {"seed": 3}
+    assert len(data["results"]) == 1
+
+
 def test_unknown_status_is_an_error(tmp_path: Path) -> None:
     report = run_batch(_items(tmp_path, ["a.jpg"]), lambda item: {"status": "great"})
     assert report.results[0].status == "error" and "great" in report.results[0].message

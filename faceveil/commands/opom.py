@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from faceveil.commands import Groups
-from faceveil.report import add_report_flag
+from faceveil.report import add_report_flag, batch_header
 
 ENROLL_DEFAULTS = {"eps": 8.0, "iters": 16, "alpha": 1.0}  # OPOM §4.2.1 and Algorithms 1-2 (0..255 units)
 # --norm l2: AdvCloak's comparison budget (§4.1.4), the L2 norm on 0..255 pixels of the 112x112x3 face
@@ -163,7 +163,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     items = expand_inputs(args.inputs, kinds=("image", "video"), exclude=args.output, recursive=args.recursive)
     applier = MaskApplier(mask, settings, Path(args.output))
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    report = run_batch(items, applier, report_path=args.json, quiet=args.quiet, desc="apply")
+    report = run_batch(items, applier, report_path=args.json, quiet=args.quiet, desc="apply",
+                       header=batch_header("apply", settings))
     _print_apply_table(report.results)
     if args.report:  # also after Ctrl-C: the photos done so far
         from faceveil.report import batch_payload, write_report

@@ -72,6 +72,7 @@ class BatchReport:
     interrupted: bool = False
     not_done: list[str] = field(default_factory=list)  # items never finished (after an interrupt)
     report_path: Path | None = None
+    header: dict[str, Any] = field(default_factory=dict)  # what ran, e.g. {"command", "settings"}: first in JSON
 
     @property
     def counts(self) -> dict[str, int]:
@@ -89,6 +90,7 @@ class BatchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.header,
             "results": [result.to_dict() for result in self.results],
             "summary": self.counts, "interrupted": self.interrupted, "not_done": self.not_done,
         }
@@ -163,15 +165,17 @@ def run_batch(
     quiet: bool = False,
     desc: str = "faceveil",
     on_result: Callable[[ItemResult], None] | None = None,
+    header: dict[str, Any] | None = None,
 ) -> BatchReport:
-    """Run `process` on every item and return the report (partial, interrupted=True, after Ctrl-C).
+    """Run `process` on every item and return the report (partial, interrupted=True, after Ctrl-C). `header`
+    (e.g. the command and its settings) heads the JSON report, so that it says how its files were made.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
     message, faces, output. Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'.
     """
     items = list(items)
-    report = BatchReport(report_path=Path(report_path) if report_path is not None else None)
-    writer = _ReportWriter(report.report_path)
+    report = BatchReport(report_path=Path(report_path) if report_path is not None else None, header=header or {})
+    writer = _ReportWriter(report)
     bar = tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr))
     try:
         for item in bar:
@@ -241,8 +245,8 @@ def _is_tty(stream: IO[str]) -> bool:
 class _ReportWriter:
     """Streams results: .jsonl gets a line per item (flushed); other names get the whole report rewritten."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, report: BatchReport) -> None:
+        path = self.path = report.report_path
         self.lines = path is not None and path.suffix.lower() == ".jsonl"
         self._handle: IO[str] | None = None
         if path is not None:
@@ -250,7 +254,7 @@ class _ReportWriter:
             if self.lines:
                 self._handle = open(path, "w", encoding="utf-8")  # closed in finish()
             else:
-                self._write_json(BatchReport())
+                self._write_json(report)
 
     def add(self, result: ItemResult, report: BatchReport) -> None:
         if self._handle is not None:

@@ -37,9 +37,14 @@ def settings_dict(settings: Any) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(settings or {}).items()}
 
 
+def batch_header(command: str, settings: Any) -> dict:
+    """What heads a photo batch's JSON report: the command and its settings."""
+    return {"command": command, "settings": settings_dict(settings)}
+
+
 def batch_payload(command: str, settings: Any, report: Any) -> dict:
     """The payload of a photo report from a BatchReport (faceveil.io.batch) and the run's settings."""
-    return {"command": command, "settings": settings_dict(settings), **report.to_dict()}
+    return {**report.to_dict(), **batch_header(command, settings)}
 
 
 def write_report(path: str | Path, kind: str, payload: dict, progress: bool = False) -> Path:
