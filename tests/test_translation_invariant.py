@@ -84,3 +84,15 @@ def test_smoothing_reaches_the_optimisation():
         return float((d[..., 1:, :] - d[..., :-1, :]).abs().mean())
 
     assert roughness(ti) < 0.8 * roughness(plain)
+
+
+def test_smoothing_does_not_depend_on_the_thread_count():
+    grad = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = translation_invariant(grad, 7)
+        torch.set_num_threads(max(2, before))
+        assert torch.equal(translation_invariant(grad, 7), one)
+    finally:
+        torch.set_num_threads(before)
