@@ -96,3 +96,21 @@ def test_smoothing_does_not_depend_on_the_thread_count():
         assert torch.equal(translation_invariant(grad, 7), one)
     finally:
         torch.set_num_threads(before)
+
+
+def test_thorough_preset_and_explicit_flags_winning():
+    from faceveil import cli
+
+    parser = build_parser()
+
+    def settings(*flags: str):
+        return cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y", *flags]))
+
+    plain, thorough = settings(), settings("--thorough")
+    assert plain.surrogates == ["mobileface", "mfn512"] and thorough.surrogates == ["mobileface", "mfn512", "dlib"]
+    assert (plain.attack.diversity, plain.attack.smoothing, plain.attack.steps) == (0.0, 0, 50)
+    assert (thorough.attack.diversity, thorough.attack.smoothing, thorough.attack.steps) == (0.5, 7, 100)
+    assert thorough.attack.eps == plain.attack.eps and thorough.attack.alpha == plain.attack.alpha == 1 / 255
+    own = settings("--thorough", "--surrogates", "mfn512", "--diversity", "0", "--smoothing", "3", "--iters", "20")
+    assert own.surrogates == ["mfn512"] and (own.attack.diversity, own.attack.smoothing, own.attack.steps) == (0, 3, 20)
+    assert settings("--thorough", "--strength", "low").attack.steps == 60
