@@ -149,9 +149,10 @@ STRENGTHS = {  # eps (0..255 units), iterations
     "mid": (8.0, 50),
     "high": (12.0, 50),
 }
-DEFAULT_SURROGATES = "mobileface,mfn512"
-# --thorough: what carried protection furthest to unseen model families at the default's visibility (README,
-# "Towards the project's goal": black-box Rank-1-UT 0.67 against 0.48 at face-area SSIM 0.896 / 0.898, photos mode).
+# What protect optimises against, and how, unless flags say otherwise; --thorough: what carried protection furthest
+# to unseen model families at the default's visibility (README, "Towards the project's goal": black-box Rank-1-UT
+# 0.67 against 0.48 at face-area SSIM 0.896 / 0.898, photos mode), in about 3.5 times the time.
+DEFAULT = {"surrogates": "mobileface,mfn512", "diversity": 0.0, "smoothing": 0, "iterations_factor": 1}
 THOROUGH = {"surrogates": "mobileface,mfn512,dlib", "diversity": 0.5, "smoothing": 7, "iterations_factor": 2}
 # TIP-IM §5.1 for every method: L-inf eps 12, alpha 1.5 (0..255 units), 50 iterations, momentum 1, 10 targets.
 PAPER_DEFAULTS = {"eps": 12.0, "alpha": 1.5, "iters": 50, "momentum": 1.0, "max_targets": 10}
@@ -170,15 +171,14 @@ def _protect_settings(args: argparse.Namespace):
         eps, iters, preset_alpha = PAPER_DEFAULTS["eps"], PAPER_DEFAULTS["iters"], PAPER_DEFAULTS["alpha"]
         momentum, max_targets = PAPER_DEFAULTS["momentum"], PAPER_DEFAULTS["max_targets"]
     eps = args.eps if args.eps is not None else eps
-    thorough = THOROUGH if args.thorough else {"surrogates": DEFAULT_SURROGATES, "diversity": 0.0, "smoothing": 0,
-                                                 "iterations_factor": 1}
-    iters = args.iters if args.iters is not None else iters * thorough["iterations_factor"]
+    preset = THOROUGH if args.thorough else DEFAULT
+    iters = args.iters if args.iters is not None else iters * preset["iterations_factor"]
     alpha_255 = args.alpha if args.alpha is not None else preset_alpha
     alpha = alpha_255 / 255 if alpha_255 is not None else max(eps / 255 * 2.5 / iters, 1.0 / 255)
     attack = AttackConfig(eps=eps / 255, alpha=alpha, steps=iters, norm="linf", momentum=momentum,
-                          diversity=_given(args.diversity, thorough["diversity"]), jitter=args.jitter,
-                          smoothing=_given(args.smoothing, thorough["smoothing"]), seed=args.seed)
-    surrogates = zoo.parse_models(_given(args.surrogates, thorough["surrogates"]))
+                          diversity=_given(args.diversity, preset["diversity"]), jitter=args.jitter,
+                          smoothing=_given(args.smoothing, preset["smoothing"]), seed=args.seed)
+    surrogates = zoo.parse_models(_given(args.surrogates, preset["surrogates"]))
     return ProtectSettings(method=args.method, surrogates=surrogates, attack=attack,
                            judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
                            jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
@@ -256,7 +256,7 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
                    "(APF Eq. 13; seeded by --seed)")
     p.add_argument("--surrogates", default=None, help=f"models the mask is optimised against (default "
-                   f"{DEFAULT_SURROGATES}; --thorough: {THOROUGH['surrogates']})")
+                   f"{DEFAULT['surrogates']}; --thorough: {THOROUGH['surrogates']})")
     p.add_argument("--judges", default="all", help="models that check the result")
     p.add_argument("--strength", default="mid", choices=sorted(STRENGTHS), help="preset budget and iterations")
     p.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides strength)")
@@ -273,7 +273,7 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
                         "(default 0; --thorough: 7)")
     p.add_argument("--thorough", action="store_true",
                    help="protect further against models not optimised against, at the same visibility, in about "
-                        "three times the time: a third surrogate family (dlib), input diversity 0.5, TI smoothing 7 "
+                        "3.5 times the time: a third surrogate family (dlib), input diversity 0.5, TI smoothing 7 "
                         "and twice the iterations (explicit flags still win)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "
