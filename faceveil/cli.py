@@ -203,9 +203,9 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
                        header=batch_header("protect", settings))
     _print_protect_table(report.results, settings.judges)
     if args.report:  # also after Ctrl-C: the photos done so far
-        from faceveil.report import batch_payload, write_report
+        from faceveil.report import write_report
 
-        write_report(args.report, "protect", batch_payload("protect", settings, report), progress=not args.quiet)
+        write_report(args.report, "protect", report.to_dict(), progress=not args.quiet)
     if report.interrupted:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0

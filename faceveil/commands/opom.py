@@ -167,9 +167,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                        header=batch_header("apply", settings))
     _print_apply_table(report.results)
     if args.report:  # also after Ctrl-C: the photos done so far
-        from faceveil.report import batch_payload, write_report
+        from faceveil.report import write_report
 
-        write_report(args.report, "apply", batch_payload("apply", settings, report), progress=not args.quiet)
+        write_report(args.report, "apply", report.to_dict(), progress=not args.quiet)
     if report.interrupted:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0

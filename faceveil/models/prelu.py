@@ -74,9 +74,9 @@ class _FrozenSlopePReLU(torch.autograd.Function):
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             grad = grad.contiguous(memory_format=torch.channels_last)
             out = torch.empty_like(x, memory_format=torch.channels_last)
-            _input_gradient_channels_last(*(_rows(t.detach().numpy().transpose(0, 2, 3, 1), channels)
-                                            for t in (x, grad)), slopes, _rows(out.numpy().transpose(0, 2, 3, 1),
-                                                                               channels))
+            x_rows, grad_rows, out_rows = (_rows(t.numpy().transpose(0, 2, 3, 1), channels)
+                                           for t in (x.detach(), grad, out))
+            _input_gradient_channels_last(x_rows, grad_rows, slopes, out_rows)
             return out, None
         x, grad = x.detach().contiguous(), grad.contiguous()
         out = torch.empty_like(x)

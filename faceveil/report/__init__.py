@@ -3,14 +3,15 @@ data URIs, no scripts, no external requests) that people would rather look at th
 
 Kinds:
 - "protect" / "apply": payload = a batch report ({"results": [ItemResult dicts], ...}) with optional "command" and
-  "settings" (see `batch_payload`); per photo before/after, the amplified change, per face the judges' bars.
+  "settings" (see `batch_header`); per photo before/after, the amplified change, per face the judges' bars.
 - "verify": payload = the `faceveil verify --json` document; the same plus the gallery rank and the transforms.
 - "eval": payload = an `emit` document {"command", "settings", "rows"}; tables and plots.
 Any payload may instead be {"documents": [doc, ...]} to put several runs of the same kind in one report.
 
 How a command gets `--report` (one line each): `add_report_flag(parser)` where its flags are defined, then
 - an eval/bench command: `emit(command, settings, rows, args.json, report=args.report)`;
-- a photo command with a BatchReport: `write_report(args.report, "apply", batch_payload("apply", settings, report))`.
+- a photo command: `run_batch(..., header=batch_header("apply", settings))`, then
+  `write_report(args.report, "apply", report.to_dict())`.
 Heavy imports (matplotlib, the image code) happen only when a report is written.
 """
 
@@ -38,13 +39,8 @@ def settings_dict(settings: Any) -> dict:
 
 
 def batch_header(command: str, settings: Any) -> dict:
-    """What heads a photo batch's JSON report: the command and its settings."""
+    """What heads a photo batch's report (run_batch's `header`): the command and its settings."""
     return {"command": command, "settings": settings_dict(settings)}
-
-
-def batch_payload(command: str, settings: Any, report: Any) -> dict:
-    """The payload of a photo report from a BatchReport (faceveil.io.batch) and the run's settings."""
-    return {**report.to_dict(), **batch_header(command, settings)}
 
 
 def write_report(path: str | Path, kind: str, payload: dict, progress: bool = False) -> Path:
