@@ -4,9 +4,10 @@ what each judge model now sees (similarity original -> protected, and whether it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,25 @@ def _apf_client_config(s: ProtectSettings, eps: float, meta: dict):
 
 
 @dataclass
+class StageSeconds:
+    """Wall seconds per stage of the photo job (read, detect, optimise, paste, write, verify), summed over the
+    photos since the last `clear`: where a run's time went (`bench protect` reports it per face)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def clear(self) -> None:
+        self.seconds.clear()
+
+
+@dataclass
 class PreparedPhoto:
     """A photo read and its faces detected and selected: ready for optimisation."""
 
@@ -171,6 +191,7 @@ class PhotoProtector:
         self._ready: dict[Path, PreparedPhoto] = {}  # read and detected ahead, not in a batch yet
         self._outcomes: dict[Path, dict | Exception] = {}  # done with an earlier photo's batch
         self.batches: list[int] = []  # faces optimised together, batch by batch (bench protect's floor)
+        self.stages = StageSeconds()
 
     def __call__(self, item: BatchItem) -> dict:
         if item.kind == "video":
@@ -189,8 +210,10 @@ class PhotoProtector:
     def _prepare(self, item: BatchItem) -> PreparedPhoto:
         if item.path in self._ready:
             return self._ready.pop(item.path)
-        photo = read_image(item.path)
-        faces = select_faces(self.detector.detect_large(photo.rgb), self.settings.faces)
+        with self.stages.timing("read"):
+            photo = read_image(item.path)
+        with self.stages.timing("detect"):
+            faces = select_faces(self.detector.detect_large(photo.rgb), self.settings.faces)
         return PreparedPhoto(item, photo, faces, item.output_path(self.out_dir, self.settings.fmt))
 
     def _companions(self, item: BatchItem, faces: int) -> list[PreparedPhoto]:
@@ -222,7 +245,8 @@ class PhotoProtector:
         try:
             marks = [f.landmarks for p in group for f in p.faces]
             photos = [p.photo.rgb for p in group for _ in p.faces]
-            delta, result = self.optimise(from_photos(photos, marks, self.ensemble.geometries, "photos"))
+            with self.stages.timing("optimise"):
+                delta, result = self.optimise(from_photos(photos, marks, self.ensemble.geometries, "photos"))
         except Exception as exc:
             return [exc] * len(group)
         self.batches.append(len(marks))
@@ -245,16 +269,19 @@ class PhotoProtector:
         """Paste each face's perturbation into one copy of the photo (the original array stays untouched),
         write it atomically, and verify it."""
         s, faces = self.settings, prepared.faces
-        protected = prepared.photo.rgb.copy()
-        for face, d in zip(faces, delta, strict=True):
-            C.paste_into(protected, face.landmarks, d)
-        write_image(dataclasses.replace(prepared.photo, rgb=protected), prepared.out_path, fmt=s.fmt,
-                    jpeg_quality=s.jpeg_quality, keep_metadata=s.keep_metadata)
+        with self.stages.timing("paste"):
+            protected = prepared.photo.rgb.copy()
+            for face, d in zip(faces, delta, strict=True):
+                C.paste_into(protected, face.landmarks, d)
+        with self.stages.timing("write"):
+            write_image(dataclasses.replace(prepared.photo, rgb=protected), prepared.out_path, fmt=s.fmt,
+                        jpeg_quality=s.jpeg_quality, keep_metadata=s.keep_metadata)
         details: dict = {"seconds_per_face": seconds_per_face, "faces": []}
         if batch[0] > 1:
             details["batch"] = {"photos": batch[0], "faces": batch[1]}
         if s.verify:
-            details["faces"] = self.verify(prepared.item.path, prepared.out_path, faces, targets)
+            with self.stages.timing("verify"):
+                details["faces"] = self.verify(prepared.item.path, prepared.out_path, faces, targets)
         elif targets is not None:
             details["faces"] = [{"face": i, "target": t} for i, t in enumerate(targets)]
         return {"status": "ok", "faces": len(faces), "output": prepared.out_path, "details": details}

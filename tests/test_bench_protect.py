@@ -32,11 +32,15 @@ def test_folder_case_batches_the_sample_photos(tmp_path):
 
     base = ProtectSettings(surrogates=["mobileface"], verify=False)
     settings = dataclasses.replace(base, attack=dataclasses.replace(base.attack, steps=1))
-    name, faces, run, floor = _folder_case(settings, tmp_path)
+    name, faces, run, floor, stages = _folder_case(settings, tmp_path)
     assert name == "folder" and faces >= 20  # the six sample photos hold 22 faces
+    stages.clear()
     run()
     floor()
     assert len(list(tmp_path.iterdir())) == 6
+    # the job's stage clock saw every stage of the run (no verification in the bench)
+    assert set(stages.seconds) == {"read", "detect", "optimise", "paste", "write"}
+    assert all(t > 0 for t in stages.seconds.values())
 
 
 @needs_weights

@@ -246,3 +246,11 @@ def test_real_protect_and_eval_reports_in_headless_chromium(tmp_path: Path):
         assert all(s in dom for s in sections), html.name
         srcs = IMG_SRC.findall(dom)
         assert srcs and all(s.startswith("data:image/") for s in srcs)
+
+
+def test_markdown_table_renders_nested_dicts_inline():
+    """A bench row's per-stage figures print as one cell of name-value pairs, formatted like other cells."""
+    from faceveil.evaluate.results import markdown_table
+
+    table = markdown_table([{"case": "photo", "stage_share_of_networks": {"detect": 0.0412, "write": 0.0061}}])
+    assert "| photo | detect 0.041 write 0.006 |" in table

@@ -15,6 +15,8 @@ this CPU's speed drifts by 10-50 % over minutes, which would bias a ratio of two
 ratio of the fastest case to the fastest floor is reported beside it: other work on the machine only slows runs.
 And each case also clocks its surrogates' own forward and backward passes while it runs (`NetworkClock`):
 `ratio_in_run` = the case's time over that network time, free of the drift between a case and its floor.
+The whole-job cases also report where their time went (`stages`: seconds per face in reading, detection, the
+optimisation, the final paste and writing, and each as a share of the networks' time).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from faceveil.detect.mtcnn import MTCNN
 from faceveil.io.batch import BatchItem
 from faceveil.io.images import read_image
 from faceveil.models import zoo
-from faceveil.protect import PhotoProtector, ProtectSettings
+from faceveil.protect import PhotoProtector, ProtectSettings, StageSeconds
 
 BATCH_FACES = 16
 # A sample photo with four faces (no sample photo has exactly one): the photo's time is divided by its faces.
@@ -74,21 +76,29 @@ def floor_seconds(surrogates: list[str], batch: int, iterations: int, repeats: i
 
 
 def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int,
-            networks: list[torch.nn.Module]) -> dict[str, float]:
+            networks: list[torch.nn.Module], stages: StageSeconds | None = None) -> dict:
     """Each floor timed right after its case: the medians, the median of the per-repeat ratios, the ratio of
-    the fastest case to the fastest floor (interference from other work only ever slows a run down), and the
-    median ratio of each case to the time its networks ran within it."""
-    pairs, in_run = [], []
+    the fastest case to the fastest floor (interference from other work only ever slows a run down), the
+    median ratio of each case to the time its networks ran within it, and with `stages` (the job's stage clock),
+    each stage's median seconds and median share of the network time."""
+    pairs, in_run, staged = [], [], []
     for _ in range(repeats):
+        if stages is not None:
+            stages.clear()
         with NetworkClock().timing(networks) as clock:
             seconds = _seconds(case)
         pairs.append((seconds, _seconds(floor)))
         in_run.append((seconds, clock.seconds))
+        if stages is not None:
+            staged.append((dict(stages.seconds), clock.seconds))
     cases, floors = [c for c, _ in pairs], [f for _, f in pairs]
     return {"seconds": statistics.median(cases), "floor": statistics.median(floors),
             "ratio": statistics.median(c / f for c, f in pairs), "ratio_of_minimums": min(cases) / min(floors),
             "network_seconds": statistics.median(n for _, n in in_run),
-            "ratio_in_run": statistics.median(c / n for c, n in in_run)}
+            "ratio_in_run": statistics.median(c / n for c, n in in_run),
+            "stages": {stage: {"seconds": statistics.median(s[stage] for s, _ in staged),
+                               "share_of_networks": statistics.median(s[stage] / n for s, n in staged)}
+                       for stage in (staged[0][0] if staged else {})}}
 
 
 def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -108,16 +118,18 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     photo = next(p for p in weights.sample_photos() if p.name == BENCH_PHOTO)
     item = BatchItem(path=photo, kind="image")
     faces = protector(item)["faces"]  # warm-up, and how many faces the photo has
-    cases = [("photo", faces, lambda: protector(item)), _folder_case(settings, out_dir)]
+    folder = _folder_case(settings, out_dir)
+    # (case, faces, run it, floor or None: the surrogates' own at that batch, the job's stage clock or None)
+    cases = [("photo", faces, lambda: protector(item), None, protector.stages), folder]
     photos, marks = _sample_faces(protector.detector, BATCH_FACES)
     for size in (1, BATCH_FACES):
         batch = from_photos(photos[:size], marks[:size], protector.ensemble.geometries, "photos")
-        cases.append((f"optimise-{size}", size, lambda b=batch: protector.optimise(b)))
+        cases.append((f"optimise-{size}", size, lambda b=batch: protector.optimise(b), None, None))
     networks = list(protector.ensemble.models.values())
     rows = []
-    for case, count, fn, *floor in cases:
-        floor = floor[0] if floor else floor_timer(settings.surrogates, count, iterations)
-        timed = _paired(fn, floor, repeats, networks)
+    for case, count, fn, floor, stages in cases:
+        floor = floor or floor_timer(settings.surrogates, count, iterations)
+        timed = _paired(fn, floor, repeats, networks, stages)
         rows.append({"preset": name, "case": case, "faces": count, "seconds_per_face": timed["seconds"] / count,
                      "floor_seconds_per_face": timed["floor"] / count, "method": settings.method,
                      "surrogates": settings.surrogates, "iterations": iterations,
@@ -125,11 +137,15 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
                      "ratio_of_minimums": timed["ratio_of_minimums"],
                      "network_seconds_per_face": timed["network_seconds"] / count,
                      "ratio_in_run": timed["ratio_in_run"]})
+        if timed["stages"]:
+            rows[-1]["stage_seconds_per_face"] = {k: t["seconds"] / count for k, t in timed["stages"].items()}
+            rows[-1]["stage_share_of_networks"] = {k: t["share_of_networks"] for k, t in timed["stages"].items()}
     return rows
 
 
 def _folder_case(settings: ProtectSettings, out_dir: Path) -> tuple:
-    """("folder", faces, run every sample photo as `faceveil protect` does, the floor of the batches it made)."""
+    """("folder", faces, run every sample photo as `faceveil protect` does, the floor of the batches it made,
+    the job's stage clock)."""
     items = [BatchItem(path=p, kind="image") for p in weights.sample_photos()]
     protector = PhotoProtector(settings, out_dir, upcoming=items)
 
@@ -140,7 +156,7 @@ def _folder_case(settings: ProtectSettings, out_dir: Path) -> tuple:
 
     run_folder()  # warm-up; records the batches
     floors = [floor_timer(settings.surrogates, n, settings.attack.steps) for n in protector.batches]
-    return "folder", sum(protector.batches), run_folder, lambda: [floor() for floor in floors]
+    return "folder", sum(protector.batches), run_folder, lambda: [floor() for floor in floors], protector.stages
 
 
 def run(presets: dict[str, ProtectSettings], repeats: int = 3, progress: bool = True) -> tuple[list[dict], dict]:

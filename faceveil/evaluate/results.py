@@ -25,6 +25,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{value:.4f}" if key in _RATE_KEYS else f"{value:.2f}"
     if isinstance(value, list | tuple):
         return "+".join(str(v) for v in value)
+    if isinstance(value, dict):  # e.g. a bench row's seconds per stage: small parts of a whole, 3 decimals
+        return " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {_cell(k, v)}" for k, v in value.items())
     return "" if value is None else str(value)
 
 
