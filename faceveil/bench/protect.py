@@ -15,8 +15,8 @@ this CPU's speed drifts by 10-50 % over minutes, which would bias a ratio of two
 ratio of the fastest case to the fastest floor is reported beside it: other work on the machine only slows runs.
 And each case also clocks its surrogates' own forward and backward passes while it runs (`NetworkClock`):
 `ratio_in_run` = the case's time over that network time, free of the drift between a case and its floor.
-The whole-job cases also report where their time went (`stages`: seconds per face in reading, detection, the
-optimisation, the final paste and writing, and each as a share of the networks' time).
+The whole-job cases also report where their time went (`stage_seconds_per_face`: reading, detection, the
+optimisation, the final paste and writing; `stage_share_of_networks`: each over the networks' time in the run).
 """
 
 from __future__ import annotations
@@ -90,15 +90,17 @@ def _paired(case: Callable[[], object], floor: Callable[[], None], repeats: int,
         pairs.append((seconds, _seconds(floor)))
         in_run.append((seconds, clock.seconds))
         if stages is not None:
-            staged.append((dict(stages.seconds), clock.seconds))
+            staged.append(dict(stages.seconds))
     cases, floors = [c for c, _ in pairs], [f for _, f in pairs]
+    networks_seconds = [n for _, n in in_run]
+    names = staged[0] if staged else {}
     return {"seconds": statistics.median(cases), "floor": statistics.median(floors),
             "ratio": statistics.median(c / f for c, f in pairs), "ratio_of_minimums": min(cases) / min(floors),
-            "network_seconds": statistics.median(n for _, n in in_run),
+            "network_seconds": statistics.median(networks_seconds),
             "ratio_in_run": statistics.median(c / n for c, n in in_run),
-            "stages": {stage: {"seconds": statistics.median(s[stage] for s, _ in staged),
-                               "share_of_networks": statistics.median(s[stage] / n for s, n in staged)}
-                       for stage in (staged[0][0] if staged else {})}}
+            "stage_seconds": {k: statistics.median(s[k] for s in staged) for k in names},
+            "stage_share": {k: statistics.median(s[k] / n for s, n in zip(staged, networks_seconds, strict=True))
+                            for k in names}}
 
 
 def _sample_faces(detector: MTCNN, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -137,9 +139,9 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
                      "ratio_of_minimums": timed["ratio_of_minimums"],
                      "network_seconds_per_face": timed["network_seconds"] / count,
                      "ratio_in_run": timed["ratio_in_run"]})
-        if timed["stages"]:
-            rows[-1]["stage_seconds_per_face"] = {k: t["seconds"] / count for k, t in timed["stages"].items()}
-            rows[-1]["stage_share_of_networks"] = {k: t["share_of_networks"] for k, t in timed["stages"].items()}
+        if timed["stage_seconds"]:
+            rows[-1]["stage_seconds_per_face"] = {k: t / count for k, t in timed["stage_seconds"].items()}
+            rows[-1]["stage_share_of_networks"] = timed["stage_share"]
     return rows
 
 
