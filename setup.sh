@@ -31,5 +31,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   touch "$stamp"
 fi
 .venv/bin/faceveil models fetch
-.venv/bin/python -m faceveil.warmup  # compile the numba kernels once, into their on-disk cache
+.venv/bin/python -m faceveil.pipeline.warmup  # compile the numba kernels once, into their on-disk cache
 echo "setup: done. Try: .venv/bin/faceveil demo"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from faceveil import weights
-from faceveil.evaluate.lfw import default_lfw_root
+from faceveil.datasets.lfw import default_lfw_root
+from faceveil.io import weights
 
 WEIGHTS_READY = all(r["present"] for r in weights.file_status())
 needs_weights = pytest.mark.skipif(

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faceveil.advcloak import losses, networks
-from faceveil.advcloak.data import FaceSet
-from faceveil.advcloak.generator import PACKAGED, load_generator, person_mask, scale_to_budget
 from faceveil.detect import canonical as C
+from faceveil.methods.advcloak import losses, networks
+from faceveil.methods.advcloak.data import FaceSet
+from faceveil.methods.advcloak.generator import PACKAGED, load_generator, person_mask, scale_to_budget
 from tests.conftest import LFW_ROOT, needs_lfw, needs_weights
 
 MAX_BYTES = 8 * 2**20
@@ -113,7 +113,7 @@ def test_person_mask_is_on_the_budget():
 
 
 def test_paste_l2_normalisation():
-    from faceveil.methods.advcloak import paste_l2, scale_paste_l2
+    from faceveil.methods.advcloak.person import paste_l2, scale_paste_l2
 
     masks = scale_paste_l2(torch.randn(2, 3, 256, 256), 1200)
     assert torch.allclose(paste_l2(masks), torch.full((2,), 1200 / 255), rtol=1e-5)
@@ -130,7 +130,7 @@ def _tiny_faces(persons: int = 2, per_person: int = 4) -> FaceSet:
 
 
 def _tiny_run(stage: int, data: dict, tmp_path, name: str, epochs: float = 1, resume: bool = False):
-    from faceveil.advcloak import train
+    from faceveil.methods.advcloak import train
 
     s = train.TrainSettings(stage=stage, subspace="convex", epochs=epochs, batch=4, persons=2, images_per_person=2,
                             surrogates=("mobileface",), checkpoint_every=1)
@@ -140,8 +140,8 @@ def _tiny_run(stage: int, data: dict, tmp_path, name: str, epochs: float = 1, re
 
 @needs_weights
 def test_one_training_step_lowers_the_generator_loss():
-    from faceveil.advcloak import train
     from faceveil.attacks.core import Ensemble
+    from faceveil.methods.advcloak import train
 
     faces = _tiny_faces()
     s = train.TrainSettings(stage=1, batch=4, surrogates=("mobileface",), lr=1e-4).resolved()
@@ -161,7 +161,7 @@ def test_one_training_step_lowers_the_generator_loss():
 
 @needs_weights
 def test_training_is_seeded_and_resumable(tmp_path):
-    from faceveil.advcloak import train
+    from faceveil.methods.advcloak import train
 
     first, second = train.new_checkpoint(), train.new_checkpoint()
     _tiny_run(1, first, tmp_path, "a.pt")
@@ -182,7 +182,7 @@ def test_training_is_seeded_and_resumable(tmp_path):
 
 @needs_weights
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    from faceveil.advcloak import train
+    from faceveil.methods.advcloak import train
 
     whole, interrupted = train.new_checkpoint(), train.new_checkpoint()
     _tiny_run(1, whole, tmp_path, "whole.pt")  # 2 steps
@@ -215,7 +215,7 @@ def test_cli_trains_tiny_run_and_exports(tmp_path):
 
 @pytest.mark.parametrize("method", sorted(PACKAGED))
 def test_packaged_generators_load(method):
-    from faceveil.advcloak.generator import packaged_path
+    from faceveil.methods.advcloak.generator import packaged_path
 
     path = packaged_path(method)
     assert path.stat().st_size <= MAX_BYTES
@@ -234,9 +234,9 @@ def test_methods_are_registered_with_opom():
 
 @needs_weights
 def test_enroll_advcloak_convex_writes_a_loadable_mask(tmp_path):
-    from faceveil import weights
     from faceveil.cli import main
-    from faceveil.io.maskfile import load_mask
+    from faceveil.io import weights
+    from faceveil.pipeline.maskfile import load_mask
 
     photos = [str(p) for p in weights.sample_photos()][:2]
     out = tmp_path / "me.fvmask"

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from faceveil.apf.networks import (
+from faceveil.attacks.diversity import APF_DI_TRANSFORMS, input_diversity
+from faceveil.errors import FaceveilError
+from faceveil.methods.apf.networks import (
     APF_GRID,
     ApfServerModel,
     default_checkpoint,
     load_server_model,
     save_server_model,
 )
-from faceveil.attacks.diversity import APF_DI_TRANSFORMS, input_diversity
-from faceveil.errors import FaceveilError
 from tests.conftest import LFW_ROOT, needs_lfw, needs_weights
 
 EPS = 8 / 255
@@ -133,8 +133,8 @@ def test_di_transforms_seeded_and_default_unchanged():
 
 
 def _faces(names: list[str], geometries: list[str]):
-    from faceveil.apf.train import face_batch
-    from faceveil.evaluate.faces import landmarks_for
+    from faceveil.datasets.faces import landmarks_for
+    from faceveil.methods.apf.train import face_batch
 
     files = [LFW_ROOT / "images" / n.rsplit("_", 1)[0] / f"{n}.jpg" for n in names]
     landmarks, _ = landmarks_for(files, progress=False)
@@ -146,7 +146,7 @@ def _faces(names: list[str], geometries: list[str]):
 @pytest.mark.parametrize("algorithm", ["fgsm", "i-fgsm", "mi-fgsm", "di2-fgsm", "m-di2-fgsm"])
 def test_probe_gradient_within_eps_and_moves_away(algorithm):
     from faceveil.attacks.core import Ensemble, clean_embeddings, ensemble_distance, perturbed_embeddings
-    from faceveil.methods.apf import ApfClientConfig, on_grid, probe_gradient
+    from faceveil.methods.apf.probe import ApfClientConfig, on_grid, probe_gradient
 
     batch = _faces(["Aaron_Peirsol_0001"], ["arcface112"])
     enrolled = _faces(["Aaron_Peirsol_0002"], ["arcface112"])
@@ -166,7 +166,7 @@ def test_probe_gradient_within_eps_and_moves_away(algorithm):
 @needs_lfw
 def test_self_protection_and_offset_seeded():
     from faceveil.attacks.core import Ensemble, clean_embeddings, ensemble_distance, perturbed_embeddings
-    from faceveil.methods.apf import ApfClientConfig, feature_offsets, on_grid, probe_gradient
+    from faceveil.methods.apf.probe import ApfClientConfig, feature_offsets, on_grid, probe_gradient
 
     batch = _faces(["Aaron_Peirsol_0001", "Aaron_Peirsol_0003"], ["arcface112"])
     plain = ApfClientConfig(algorithm="i-fgsm", iterations=3)
@@ -186,7 +186,7 @@ def test_self_protection_and_offset_seeded():
 @needs_weights
 @needs_lfw
 def test_protect_local_within_eps():
-    from faceveil.methods.apf import ApfClientConfig, protect_local
+    from faceveil.methods.apf.probe import ApfClientConfig, protect_local
 
     batch = _faces(["Aaron_Peirsol_0001"], ["arcface112"])
     server = ApfServerModel(EPS).eval()
@@ -200,7 +200,7 @@ def test_protect_local_within_eps():
 
 
 def test_trainer_initial_weights_come_from_the_seed(tmp_path):
-    from faceveil.apf.train import Trainer, TrainSettings
+    from faceveil.methods.apf.train import Trainer, TrainSettings
 
     def weights(seed: int) -> dict:
         return Trainer(tmp_path, tmp_path / "apf.pt", TrainSettings(seed=seed)).model.state_dict()
@@ -212,7 +212,7 @@ def test_trainer_initial_weights_come_from_the_seed(tmp_path):
 
 @needs_lfw
 def test_training_identities_never_in_pairs():
-    from faceveil.apf.train import pairs_identities, training_files
+    from faceveil.methods.apf.train import pairs_identities, training_files
 
     files, info = training_files(LFW_ROOT, 20, seed=0, progress=False)
     assert len(files) == 20 and not {f.parent.name for f in files} & pairs_identities(LFW_ROOT)
@@ -222,8 +222,8 @@ def test_training_identities_never_in_pairs():
 @needs_weights
 @needs_lfw
 def test_tiny_training_lowers_loss_and_resumes(tmp_path, monkeypatch):
-    from faceveil.apf import train as T
-    from faceveil.methods.apf import ApfClientConfig
+    from faceveil.methods.apf import train as T
+    from faceveil.methods.apf.probe import ApfClientConfig
 
     monkeypatch.setattr(T, "pairs_folder", lambda key: tmp_path / "pairs" / key)
     settings = T.TrainSettings(server_models=["dlib"], images=4, epochs=1, transfer_epochs=2, universal_epochs=1,

@@ -23,11 +23,17 @@ import torch
 from conftest import needs_weights
 from PIL import Image
 
-from faceveil import weights
-from faceveil.apf import server, wire
-from faceveil.apf.client import NoiseClient
-from faceveil.apf.networks import APF_GRID, ApfServerModel, default_checkpoint, load_server_model, save_server_model
 from faceveil.errors import FaceveilError
+from faceveil.io import weights
+from faceveil.methods.apf import server, wire
+from faceveil.methods.apf.client import NoiseClient
+from faceveil.methods.apf.networks import (
+    APF_GRID,
+    ApfServerModel,
+    default_checkpoint,
+    load_server_model,
+    save_server_model,
+)
 
 S = APF_GRID
 EPS = 8 / 255
@@ -398,9 +404,9 @@ def test_a_broken_model_gives_500_and_the_server_lives_on():
                     "(faceveil train apf ships it)")
 def test_protect_apf_local_uses_the_packaged_networks(tmp_path: Path):
     """--method apf-local: both halves in this process; the photo changes by at most the server's eps."""
-    from faceveil.io.batch import BatchItem
     from faceveil.io.images import read_image
-    from faceveil.protect import PhotoProtector, ProtectSettings
+    from faceveil.pipeline.batch import BatchItem
+    from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
 
     photo_path = tmp_path / "face.jpg"
     with Image.open(weights.sample_photos()[2]) as im:
@@ -414,7 +420,8 @@ def test_protect_apf_local_uses_the_packaged_networks(tmp_path: Path):
 
 
 def test_cli_offers_the_apf_methods():
-    from faceveil import cli, protect
+    from faceveil import cli
+    from faceveil.pipeline import protect
 
     assert cli.APF_METHODS == list(protect.APF_METHODS)
     args = cli.build_parser().parse_args(["protect", "x", "-o", "y", "--method", "apf", "--server", "http://h:1",

@@ -14,10 +14,10 @@ import pytest
 from conftest import needs_weights
 from PIL import Image
 
-from faceveil import weights
 from faceveil.cli import main
 from faceveil.detect.cache import detect_file, load_rgb
-from faceveil.io.maskfile import load_mask
+from faceveil.io import weights
+from faceveil.pipeline.maskfile import load_mask
 
 pytestmark = needs_weights
 

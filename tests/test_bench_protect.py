@@ -28,7 +28,7 @@ def test_folder_case_batches_the_sample_photos(tmp_path):
     import dataclasses
 
     from faceveil.bench.protect import _folder_case
-    from faceveil.protect import ProtectSettings
+    from faceveil.pipeline.protect import ProtectSettings
 
     base = ProtectSettings(surrogates=["mobileface"], verify=False)
     settings = dataclasses.replace(base, attack=dataclasses.replace(base.attack, steps=1))

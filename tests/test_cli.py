@@ -15,8 +15,8 @@ import pytest
 from conftest import needs_weights
 from PIL import Image
 
-from faceveil import weights
 from faceveil.cli import main
+from faceveil.io import weights
 
 
 def _sha(path: Path) -> str:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from faceveil import weights
 from faceveil.detect import align as A
 from faceveil.detect.cache import DetectionCache, cache_for, detect_file
 from faceveil.detect.mtcnn import MTCNN, Face, _Pieces, _torch_threads, nearest_to_center, nms
+from faceveil.io import weights
 
 MTCNN_FILES = [weights.home() / "mtcnn" / f"{n}.pt" for n in ("pnet", "rnet", "onet")]
 FETCH_HINT = "run ./setup.sh or `faceveil models fetch`"

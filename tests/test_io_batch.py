@@ -1,4 +1,4 @@
-"""faceveil.io.batch: input expansion, per-item isolation, streamed reports, Ctrl-C."""
+"""faceveil.pipeline.batch: input expansion, per-item isolation, streamed reports, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from faceveil.errors import FaceveilError
 from faceveil.io import atomic
-from faceveil.io.batch import BatchItem, SkipItem, expand_inputs, run_batch
 from faceveil.io.images import read_image, write_image
+from faceveil.pipeline.batch import BatchItem, SkipItem, expand_inputs, run_batch
 
 
 def _tree(root: Path) -> Path:

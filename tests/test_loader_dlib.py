@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from faceveil import weights
+from faceveil.io import weights
 from faceveil.models.loaders.dlib_dat import DlibFormatError, load_dlib_resnet, parse_dlib_resnet
 
 MODEL = weights.home() / "dlib" / "dlib_face_recognition_resnet_model_v1.dat"

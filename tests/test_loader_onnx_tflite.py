@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from faceveil import weights
+from faceveil.io import weights
 from faceveil.models.loaders import tflite_graph
 from faceveil.models.loaders.onnx_graph import OnnxConversionError, load_onnx
 from faceveil.models.loaders.tflite_graph import TfliteConversionError, load_tflite

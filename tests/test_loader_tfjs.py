@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from faceveil import weights
+from faceveil.io import weights
 from faceveil.models.loaders.tfjs import TfjsGraphError, load_graph_model, load_weights
 
 FIXTURES = Path(__file__).parents[1] / "faceveil" / "data" / "references"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from faceveil.errors import FaceveilError
-from faceveil.io import maskfile
-from faceveil.io.maskfile import PersonMask, load_mask, save_mask
+from faceveil.pipeline import maskfile
+from faceveil.pipeline.maskfile import PersonMask, load_mask, save_mask
 
 EPS = 8 / 255
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from faceveil.openmp import CHOSEN_BY_US, busy_share, choose_wait_policy
+from faceveil.runtime.openmp import CHOSEN_BY_US, busy_share, choose_wait_policy
 
 
 def _never_called() -> float:

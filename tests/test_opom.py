@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import needs_weights
 
-from faceveil import weights
 from faceveil.attacks.core import AttackConfig, Ensemble, feature_dropout, loss_gradient, run_attack
 from faceveil.attacks.faces import from_photos
 from faceveil.detect.cache import detect_file, load_rgb
 from faceveil.errors import FaceveilError
+from faceveil.io import weights
 from faceveil.methods import opom
 
 pytestmark = needs_weights

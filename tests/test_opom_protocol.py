@@ -14,7 +14,7 @@ from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.attacks.core import AttackConfig
 from faceveil.errors import FaceveilError
-from faceveil.evaluate import opom_protocol as P
+from faceveil.evaluate.protocols import opom as P
 
 ROW_KEYS = {"judge", "method", "surrogates", "white_box", "mode", "masks", "top1_psr", "top5_psr", "mm_top1_psr",
             "mm_top5_psr", "clean_top1", "clean_top5", "psnr", "ssim", "n_probes", "n_mm_probes"}
@@ -189,7 +189,7 @@ def _random_masks(batch, ensemble, cfg: AttackConfig) -> torch.Tensor:
 @needs_weights
 @pytest.mark.parametrize("mode", ["crops", "photos"])
 def test_tiny_run_with_a_stand_in_learner(mode):
-    from faceveil.evaluate.lfw import identities
+    from faceveil.datasets.lfw import identities
 
     split = P.make_split(identities(LFW_ROOT), seed=3, limit=1, distractors=40)
     assert split.people[0].name == "Gordon_Brown" and len(split.people[0].test) == 3
@@ -210,7 +210,7 @@ def test_tiny_run_with_a_stand_in_learner(mode):
 def test_several_methods_share_one_clean_pass(monkeypatch):
     """Two methods in one run: the clean faces are embedded once, one row per (method, judge), each method with its
     own configuration ("+md": momentum 1, DFANet dropout), and the single-method run gives the same row."""
-    from faceveil.evaluate.lfw import identities
+    from faceveil.datasets.lfw import identities
 
     seen: dict[str, AttackConfig] = {}
 
@@ -242,7 +242,7 @@ def test_several_methods_share_one_clean_pass(monkeypatch):
 @needs_weights
 def test_universal_method_learns_once_on_everybody():
     """FI-UAP-all: one mask per surrogate set, learned on all protected persons' training images."""
-    from faceveil.evaluate.lfw import identities
+    from faceveil.datasets.lfw import identities
 
     calls = []
 

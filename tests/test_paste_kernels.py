@@ -98,6 +98,6 @@ def test_crop_kernel_samples_through_any_matrix():
 
 
 def test_warmup_compiles_every_kernel():
-    from faceveil.warmup import compile_kernels
+    from faceveil.pipeline.warmup import compile_kernels
 
     assert compile_kernels() > 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceveil.models.prelu import PReLU
-from faceveil.runtime import keep_freed_memory
+from faceveil.runtime.memory import keep_freed_memory
 
 
 def _inputs(shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_keep_freed_memory_on_glibc():
 def test_kernels_follow_torchs_thread_count_when_it_changes():
     import numba
 
-    from faceveil.jit import use_torch_threads
+    from faceveil.runtime.jit import use_torch_threads
 
     before = torch.get_num_threads()
     try:

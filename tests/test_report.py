@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceveil import weights
 from faceveil.cli import build_parser, main
-from faceveil.evaluate.results import emit
+from faceveil.io import weights
+from faceveil.io.results import emit
 from faceveil.report import write_report
 from tests.conftest import needs_weights
 
@@ -250,7 +250,7 @@ def test_real_protect_and_eval_reports_in_headless_chromium(tmp_path: Path):
 
 def test_markdown_table_renders_nested_dicts_inline():
     """A bench row's per-stage figures print as one cell of name-value pairs, formatted like other cells."""
-    from faceveil.evaluate.results import markdown_table
+    from faceveil.io.results import markdown_table
 
     table = markdown_table([{"case": "photo", "stage_share_of_networks": {"detect": 0.0412, "write": 0.0061}}])
     assert "| photo | detect 0.041 write 0.006 |" in table

@@ -227,8 +227,8 @@ def test_tiny_cli_run_opom_protocol(tmp_path):
 @needs_lfw
 @needs_weights
 def test_tiny_cli_run_apf_protocol(tmp_path):
-    from faceveil.apf.networks import ApfServerModel, save_server_model
     from faceveil.cli import main
+    from faceveil.methods.apf.networks import ApfServerModel, save_server_model
 
     torch.manual_seed(0)  # an untrained server model: the plumbing does not depend on training
     save_server_model(ApfServerModel(eps=8 / 255, meta={"server_models": ["mfn512"], "probe": "mobileface"}),

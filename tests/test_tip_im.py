@@ -13,7 +13,6 @@ import torch
 from conftest import needs_weights
 from PIL import Image
 
-from faceveil import weights
 from faceveil.attacks.core import (
     AttackConfig,
     Ensemble,
@@ -27,6 +26,7 @@ from faceveil.attacks.losses import feature_distance
 from faceveil.cli import build_parser, main
 from faceveil.detect.cache import detect_file, load_rgb
 from faceveil.detect.mtcnn import MTCNN
+from faceveil.io import weights
 
 CFG = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=3, momentum=1.0)
 
@@ -134,7 +134,7 @@ def test_same_seed_same_output(world: World):
 
 
 def _method(world: World, **settings):
-    from faceveil.protect import ProtectSettings, method_function
+    from faceveil.pipeline.protect import ProtectSettings, method_function
 
     s = ProtectSettings(**settings)
     return method_function(s.method, s, world.others)
@@ -191,7 +191,8 @@ def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
 
 
 def test_cli_flags_reach_the_settings():
-    from faceveil import cli, protect
+    from faceveil import cli
+    from faceveil.pipeline import protect
 
     assert cli.METHODS == list(protect.METHODS)
     _protect_settings = cli._protect_settings

@@ -54,11 +54,11 @@ def test_cli_takes_the_kernel_size_and_refuses_even_ones(capsys):
 def test_smoothing_reaches_the_optimisation():
     import numpy as np
 
-    from faceveil import weights
     from faceveil.attacks.core import AttackConfig, Ensemble, clean_embeddings, loss_gradient
     from faceveil.attacks.faces import from_photos
     from faceveil.detect.cache import detect_file, load_rgb
     from faceveil.detect.mtcnn import MTCNN
+    from faceveil.io import weights
     from faceveil.methods import pgd
 
     photo = weights.sample_photos()[2]

@@ -8,7 +8,7 @@ import json
 import numpy as np
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
-from faceveil.evaluate.lfw import read_pairs
+from faceveil.datasets.lfw import read_pairs
 from faceveil.evaluate.verification import best_threshold, select_pairs, ten_fold_accuracy
 
 

@@ -11,10 +11,10 @@ import pytest
 from conftest import needs_weights
 from PIL import Image
 
-from faceveil import weights
 from faceveil.cli import main
 from faceveil.evaluate import transforms
 from faceveil.evaluate.verify import CHECKED_TRANSFORMS
+from faceveil.io import weights
 from faceveil.models import zoo
 
 

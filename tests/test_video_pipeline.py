@@ -25,7 +25,7 @@ from faceveil.detect.mtcnn import default_detector  # noqa: E402
 from faceveil.detect.track import FaceTracker, OneEuro, Track, greedy_match, iou  # noqa: E402
 from faceveil.io.images import read_image  # noqa: E402
 from faceveil.io.video import ffmpeg_exe, iter_frames, probe_video  # noqa: E402
-from faceveil.video_pipeline import protect_video  # noqa: E402
+from faceveil.pipeline.video import protect_video  # noqa: E402
 
 pytestmark = needs_weights  # the MTCNN weights and the sample photos
 

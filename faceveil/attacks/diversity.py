@@ -10,7 +10,7 @@ import numba
 import torch
 import torch.nn.functional as F
 
-from faceveil.jit import parallel_kernel, use_torch_threads
+from faceveil.runtime.jit import parallel_kernel, use_torch_threads
 
 # The DI transforms: "resize" is Xie et al.'s (rescale and pad); APF adds "rotate" and "colour".
 DI_TRANSFORMS = ("resize", "rotate", "colour")

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import torch
 
-from faceveil.jit import as_array, parallel_kernel, use_torch_threads
+from faceveil.runtime.jit import as_array, parallel_kernel, use_torch_threads
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:

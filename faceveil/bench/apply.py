@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from faceveil import weights
-from faceveil.apply import (
+from faceveil.bench.pipeline import TWELVE_MP
+from faceveil.detect.mtcnn import MTCNN
+from faceveil.io import weights
+from faceveil.io.images import read_image, write_image
+from faceveil.pipeline.maskfile import PersonMask
+from faceveil.pipeline.person import (
     MATCH_MODELS,
     ApplySettings,
     EnrollSettings,
@@ -31,10 +35,6 @@ from faceveil.apply import (
     enroll,
     reference_embeddings,
 )
-from faceveil.bench.pipeline import TWELVE_MP
-from faceveil.detect.mtcnn import MTCNN
-from faceveil.io.images import read_image, write_image
-from faceveil.io.maskfile import PersonMask
 
 APPLY_GOAL_SECONDS = 0.8
 VIDEO_GOAL_FPS = 25.0
@@ -42,7 +42,7 @@ VIDEO_GOAL_FPS = 25.0
 
 def enroll_photos(count: int) -> tuple[list[Path], str]:
     """`count` photos of one person from LFW (first identity with enough images), else the sample photos."""
-    from faceveil.evaluate.lfw import default_lfw_root, identities
+    from faceveil.datasets.lfw import default_lfw_root, identities
 
     root = default_lfw_root()
     if root is not None:
@@ -104,7 +104,7 @@ def bench_video_apply(mask: PersonMask, seconds: float, detector: MTCNN, progres
     """720p clip of sample1's three faces, every one the enrolled person (references of all three)."""
     from faceveil.bench.video import FPS, HEIGHT, WIDTH, make_test_clip
     from faceveil.detect.track import FaceTracker
-    from faceveil.video_pipeline import protect_video
+    from faceveil.pipeline.video import protect_video
 
     photo = read_image(weights.sample_photos()[0]).rgb
     faces = detector.detect_large(photo, 1024)

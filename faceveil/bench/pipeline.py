@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceveil import weights
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align
 from faceveil.detect.mtcnn import MTCNN, match_face
+from faceveil.io import weights
 from faceveil.io.images import read_image, write_image
 from faceveil.methods import pgd
 from faceveil.models import zoo

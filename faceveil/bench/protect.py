@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from faceveil import weights
 from faceveil.attacks.faces import from_photos
 from faceveil.bench.network_clock import NetworkClock
 from faceveil.detect.mtcnn import MTCNN
-from faceveil.io.batch import BatchItem
+from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
-from faceveil.protect import PhotoProtector, ProtectSettings, StageSeconds
+from faceveil.pipeline.batch import BatchItem
+from faceveil.pipeline.protect import PhotoProtector, ProtectSettings, StageSeconds
 
 BATCH_FACES = 16
 # A sample photo with four faces (no sample photo has exactly one): the photo's time is divided by its faces.

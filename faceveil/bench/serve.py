@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from faceveil.apf import wire
-from faceveil.apf.client import NoiseClient
 from faceveil.errors import FaceveilError
+from faceveil.methods.apf import wire
+from faceveil.methods.apf.client import NoiseClient
 
 STARTUP_TIMEOUT_S = 120.0  # importing torch and loading the checkpoint on a busy 2-core machine
 READY_PREFIX = "faceveil serve: listening on "

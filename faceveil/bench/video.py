@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceveil import weights
 from faceveil.detect.canonical import CANONICAL_SIZE
+from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.io.video import ffmpeg_exe
 
@@ -117,7 +117,7 @@ def bench_video(seconds: float = 10.0, detect_every: int = 10, progress: bool = 
     would allow; clip_seconds, the time spent making the clip (not counted).
     """
     from faceveil.detect.track import FaceTracker
-    from faceveil.video_pipeline import protect_video
+    from faceveil.pipeline.video import protect_video
 
     delta = test_delta()
     with tempfile.TemporaryDirectory(prefix="faceveil-bench-") as tmp:

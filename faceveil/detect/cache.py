@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from faceveil import weights
 from faceveil.detect.mtcnn import MTCNN, Face, default_detector
+from faceveil.io import weights
 
 FORMAT_VERSION = 1
 

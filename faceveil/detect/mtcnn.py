@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from faceveil import weights
+from faceveil.io import weights
 
 # Bump when detection output changes, so cached detections are recomputed.
 ALGORITHM_VERSION = "mtcnn-1"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from faceveil.detect.canonical import RegionWarp
-from faceveil.jit import as_array, kernel, parallel_kernel, use_torch_threads
+from faceveil.runtime.jit import as_array, kernel, parallel_kernel, use_torch_threads
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from faceveil.datasets.faces import embed_files
 from faceveil.errors import FaceveilError
-from faceveil.evaluate import adaptive, identification, transforms
+from faceveil.evaluate import adaptive, transforms
 from faceveil.evaluate.adaptive import DEFAULT_FOLDS
-from faceveil.evaluate.faces import embed_files
+from faceveil.evaluate.protocols import tip_im as identification
 from faceveil.models import zoo
 
 NONE = "none"  # the untransformed protected probes: the reference of `retained`
@@ -49,7 +50,7 @@ PLAIN = "plain"
 ADAPTIVE = "adaptive (linear probe)"
 PROTOCOL_METRICS = {"tip-im": "rank1_ut", "opom": "top1_psr", "apf": "asr"}
 # Modules the colleagues' protocols live in: their adapters are used once these exist.
-PROTOCOL_MODULES = {"opom": "faceveil.evaluate.opom_protocol", "apf": "faceveil.evaluate.apf_protocol"}
+PROTOCOL_MODULES = {"opom": "faceveil.evaluate.protocols.opom", "apf": "faceveil.evaluate.protocols.apf"}
 
 Redetect = Callable[[np.ndarray, np.ndarray], "np.ndarray | None"]  # (image, previous landmarks) -> landmarks
 
@@ -102,7 +103,7 @@ class Options:
 
 
 class TipImAdapter:
-    """The TIP-IM identification protocol (faceveil.evaluate.identification): Rank-1-UT against the gallery."""
+    """The TIP-IM identification protocol (faceveil.evaluate.protocols.tip_im): Rank-1-UT against the gallery."""
 
     protocol = "tip-im"
     metric = PROTOCOL_METRICS["tip-im"]
@@ -143,7 +144,7 @@ class TipImAdapter:
 
 
 class OpomAdapter:
-    """The OPOM person-mask protocol (faceveil.evaluate.opom_protocol), M-O setting: each masked test image of a
+    """The OPOM person-mask protocol (faceveil.evaluate.protocols.opom), M-O setting: each masked test image of a
     person is a probe against the person's other clean test images and the distractors; Top-1 / Top-5 protection
     success rates pooled over persons (and masks: each mask has the same tests, so the pool is the mean over masks).
     The gallery stays clean: only the probes go through the transforms."""
@@ -159,7 +160,7 @@ class OpomAdapter:
         self.photo_redetect_failures: dict[str, int] = {}
 
     def scenarios(self) -> Iterator[Scenario]:
-        from faceveil.evaluate.faces import landmarks_for
+        from faceveil.datasets.faces import landmarks_for
 
         people, progress = self.split.people, self.settings.progress
         files = sorted({f for p in people for f in p.train + p.test} | {f for _, f in self.split.distractors})
@@ -177,7 +178,7 @@ class OpomAdapter:
         """Every person's masks learned with these surrogates (as opom_protocol.mask_group: same seeds, same
         masks) and applied to its test images; the images are kept (the protocol itself keeps embeddings only)."""
         from faceveil.attacks.core import Ensemble
-        from faceveil.evaluate import opom_protocol as P
+        from faceveil.evaluate.protocols import opom as P
 
         ensemble, settings, people = Ensemble(surrogates), self.settings, self.split.people
         detector = None
@@ -212,7 +213,7 @@ class OpomAdapter:
         return protected, clean, layout, {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
 
     def rates(self, scenario: Scenario, judge: str, embeddings: torch.Tensor) -> dict[str, float]:
-        from faceveil.evaluate import opom_protocol as P
+        from faceveil.evaluate.protocols import opom as P
 
         metric, split = zoo.spec(judge).metric, self.split
         distractors = self.clean.of(judge, [f for _, f in split.distractors])
@@ -234,7 +235,7 @@ class OpomAdapter:
 
 
 class ApfAdapter:
-    """The APF protocol's ASR table (faceveil.evaluate.apf_protocol, Eq. 11), one gradient algorithm and one stage:
+    """The APF protocol's ASR table (faceveil.evaluate.protocols.apf, Eq. 11), one gradient algorithm and one stage:
     positive LFW pairs, the second image protected against the first (enrolled, clean photo). A judge recognises
     a face when its score to the enrolled face reaches the calibrated threshold. asr = (N_w/o - N_w) / N with N_w/o
     the clean untransformed faces recognised: after a transform, the clean row's asr is what the transform alone
@@ -246,7 +247,7 @@ class ApfAdapter:
 
     def __init__(self, root: Path, server, judges: list[str], algorithm: str, stage: str, limit: int | None,
                  batch: int, seed: int, iterations: int, progress: bool) -> None:
-        from faceveil.evaluate import apf_protocol as A
+        from faceveil.evaluate.protocols import apf as A
 
         self.root, self.server, self.judges, self.stage = root, server, judges, stage
         self.options = A.Options(algorithms=[algorithm], judges=judges, stages=[stage], limit=limit,
@@ -260,10 +261,10 @@ class ApfAdapter:
         self.clean_recognised: dict[str, torch.Tensor] = {}
 
     def scenarios(self) -> Iterator[Scenario]:
+        from faceveil.datasets.faces import landmarks_for
         from faceveil.detect import canonical as C
         from faceveil.detect.align import transform_points, warp_matrix
-        from faceveil.evaluate import apf_protocol as A
-        from faceveil.evaluate.faces import landmarks_for
+        from faceveil.evaluate.protocols import apf as A
         from faceveil.evaluate.quality import ssim
 
         server_models = list(self.server.meta.get("server_models", []))
@@ -296,7 +297,7 @@ class ApfAdapter:
                        [p.a.parent.name for p in self.pairs], seconds, {"ssim": float(np.mean(quality))})
 
     def rates(self, scenario: Scenario, judge: str, embeddings: torch.Tensor) -> dict[str, float]:
-        from faceveil.evaluate import apf_protocol as A
+        from faceveil.evaluate.protocols import apf as A
 
         recognised = A.recognised(judge, embeddings, self.enrolled[judge])
         n = len(recognised)

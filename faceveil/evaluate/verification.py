@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from faceveil.evaluate.lfw import Pair, read_pairs
+from faceveil.datasets.lfw import Pair, read_pairs
 from faceveil.models import zoo
 
 
@@ -70,7 +70,7 @@ def pair_scores(model_name: str, crops_by_geometry: dict[str, dict[Path, np.ndar
 
 
 def run(root: Path, model_names: list[str], limit: int | None, progress: bool = True) -> tuple[list[dict], dict]:
-    from faceveil.evaluate.faces import aligned_crops
+    from faceveil.datasets.faces import aligned_crops
 
     pairs = select_pairs(read_pairs(root), limit)
     files = sorted({p.a for p in pairs} | {p.b for p in pairs})
@@ -95,7 +95,7 @@ def save_thresholds(rows: list[dict], path: str | Path) -> None:
     `rows` keep the entry the file already has."""
     import json
 
-    from faceveil.evaluate.results import write_json_atomic
+    from faceveil.io.results import write_json_atomic
 
     path = Path(path)
     table = json.loads(path.read_text()) if path.is_file() else {}

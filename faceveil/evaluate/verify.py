@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceveil import weights
 from faceveil.detect.align import align
 from faceveil.detect.cache import cache_for, detect_file, load_rgb
 from faceveil.detect.mtcnn import MTCNN, Face, match_face
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import transforms
+from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
-from faceveil.protect import select_faces
+from faceveil.pipeline.protect import select_faces
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
 LFW_GALLERY_SIZE = 500
@@ -72,8 +72,8 @@ def sample_gallery(models: list[str], detector: MTCNN) -> Gallery:
 def lfw_gallery(root: Path, models: list[str], detector: MTCNN, seed: int = 0,
                 size: int = LFW_GALLERY_SIZE) -> Gallery:
     """One image each of `size` LFW identities (seeded choice), their labelled face (cached detection)."""
-    from faceveil.detect.lfw import detect_lfw_face
-    from faceveil.evaluate.lfw import identities
+    from faceveil.datasets.lfw import identities
+    from faceveil.datasets.lfw_faces import detect_lfw_face
 
     people = identities(root)
     names = sorted(n for n, files in people.items() if files)

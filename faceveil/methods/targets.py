@@ -179,7 +179,7 @@ def identities_from_folder(folder: Path | str, detector: MTCNN) -> list[TargetId
 def sample_identities(detector: MTCNN) -> list[TargetIdentity]:
     """Every confidently detected face in the installed sample photos, each one virtual identity ('sample3.jpg#1',
     numbered largest first)."""
-    from faceveil import weights
+    from faceveil.io import weights
 
     out = []
     for path in weights.sample_photos():

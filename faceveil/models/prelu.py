@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceveil.jit import parallel_kernel, use_torch_threads
+from faceveil.runtime.jit import parallel_kernel, use_torch_threads
 
 
 class PReLU(nn.PReLU):

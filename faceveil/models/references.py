@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceveil import weights
 from faceveil.errors import FaceveilError
+from faceveil.io import weights
 from faceveil.models import zoo
 
 RELATIVE_TOLERANCE = 1e-4  # max abs diff allowed, relative to the largest reference output magnitude

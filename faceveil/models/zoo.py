@@ -16,8 +16,8 @@ from importlib import resources
 import torch
 from torch import nn
 
-from faceveil import weights
 from faceveil.errors import FaceveilError
+from faceveil.io import weights
 
 
 @dataclass(frozen=True)

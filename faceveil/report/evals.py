@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any
 
-from faceveil.evaluate.results import format_cell
+from faceveil.io.results import format_cell
 from faceveil.report import html as H
 from faceveil.report import plots
 

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from faceveil.weights import home  # noqa: E402  (stdlib-only module; needs no torch)
+from faceveil.io.weights import home  # noqa: E402  (stdlib-only module; needs no torch)
 
 FIXTURES = REPO / "faceveil" / "data" / "references"
 SIZE = 112

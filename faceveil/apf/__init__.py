@@ -1,4 +1,0 @@
-"""APF (Zhang et al., ACM MM 2020): the end-cloud adversarial privacy-preserving filter. The client computes an
-image-specific gradient g with a small probe model (faceveil.methods.apf); the server turns it into the noise
-s = clip_eps(T(g) + E(u)) with a gradient-transfer U-Net T, a universal perturbation u and its enhancement E
-(faceveil.apf.networks), trained by faceveil.apf.train."""

@@ -1,0 +1,175 @@
+"""`faceveil` sub-commands of the robustness wing: `faceveil eval robustness`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from faceveil.cli.common import Groups
+from faceveil.errors import FaceveilError
+from faceveil.report import add_report_flag
+
+PROTOCOLS = ["tip-im", "opom", "apf"]  # = faceveil.evaluate.robustness.PROTOCOL_METRICS (kept light for --help)
+
+
+def _dataset(text: str | None):
+    from faceveil.datasets.lfw import default_lfw_root, parse_dataset_arg
+
+    if text:
+        return parse_dataset_arg(text)
+    root = default_lfw_root()
+    if root is None:
+        raise FaceveilError("no LFW found: pass --dataset lfw=PATH (or set FACEVEIL_LFW)")
+    return root
+
+
+def _tip_im_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
+    from faceveil.cli.main import METHODS, PAPER_DEFAULTS
+    from faceveil.evaluate.protocols import tip_im as identification
+    from faceveil.evaluate.robustness import TipImAdapter
+
+    method = args.method or "pgd"
+    if method not in METHODS:
+        raise FaceveilError(f"--method {method!r} is not a method of the tip-im protocol; known: {', '.join(METHODS)}")
+    given = {k: getattr(args, k) for k in ("eps", "alpha", "iters", "momentum")}
+    eps, alpha, iters, momentum = (PAPER_DEFAULTS[k] if v is None else v for k, v in given.items())  # TIP-IM §5.1
+    settings = identification.settings_for(method, args.mode, eps, alpha, iters, momentum, args.jitter, args.gamma,
+                                           args.batch, args.seed, not args.quiet)
+    adapter = TipImAdapter(_dataset(args.dataset), judges, surrogates, settings, args.seed, args.limit, args.extra)
+    flags = {"method": method, "eps": eps, "alpha": alpha, "iters": iters, "momentum": momentum,
+             "jitter": settings.attack.jitter, "gamma": args.gamma, "batch": args.batch, "dataset": str(adapter.root)}
+    return adapter, flags
+
+
+def _opom_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
+    from faceveil.cli.opom_eval import DEFAULT_METHOD, attack_config, distractor_count, test_image_cap
+    from faceveil.datasets.lfw import identities
+    from faceveil.evaluate.protocols import opom as protocol
+    from faceveil.evaluate.robustness import OpomAdapter
+
+    root, method = _dataset(args.dataset), args.method or DEFAULT_METHOD
+    cap = distractor_count(args.distractors, args.limit)
+    base = protocol.Settings(mode=args.mode, attack=attack_config(args), batch=args.batch, progress=not args.quiet)
+    chosen = protocol.registry_method(method, args.masks, base)  # "+md": momentum 1 and DFANet dropout (§3.2.3)
+    learner, settings, attack = chosen.learner, chosen.settings, chosen.settings.attack
+    per_person = test_image_cap(args.test_images)
+    split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
+                                per_person)
+    flags = {"method": method, "masks": args.masks, "eps": round(attack.eps * 255, 4),
+             "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
+             "dropout": attack.dropout, "jitter": attack.jitter, "distractors": "all" if cap is None else cap,
+             "batch": args.batch, "dataset": str(root)}
+    return OpomAdapter(split, judges, surrogates, learner, settings), flags
+
+
+def _apf_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
+    from faceveil.evaluate.robustness import ApfAdapter
+    from faceveil.methods.apf.networks import default_checkpoint, load_server_model
+    from faceveil.methods.apf.probe import GRADIENT_ALGORITHMS, STAGES
+
+    if surrogates:
+        raise FaceveilError("--protocol apf: the surrogates are fixed by the server model (its probe and server "
+                            "models); leave --surrogates out")
+    if args.mode != "crops":
+        raise FaceveilError("--protocol apf runs in crops mode only (the APF protocol perturbs the aligned face)")
+    algorithm = args.method or "m-di2-fgsm"
+    if algorithm not in GRADIENT_ALGORITHMS:
+        raise FaceveilError(f"--method {algorithm!r} is not an APF gradient algorithm; known: "
+                            f"{', '.join(GRADIENT_ALGORITHMS)}")
+    if args.stage not in STAGES:
+        raise FaceveilError(f"--stage {args.stage!r} is not an APF stage; known: {', '.join(STAGES)}")
+    root = _dataset(args.dataset)
+    iterations = args.iters if args.iters is not None else 30  # APF §4.1
+    adapter = ApfAdapter(root, load_server_model(args.checkpoint), judges, algorithm, args.stage, args.limit,
+                         args.batch, args.seed, iterations, not args.quiet)
+    flags = {"method": algorithm, "stage": args.stage, "checkpoint": str(args.checkpoint or default_checkpoint()),
+             "batch": args.batch, "dataset": str(root)}
+    return adapter, flags
+
+
+ADAPTERS = {"tip-im": _tip_im_adapter, "opom": _opom_adapter, "apf": _apf_adapter}
+
+
+def _cmd_eval_robustness(args: argparse.Namespace) -> int:
+    import torch
+
+    from faceveil.evaluate import robustness, transforms
+    from faceveil.evaluate.adaptive import DEFAULT_FOLDS
+    from faceveil.io.results import markdown_table, write_outputs
+    from faceveil.models import zoo
+
+    robustness.require_protocol(args.protocol)
+    folds = DEFAULT_FOLDS if args.adaptive_folds is None else args.adaptive_folds
+    if folds < 2:
+        raise FaceveilError("--adaptive-folds must be at least 2 (train and test identities apart)")
+    if args.batch < 1:
+        raise FaceveilError(f"--batch must be at least 1, got {args.batch}")
+    judges = zoo.parse_models(args.judges)
+    surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
+    names = transforms.parse_names(args.transforms)
+    adapter, flags = ADAPTERS[args.protocol](args, judges, surrogates)
+    options = robustness.Options(names, args.seed, args.adaptive, folds, progress=not args.quiet)
+    start = time.perf_counter()
+    rows, meta = robustness.evaluate(adapter, options)
+    settings = {**flags, "judges": judges, "surrogates": surrogates or "leave-one-family-out", **meta,
+                "limit": args.limit, "threads": torch.get_num_threads(),
+                "total_seconds": round(time.perf_counter() - start, 2)}
+    print(markdown_table(robustness.display_rows(rows)))
+    print(f"{adapter.metric} = protection rate; retained = rate / untransformed rate; clean_{adapter.metric} = the "
+          "same rate for the unprotected probes after the same transform; gain = rate - clean rate")
+    write_outputs({"command": "eval robustness", "settings": settings, "rows": rows}, args.json, args.report)
+    return 0
+
+
+def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eps", type=float, default=None,
+                   help="L-inf budget, 0..255 units (default: the protocol's paper, tip-im 12, opom 8)")
+    p.add_argument("--alpha", type=float, default=None, help="step, 0..255 units (default: tip-im 1.5, opom 1)")
+    p.add_argument("--iters", type=int, default=None, help="iterations (default: tip-im 50, opom 16, apf 30)")
+    p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1)")
+    p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
+    p.add_argument("--batch", type=int, default=8, help="faces protected at once")
+    p.add_argument("--extra", type=int, default=None, metavar="N",
+                   help="tip-im: further gallery identities (default 500, or 50 with --limit)")
+    p.add_argument("--gamma", type=float, default=0.0, help="tip-im: TIP-IM MMD naturalness weight")
+    p.add_argument("--masks", type=int, default=1, metavar="N_M", help="opom: diverse masks per person")
+    p.add_argument("--dropout", type=float, default=0.0, help="opom: feature-dropout rate while learning masks")
+    p.add_argument("--distractors", default=None, metavar="N|all",
+                   help="opom: distractor images (default all, or 2000 with --limit)")
+    p.add_argument("--train-images", type=int, default=10, help="opom: images per person that learn the mask")
+    p.add_argument("--test-images", default=None, metavar="N|all",
+                   help="opom: test images per person (default 5; 'all' = no cap)")
+    p.add_argument("--min-images", type=int, default=12, help="opom: protect identities with this many images")
+    p.add_argument("--checkpoint", default=None, help="apf: server model (default: the packaged one)")
+    p.add_argument("--stage", default="s", help="apf: APF stage g, g_hat or s (default s, the full APF)")
+
+
+def register(groups: Groups) -> None:
+    """Adds this wing's sub-commands to the parser groups."""
+    from faceveil.evaluate.transforms import TRANSFORMS  # numpy + PIL only: --help stays fast
+
+    p = groups["eval"].add_parser(
+        "robustness", help="protection after JPEG, resizing, blur, re-alignment...; and against an adaptive attacker")
+    p.add_argument("--protocol", default="tip-im", choices=PROTOCOLS,
+                   help="protocol run once, then re-scored after each transform (tip-im: Rank-1-UT, opom: Top-1 PSR, "
+                        "apf: ASR)")
+    p.add_argument("--dataset", default=None, metavar="lfw=PATH", help="LFW (default: $FACEVEIL_LFW or beside repo)")
+    p.add_argument("--method", default=None, help="protection method: tip-im protocol (default pgd), opom protocol "
+                   "(default opom-convex), apf protocol: the gradient algorithm (default m-di2-fgsm)")
+    p.add_argument("--transforms", default="all",
+                   help=f"'all' or a comma list of registry transforms ({','.join(TRANSFORMS)})")
+    p.add_argument("--judges", default="all", help="comma list or 'all'")
+    p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities")
+    p.add_argument("--mode", default="crops", choices=["crops", "photos"],
+                   help="crops: transform the aligned face; photos: transform the saved photo, re-detect, re-align")
+    p.add_argument("--adaptive", action="store_true",
+                   help="add the adaptive attacker: a linear probe trained on other identities' protected/clean "
+                        "embedding pairs (cross-fitted over identity folds)")
+    p.add_argument("--adaptive-folds", type=int, default=None, help="identity folds of the adaptive probe (default 5)")
+    _add_protocol_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="split, protection and random transforms")
+    p.add_argument("--json", metavar="OUT")
+    add_report_flag(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval_robustness)

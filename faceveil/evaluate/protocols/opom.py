@@ -1,0 +1,411 @@
+"""Person-specific masks under 1:N identification: the OPOM protocol (Zhong & Deng, TPAMI 2022, §4.1) on LFW.
+
+Split (seeded, deterministic): the LFW identities with at least `min_images` (12) images are shuffled; the first
+`limit` of them (default all) are protected. Each protected identity's images are shuffled: the first
+`train_images` (10) learn the person's mask(s), the next `test_images` (the command's default 5; None = all the
+rest) are its test images. The paper tests a handful of images per person (§4.1: 10 train, 10 test); without the
+cap an identity with hundreds of LFW images (George_W_Bush: 530, i.e. ~270,000 tests) would dominate the pooled
+rates. Distractors: all LFW images (or a seeded sample of `distractors` of them for quick runs); for a person, those
+of its own identity are left out, so its gallery is the other identities' images plus its one enrolled image.
+
+M-O (Tables 2-5): each test image in turn joins the gallery as the person's clean image, and every other test image
+of that person, masked, is a probe: T test images give T(T-1) tests. A test protects at Top-1 / Top-5 when the
+person's gallery image is not ranked 1st / not among the first 5 (ties go to the person: a distractor must score
+strictly higher to outrank it). The rate is pooled over all tests of all persons. With n_M masks each mask is scored
+on its own; rows give the mean over masks (and the std).
+M-M (Table 6): the gallery image is masked too; n_M = 1: with the same mask, n_M > 1: each ordered pair of different
+masks (gallery mask, probe mask); rows give the mean over pairs (and the std).
+clean_top1 / clean_top5 are the judges' identification accuracies without masks (the paper asks for test faces that
+are recognised normally, i.e. a clean protection rate near 0). PSNR and SSIM compare the face area of each masked
+test face with the original (as evaluate/identification.py).
+
+By default each judge is scored against masks learned by the models of the other families (leave-one-family-out);
+judges sharing a surrogate set share one mask-learning run. The mask-learning method is a parameter (a MaskLearner:
+one person's FaceBatch -> [n_M,3,256,256] canonical masks), looked up by name in faceveil.methods.opom's registry;
+a universal method (FI-UAP-all) learns one mask per surrogate set on the training images of all protected persons.
+Several methods can share one run (`run_methods`): the landmarks and the clean embeddings of the test images and
+distractors are computed once. A method name may end in TRANSFER_SUFFIX ("+md", e.g. opom-convex+md): the method
+combined with the transferability methods of §3.2.3 (Tables 4-5), momentum mu = 1 (Eq. 14) and DFANet dropout
+(Eq. 15).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.faces import FaceBatch, from_photos
+from faceveil.datasets.faces import EmbeddingTable, embed_files, landmarks_for
+from faceveil.detect.cache import load_rgb
+from faceveil.errors import FaceveilError
+from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, embed_images, surrogate_groups
+from faceveil.models import zoo
+
+MIN_IMAGES = 12
+TRAIN_IMAGES = 10
+# Methods whose one mask is universal (FI-UAP-all, §3.3.2: learned on the training images of ALL protected persons):
+# learned once per surrogate set and applied to everybody.
+UNIVERSAL_METHODS = ("fi-uap-all",)
+DISTRACTORS_LIMITED = 2000  # distractor sample when --limit is given without --distractors: quick runs stay quick
+TEST_IMAGES = 5  # test images per person (the command's default; the paper uses a handful per person)
+# §3.2.3 combined with momentum and DFANet (Tables 4-5): "+md" after a method name. Eq. 14: "mu is usually set to 1
+# following the original paper". Eq. 15 names the Bernoulli rate p_d without a value; 0.1 is the drop rate of the
+# DFANet paper ([34], Zhong & Deng 2020), i.e. each conv output element is kept with probability 0.9.
+TRANSFER_SUFFIX = "+md"
+TRANSFER_MOMENTUM = 1.0
+TRANSFER_DROPOUT = 0.1
+BATCH = 8
+
+Labelled = tuple[str, Path]  # (identity, image file)
+MaskLearner = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor]  # one person's faces -> [n_M,3,256,256]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    train: tuple[Path, ...]
+    test: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    people: list[Person]
+    distractors: list[Labelled]
+    eligible_identities: int  # identities with >= min_images images
+    available_distractors: int  # all LFW images
+    min_images: int = MIN_IMAGES
+    train_images: int = TRAIN_IMAGES
+    test_images: int | None = None  # cap of test images per person; None = all images not used for training
+
+    def counts(self) -> dict:
+        return {"min_images": self.min_images, "train_images": self.train_images,
+                "test_images_per_person": "all" if self.test_images is None else self.test_images,
+                "eligible_identities": self.eligible_identities, "protected_identities": len(self.people),
+                "protected_names": [p.name for p in self.people],
+                "train_images_used": sum(len(p.train) for p in self.people),
+                "test_images": sum(len(p.test) for p in self.people),
+                "distractor_images": len(self.distractors), "distractors_available": self.available_distractors,
+                "distractors_capped": len(self.distractors) < self.available_distractors}
+
+
+def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None = None,
+               min_images: int = MIN_IMAGES, train_images: int = TRAIN_IMAGES,
+               distractors: int | None = None, test_images: int | None = None) -> Split:
+    """The seeded protocol split (module docstring). The first N persons do not depend on `limit`, the persons
+    do not depend on the distractor sample (separate random streams), and the test images under a cap are the
+    first ones of the uncapped order (the cap does not change the persons nor their training images)."""
+    if train_images < 1:
+        raise FaceveilError(f"--train-images must be at least 1, got {train_images}")
+    if test_images is not None and test_images < 2:
+        raise FaceveilError(f"--test-images must be at least 2 (one in the gallery, one probe) or 'all', "
+                            f"got {test_images}")
+    if min_images < train_images + 2:
+        raise FaceveilError(f"--min-images ({min_images}) must be at least --train-images + 2 ({train_images + 2}): "
+                            "a person needs two test images (one in the gallery, one probe)")
+    if limit is not None and limit < 1:
+        raise FaceveilError(f"--limit must be at least 1, got {limit}")
+    if distractors is not None and distractors < 1:
+        raise FaceveilError(f"--distractors must be at least 1 (or 'all'), got {distractors}")
+    rng = np.random.default_rng([seed, 0])
+    names = sorted(people)
+    eligible = [n for n in names if len(people[n]) >= min_images]
+    if not eligible:
+        raise FaceveilError(f"no identity has at least {min_images} images in this dataset")
+    order = [eligible[i] for i in rng.permutation(len(eligible))][:limit]
+    persons = []
+    for name in order:
+        files = sorted(people[name])
+        pick = rng.permutation(len(files))
+        test = pick[train_images:] if test_images is None else pick[train_images:train_images + test_images]
+        persons.append(Person(name, tuple(sorted(files[i] for i in pick[:train_images])),
+                              tuple(sorted(files[i] for i in test))))
+    pool = [(n, p) for n in names for p in sorted(people[n])]
+    chosen = pool
+    if distractors is not None and distractors < len(pool):
+        index = np.sort(np.random.default_rng([seed, 1]).choice(len(pool), distractors, replace=False))
+        chosen = [pool[i] for i in index]
+    return Split(persons, chosen, len(eligible), len(pool), min_images, train_images, test_images)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+def sorted_scores(metric: str, probes: torch.Tensor, distractors: torch.Tensor) -> torch.Tensor:
+    """[P, G] scores of each probe against the distractors, ascending per row (for rank look-ups)."""
+    return zoo.score_matrix(metric, probes, distractors).sort(dim=1).values.contiguous()
+
+
+def own_ranks(metric: str, probes: torch.Tensor, gallery: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Ranks [T, T] (long): entry (j, i) = rank of the person's gallery image i for probe j among the distractors
+    (1 + the number of distractors scoring strictly higher); the diagonal (a probe against itself) is 0 = no test.
+    probes, gallery: [T, D] embeddings of the same T test images; others: `sorted_scores` of the probes."""
+    own = zoo.score_matrix(metric, probes, gallery).contiguous()
+    above = others.shape[1] - torch.searchsorted(others, own, right=True)
+    ranks = 1 + above
+    ranks.fill_diagonal_(0)
+    return ranks
+
+
+@dataclass
+class Tally:
+    """Tests counted over persons: `top1` / `top5` = tests where the person is NOT at rank 1 / not in the top 5."""
+
+    tests: int = 0
+    top1: int = 0
+    top5: int = 0
+
+    def add(self, ranks: torch.Tensor) -> None:
+        valid = ranks[ranks > 0]
+        self.tests += int(valid.numel())
+        self.top1 += int((valid > 1).sum())
+        self.top5 += int((valid > 5).sum())
+
+    def rates(self) -> tuple[float, float]:
+        """(Top-1, Top-5) protection success rates."""
+        return (self.top1 / self.tests, self.top5 / self.tests) if self.tests else (0.0, 0.0)
+
+
+def mm_pairs(n_masks: int) -> list[tuple[int, int]]:
+    """(gallery mask, probe mask) pairs of the M-M setting: the same mask for n_M = 1 (Table 6), else every ordered
+    pair of different masks."""
+    if n_masks < 1:
+        raise ValueError("at least one mask")
+    if n_masks == 1:
+        return [(0, 0)]
+    return [(g, p) for g in range(n_masks) for p in range(n_masks) if g != p]
+
+
+def _summary(prefix: str, tallies: list[Tally]) -> dict:
+    rates = np.array([t.rates() for t in tallies])
+    out = {f"{prefix}top1_psr": float(rates[:, 0].mean()), f"{prefix}top5_psr": float(rates[:, 1].mean())}
+    if len(tallies) > 1:
+        out[f"{prefix}top1_psr_std"] = float(rates[:, 0].std())
+        out[f"{prefix}top5_psr_std"] = float(rates[:, 1].std())
+    return out
+
+
+# ---- masks -----------------------------------------------------------------------------------------------------
+
+def registry_learner(method: str, masks: int = 1) -> MaskLearner:
+    """The MaskLearner of a method registered in faceveil.methods.opom (OPOM's variants and baselines; AdvCloak
+    adds its own there), learning `masks` diverse masks per person."""
+    from faceveil.methods import opom
+
+    known = opom.method_names()
+    if method not in known:
+        raise FaceveilError(f"--method {method!r} is not a person-mask method; known: {', '.join(known)}")
+    if masks < 1:
+        raise FaceveilError(f"--masks must be at least 1, got {masks}")
+    options = opom.PersonMaskOptions(method=method, masks=masks)
+
+    def learn(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig) -> torch.Tensor:
+        return opom.learn_person_masks(batch, ensemble, cfg, options)
+
+    return learn
+
+
+@dataclass
+class Settings:
+    method: str = "opom-convex"  # the learner's name (rows and JSON)
+    mode: str = "crops"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    batch: int = BATCH  # test faces masked at once
+    progress: bool = True
+    universal: bool = False  # one mask learned on every person's training images (UNIVERSAL_METHODS)
+
+
+@dataclass
+class GroupResult:
+    """One surrogate set's masks applied to every person's test images, embedded by the judges of the group."""
+
+    surrogates: list[str]
+    judges: list[str]
+    masked: dict[str, list[list[torch.Tensor]]]  # judge -> per person -> per mask [T, D]
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    redetect_failures: int = 0
+    learn_seconds: float = 0.0
+    apply_seconds: float = 0.0
+
+
+def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarray]):
+    return [np.array(load_rgb(f)) for f in files], [landmarks[f] for f in files]
+
+
+def learn_masks(train: tuple[Path, ...], landmarks: dict[Path, np.ndarray], ensemble: Ensemble,
+                learner: MaskLearner, settings: Settings, cfg: AttackConfig) -> torch.Tensor:
+    """Masks [n_M,3,256,256] learned on these training images (in the evaluation's mode)."""
+    photos, marks = _photos(train, landmarks)
+    batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
+    masks = learner(batch, ensemble, cfg).detach()
+    if masks.ndim != 4 or masks.shape[1:] != (3, 256, 256):
+        raise ValueError(f"a mask learner must return [n_M,3,256,256] masks, got {tuple(masks.shape)}")
+    return masks
+
+
+def apply_mask(files: tuple[Path, ...], landmarks: dict[Path, np.ndarray], mask: torch.Tensor, settings: Settings,
+               folder: Path, detector) -> Protected:
+    """The test images with one mask: canonical crops (crops mode) or pasted photos saved as PNG, re-read and
+    re-detected (photos mode); with the face-area quality of each."""
+    out = Protected()
+    for start in range(0, len(files), settings.batch):
+        photos, marks = _photos(files[start:start + settings.batch], landmarks)
+        delta = mask.expand(len(photos), -1, -1, -1)
+        if settings.mode == "crops":
+            collect_crops(out, from_photos(photos, marks, [], "crops"), delta, marks)
+        else:
+            collect_photos(out, photos, delta, marks, folder, detector)
+    return out
+
+
+def person_config(cfg: AttackConfig, index: int) -> AttackConfig:
+    """Each person its own random stream (random start, diversity), derived from the run's seed."""
+    return dataclasses.replace(cfg, seed=cfg.seed * 100_003 + index)
+
+
+def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str], judges: list[str],
+               learner: MaskLearner, settings: Settings) -> GroupResult:
+    """Learn every person's masks with these surrogates, mask its test images, embed them with the judges."""
+    ensemble = Ensemble(surrogates)
+    result = GroupResult(list(surrogates), list(judges), {j: [] for j in judges})
+    detector = None
+    if settings.mode == "photos":
+        from faceveil.detect.mtcnn import default_detector
+
+        detector = default_detector()
+    universal = None
+    if settings.universal:
+        start = time.perf_counter()
+        everybody = tuple(f for p in split.people for f in p.train)
+        universal = learn_masks(everybody, landmarks, ensemble, learner, settings, settings.attack)
+        result.learn_seconds += time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="faceveil-opom-") as tmp:
+        bar = tqdm(split.people, desc=f"masks ({'+'.join(surrogates)})", disable=not settings.progress,
+                   unit="person")
+        for index, person in enumerate(bar):
+            start = time.perf_counter()
+            masks = universal if universal is not None else learn_masks(
+                person.train, landmarks, ensemble, learner, settings, person_config(settings.attack, index))
+            middle = time.perf_counter()
+            for judge in judges:
+                result.masked[judge].append([])
+            for mask in masks:  # one mask's images at a time: memory stays flat for persons with many images
+                masked = apply_mask(person.test, landmarks, mask, settings, Path(tmp), detector)
+                for judge in judges:
+                    result.masked[judge][-1].append(embed_images(judge, masked.images, masked.landmarks))
+                result.psnr += masked.psnr
+                result.ssim += masked.ssim
+                result.redetect_failures += masked.redetect_failures
+            result.learn_seconds += middle - start
+            result.apply_seconds += time.perf_counter() - middle
+    return result
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+def _own_identity_excluded(split: Split, name: str) -> torch.Tensor:
+    return torch.tensor([i for i, (n, _) in enumerate(split.distractors) if n != name], dtype=torch.long)
+
+
+def score_judge(judge: str, split: Split, clean: EmbeddingTable, masked: list[list[torch.Tensor]]) -> dict:
+    """M-O (per mask), M-M (per mask pair) and clean tallies of one judge, pooled over persons -> row fields."""
+    metric = zoo.spec(judge).metric
+    distractors = clean.of(judge, [p for _, p in split.distractors])
+    n_masks = len(masked[0])
+    mo, mm, plain = [Tally() for _ in range(n_masks)], {pair: Tally() for pair in mm_pairs(n_masks)}, Tally()
+    for person, person_masked in zip(split.people, masked, strict=True):
+        others = distractors[_own_identity_excluded(split, person.name)]
+        originals = clean.of(judge, person.test)
+        plain.add(own_ranks(metric, originals, originals, sorted_scores(metric, originals, others)))
+        for p, probes in enumerate(person_masked):
+            ranked = sorted_scores(metric, probes, others)
+            mo[p].add(own_ranks(metric, probes, originals, ranked))
+            for (gallery_mask, probe_mask), tally in mm.items():
+                if probe_mask == p:
+                    tally.add(own_ranks(metric, probes, person_masked[gallery_mask], ranked))
+    clean_psr = plain.rates()
+    return {**_summary("", mo), **_summary("mm_", list(mm.values())),
+            "clean_top1": 1 - clean_psr[0], "clean_top5": 1 - clean_psr[1],
+            "n_probes": mo[0].tests, "n_mm_probes": next(iter(mm.values())).tests}
+
+
+def judge_row(judge: str, group: GroupResult, split: Split, clean: EmbeddingTable, settings: Settings) -> dict:
+    scores = score_judge(judge, split, clean, group.masked[judge])
+    return {"judge": judge, "method": settings.method, "surrogates": list(group.surrogates),
+            "white_box": judge in group.surrogates, "mode": settings.mode, "masks": len(group.masked[judge][0]),
+            **scores, "psnr": float(np.mean(group.psnr)), "ssim": float(np.mean(group.ssim))}
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method of a run: its mask learner and its settings (name, attack configuration, universal or not)."""
+
+    learner: MaskLearner
+    settings: Settings
+
+
+def split_method_name(method: str) -> tuple[str, bool]:
+    """(registered method, combined with momentum + DFANet) of a name that may end in TRANSFER_SUFFIX."""
+    if method.endswith(TRANSFER_SUFFIX):
+        return method[:-len(TRANSFER_SUFFIX)], True
+    return method, False
+
+
+def registry_method(method: str, masks: int, base: Settings) -> MethodRun:
+    """A registered method (optionally with the "+md" suffix: momentum 1 and DFANet dropout, overriding the base
+    configuration's) with the run's shared settings."""
+    name, transfer = split_method_name(method)
+    attack = base.attack
+    if transfer:
+        attack = dataclasses.replace(attack, momentum=TRANSFER_MOMENTUM, dropout=TRANSFER_DROPOUT)
+    settings = dataclasses.replace(base, method=method, attack=attack, universal=name in UNIVERSAL_METHODS)
+    return MethodRun(registry_learner(name, masks), settings)
+
+
+def run(split: Split, judges: list[str], surrogates: list[str] | None, learner: MaskLearner,
+        settings: Settings) -> tuple[list[dict], dict]:
+    """Rows (one per judge) and settings (split counts, timings) of the protocol on a split."""
+    return run_methods(split, judges, surrogates, [MethodRun(learner, settings)])
+
+
+def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
+                methods: list[MethodRun]) -> tuple[list[dict], dict]:
+    """Rows (one per method and judge) and settings of several methods on one split: landmarks and clean
+    embeddings are computed once. Timings and re-detection failures are per surrogate set, and with more than one
+    method per method, then per surrogate set."""
+    if not methods:
+        raise ValueError("at least one method")
+    first = methods[0].settings
+    if len({m.settings.method for m in methods}) < len(methods):
+        raise FaceveilError("--method lists a method twice")
+    if any(m.settings.mode != first.mode for m in methods):
+        raise ValueError("the methods of one run share the mode")
+    files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
+    landmarks, info = landmarks_for(files, first.progress)
+    clean_files = sorted({f for p in split.people for f in p.test} | {f for _, f in split.distractors})
+    start = time.perf_counter()
+    clean = embed_files(judges, clean_files, landmarks, first.progress)
+    clean_seconds = round(time.perf_counter() - start, 2)
+    rows: list[dict] = []
+    learn, apply, failures = {}, {}, {}
+    for method in methods:
+        settings = method.settings
+        for group, group_judges in surrogate_groups(judges, surrogates).items():
+            result = mask_group(split, landmarks, list(group), group_judges, method.learner, settings)
+            key = "+".join(group)
+            for table, value in ((learn, round(result.learn_seconds, 2)), (apply, round(result.apply_seconds, 2)),
+                                 (failures, result.redetect_failures)):
+                (table.setdefault(settings.method, {}) if len(methods) > 1 else table)[key] = value
+            rows += [judge_row(judge, result, split, clean, settings) for judge in group_judges]
+    meta = {**split.counts(), "learn_seconds": learn, "apply_embed_seconds": apply,
+            "clean_embed_seconds": clean_seconds, "redetect_failures": failures, "detected": info["detected"],
+            "images": info["images"], "fallback_alignment_count": len(info["fallback_alignment"])}
+    return rows, meta

@@ -1,0 +1,341 @@
+"""Face identification under protection: the TIP-IM protocol (Yang et al., ICCV 2021, §5.1) on LFW.
+
+Split (seeded, deterministic): protected identities (LFW identities with at least 2 images, up to 500) give one
+probe image each and their other images to the gallery; 10 disjoint target identities (at least 2 images) give one
+image each to the target set and the rest to the gallery; further disjoint identities (500, or 50 with --limit)
+add all their images; every identity gives at most GALLERY_CAP (20) images to the gallery. Every probe is
+protected by the method against the surrogates, then each judge ranks the gallery by its score to the protected
+probe:
+
+    rank1_t / rank5_t    a target identity's image is among the top 1 / 5 (targeted success)
+    rank1_ut / rank5_ut  none of the top 1 / 5 is the probe's own identity (untargeted success)
+
+By default a judge is attacked by the models of the other families (leave-one-family-out); judges sharing a
+surrogate set share one protection run. PSNR and SSIM compare the face area (the perturbation mask's square in the
+canonical face space) of the original and the protected face; MMD (the paper's naturalness metric, Eq. 3) compares
+the set of protected face areas with the set of original ones.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.faces import from_photos
+from faceveil.datasets.faces import embed_files, landmarks_for
+from faceveil.datasets.lfw import identities
+from faceveil.detect import canonical as C
+from faceveil.detect.align import align, transform_points, warp_matrix
+from faceveil.detect.cache import load_rgb
+from faceveil.evaluate.quality import psnr, set_mmd, ssim
+from faceveil.methods.targets import TargetedResult, TargetIdentity, TargetSet, target_face
+from faceveil.models import zoo
+
+MAX_PROTECTED = 500
+TARGET_IDENTITIES = 10
+EXTRA_IDENTITIES = 500
+EXTRA_IDENTITIES_LIMITED = 50  # with --limit: quick runs stay quick
+BATCH = 8
+# At most this many gallery images per identity: LFW is skewed (George_W_Bush has 530 images), and one such target
+# identity would fill the gallery's top ranks by sheer number (the paper's gallery: ~10 images per identity).
+GALLERY_CAP = 20
+# The face area in canonical space: the perturbation mask's square.
+_LO = round(C.CANONICAL_SIZE / 2 - C.MASK_HALF_SIDE)
+_HI = round(C.CANONICAL_SIZE / 2 + C.MASK_HALF_SIDE)
+
+Labelled = tuple[str, Path]  # (identity, image file)
+
+
+@dataclass(frozen=True)
+class Split:
+    probes: list[Labelled]
+    targets: list[Labelled]
+    gallery: list[Labelled]
+    extra_identities: int
+    gallery_cap: int = GALLERY_CAP
+
+    def counts(self) -> dict:
+        return {"gallery_cap": self.gallery_cap, "protected_identities": len(self.probes),
+                "target_identities": len(self.targets), "extra_identities": self.extra_identities,
+                "gallery_images": len(self.gallery),
+                "gallery_identities": len({name for name, _ in self.gallery})}
+
+
+def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None = None,
+               extra: int | None = None, cap: int = GALLERY_CAP) -> Split:
+    """The seeded protocol split (see the module docstring); identities are disjoint between the three roles, and
+    every identity gives at most `cap` images to the gallery."""
+    rng = np.random.default_rng(seed)
+    order = [sorted(people)[i] for i in rng.permutation(len(people))]
+    eligible = [n for n in order if len(people[n]) >= 2]
+    n_protected = min(MAX_PROTECTED, limit or MAX_PROTECTED)
+    protected = eligible[:n_protected]
+    targets = eligible[n_protected:n_protected + TARGET_IDENTITIES]
+    used = set(protected) | set(targets)
+    n_extra = extra if extra is not None else (EXTRA_IDENTITIES if limit is None else EXTRA_IDENTITIES_LIMITED)
+    extras = [n for n in order if n not in used][:n_extra]
+    probes, gallery = [], []
+    for name in protected:
+        images = people[name]
+        pick = int(rng.integers(len(images)))
+        probes.append((name, images[pick]))
+        gallery += [(name, p) for i, p in enumerate(images) if i != pick][:cap]
+    gallery += [(name, p) for name in targets for p in people[name][1:1 + cap]]
+    gallery += [(name, p) for name in extras for p in people[name][:cap]]
+    return Split(probes, [(name, people[name][0]) for name in targets], gallery, len(extras), cap)
+
+
+def surrogate_groups(judges: list[str], surrogates: list[str] | None) -> dict[tuple[str, ...], list[str]]:
+    """Surrogate set -> the judges evaluated against it (given surrogates, else the other families' models)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for judge in judges:
+        family = zoo.spec(judge).family
+        chosen = surrogates or [m for m in zoo.SPECS if zoo.spec(m).family != family]
+        groups.setdefault(tuple(chosen), []).append(judge)
+    return groups
+
+
+@dataclass
+class Protected:
+    """Protected probes as images with their landmarks (canonical crops or re-read photos), the same probes
+    unprotected (canonical crops or the original photos, with their landmarks), and the quality."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    landmarks: list[np.ndarray] = field(default_factory=list)
+    clean_images: list[np.ndarray] = field(default_factory=list)
+    clean_landmarks: list[np.ndarray] = field(default_factory=list)
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    # face areas (canonical space) of the originals and the protected probes, for the set-level MMD
+    original_areas: list[np.ndarray] = field(default_factory=list)
+    protected_areas: list[np.ndarray] = field(default_factory=list)
+    redetect_failures: int = 0
+
+
+@dataclass
+class Settings:
+    method: str = "pgd"
+    mode: str = "crops"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    gamma: float = 0.0
+    batch: int = BATCH
+    progress: bool = True
+
+
+def settings_for(method: str, mode: str, eps: float, alpha: float, iters: int, momentum: float,
+                 jitter: float | None, gamma: float, batch: int, seed: int, progress: bool) -> Settings:
+    """Settings from command-line units: eps and alpha in 0..255, L-inf; jitter None = 0 in crops mode, 2 crop
+    pixels in photos mode (the saved photo is re-detected, so the mask must survive a small misalignment)."""
+    jitter = jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)
+    attack = AttackConfig(eps=eps / 255, alpha=alpha / 255, steps=iters, norm="linf", momentum=momentum,
+                          jitter=jitter, seed=seed)
+    return Settings(method=method, mode=mode, attack=attack, gamma=gamma, batch=batch, progress=progress)
+
+
+def face_area(canonical: np.ndarray) -> np.ndarray:
+    return canonical[_LO:_HI, _LO:_HI]
+
+
+def _record_quality(out: Protected, before: np.ndarray, after: np.ndarray) -> None:
+    """before/after: canonical uint8 images of the same face."""
+    a, b = face_area(before), face_area(after)
+    out.psnr.append(psnr(a, b))
+    out.ssim.append(ssim(a, b))
+    out.original_areas.append(a)
+    out.protected_areas.append(b)
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """[B,3,H,W] in [0,1] -> HxWx3 uint8 each (8-bit rounding: what a saved file holds)."""
+    return list((images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+
+
+def _canonical_landmarks(marks: np.ndarray) -> np.ndarray:
+    return transform_points(warp_matrix(marks, C.CANONICAL).numpy(), marks)
+
+
+def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.ndarray]) -> None:
+    clean = to_uint8(batch.regions)
+    for before, after, m in zip(clean, to_uint8(batch.perturbed(delta)), marks, strict=True):
+        out.images.append(after)
+        out.landmarks.append(_canonical_landmarks(m))
+        out.clean_images.append(before)
+        out.clean_landmarks.append(out.landmarks[-1])
+        _record_quality(out, before, after)
+
+
+def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
+                   folder: Path, detector) -> None:
+    """Paste, save as PNG, re-read, re-detect (nearest the centre), keep the re-read photo and its landmarks."""
+    from faceveil.detect.mtcnn import nearest_to_center
+
+    for photo, d, m in zip(photos, delta, marks, strict=True):
+        path = folder / f"probe{len(out.images):05d}.png"
+        Image.fromarray(C.paste(photo, m, d)).save(path)
+        again = load_rgb(path)
+        face = nearest_to_center(detector.detect_large(again), again.shape[1], again.shape[0])
+        out.redetect_failures += face is None
+        out.images.append(again)
+        out.landmarks.append(m if face is None else np.asarray(face.landmarks, dtype=np.float64))
+        out.clean_images.append(photo)
+        out.clean_landmarks.append(np.asarray(m, dtype=np.float64))
+        _record_quality(out, align(photo, m, C.CANONICAL), align(again, m, C.CANONICAL))
+
+
+def _target_set(split: Split, landmarks: dict[Path, np.ndarray], ensemble: Ensemble) -> TargetSet:
+    faces = [TargetIdentity(name, (target_face(load_rgb(p), landmarks[p], str(p)),)) for name, p in split.targets]
+    return TargetSet(faces, ensemble)
+
+
+def _method(settings: Settings, ensemble: Ensemble, split: Split,
+            landmarks: dict[Path, np.ndarray]) -> Callable:
+    from faceveil.pipeline.protect import TARGETED_METHODS, ProtectSettings, method_function
+
+    targets = _target_set(split, landmarks, ensemble) if settings.method in TARGETED_METHODS else None
+    options = ProtectSettings(method=settings.method, surrogates=list(ensemble.names), gamma=settings.gamma)
+    return method_function(settings.method, options, targets)
+
+
+def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str],
+                   settings: Settings) -> Protected:
+    """Protect every probe in batches; crops mode keeps the canonical faces, photos mode round-trips the files."""
+    ensemble = Ensemble(surrogates)
+    method = _method(settings, ensemble, split, landmarks)
+    out = Protected()
+    detector = None
+    if settings.mode == "photos":
+        from faceveil.detect.mtcnn import default_detector
+
+        detector = default_detector()
+    with tempfile.TemporaryDirectory(prefix="faceveil-ident-") as tmp:
+        starts = range(0, len(split.probes), settings.batch)
+        for start in tqdm(starts, desc="protect", disable=not settings.progress, unit="batch"):
+            files = [p for _, p in split.probes[start:start + settings.batch]]
+            photos, marks = [np.array(load_rgb(p)) for p in files], [landmarks[p] for p in files]
+            batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
+            result = method(batch, ensemble, settings.attack)
+            delta = result.delta if isinstance(result, TargetedResult) else result
+            if settings.mode == "crops":
+                collect_crops(out, batch, delta, marks)
+            else:
+                collect_photos(out, photos, delta, marks, Path(tmp), detector)
+    return out
+
+
+def embed_images(judge: str, images: list[np.ndarray], landmarks: list[np.ndarray]) -> torch.Tensor:
+    model = zoo.load(judge)
+    crops = np.stack([align(im, m, model.spec.geometry) for im, m in zip(images, landmarks, strict=True)])
+    return zoo.embed_crops(model, crops)
+
+
+def _rate(hits: list[bool]) -> float:
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def rank_metrics(scores: torch.Tensor, gallery_labels: list[str], true_labels: list[str],
+                 target_labels: set[str]) -> dict[str, float]:
+    """scores [P, G]: the four rank rates of the TIP-IM protocol."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
+    names = [[gallery_labels[j] for j in row] for row in top]
+    return {
+        "rank1_t": _rate([row[0] in target_labels for row in names]),
+        "rank5_t": _rate([any(n in target_labels for n in row) for row in names]),
+        "rank1_ut": _rate([row[0] != t for row, t in zip(names, true_labels, strict=True)]),
+        "rank5_ut": _rate([t not in row for row, t in zip(names, true_labels, strict=True)]),
+    }
+
+
+def _gallery_embeddings(judges: list[str], gallery: list[Labelled], landmarks: dict[Path, np.ndarray],
+                        progress: bool) -> dict[str, torch.Tensor]:
+    return embed_files(judges, [p for _, p in gallery], landmarks, progress).rows
+
+
+def _clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
+    """Identification accuracy of the judge on the unprotected probes (sanity of the gallery)."""
+    emb = embed_images(judge, [load_rgb(p) for _, p in split.probes], [landmarks[p] for _, p in split.probes])
+    scores = zoo.score_matrix(zoo.spec(judge).metric, emb, gallery)
+    labels = [n for n, _ in split.gallery]
+    return 1.0 - rank_metrics(scores, labels, [n for n, _ in split.probes], set())["rank1_ut"]
+
+
+def judge_row(judge: str, surrogates: list[str], protected: Protected, split: Split, gallery: torch.Tensor,
+              settings: Settings) -> dict:
+    emb = embed_images(judge, protected.images, protected.landmarks)
+    scores = zoo.score_matrix(zoo.spec(judge).metric, emb, gallery)
+    ranks = rank_metrics(scores, [n for n, _ in split.gallery], [n for n, _ in split.probes],
+                         {n for n, _ in split.targets})
+    return {"judge": judge, "method": settings.method, "surrogates": list(surrogates),
+            "white_box": judge in surrogates, "mode": settings.mode, **ranks,
+            "psnr": float(np.mean(protected.psnr)), "ssim": float(np.mean(protected.ssim)),
+            "mmd": set_mmd(protected.protected_areas, protected.original_areas)}
+
+
+@dataclass
+class Prepared:
+    """What every surrogate group shares: the split, every file's landmarks, each judge's gallery embeddings."""
+
+    split: Split
+    landmarks: dict[Path, np.ndarray]
+    galleries: dict[str, torch.Tensor]
+    info: dict
+    seed: int = 0
+    limit: int | None = None
+
+    def meta(self) -> dict:
+        return {**self.split.counts(), "seed": self.seed, "limit": self.limit, "detected": self.info["detected"],
+                "images": self.info["images"], "fallback_alignment_count": len(self.info["fallback_alignment"])}
+
+
+@dataclass
+class ProtectedGroup:
+    """One protection run: the surrogate set, the judges scored against it, its protected probes, its seconds."""
+
+    surrogates: list[str]
+    judges: list[str]
+    protected: Protected
+    seconds: float
+
+
+def prepare(root: Path, judges: list[str], settings: Settings, seed: int = 0, limit: int | None = None,
+            extra: int | None = None) -> Prepared:
+    """The seeded split, the landmarks of all its files and the judges' gallery embeddings."""
+    split = make_split(identities(root), seed, limit, extra)
+    files = sorted({p for _, p in split.probes + split.targets + split.gallery})
+    landmarks, info = landmarks_for(files, settings.progress)
+    galleries = _gallery_embeddings(judges, split.gallery, landmarks, settings.progress)
+    return Prepared(split, landmarks, galleries, info, seed, limit)
+
+
+def protect_groups(prepared: Prepared, judges: list[str], surrogates: list[str] | None,
+                   settings: Settings) -> Iterator[ProtectedGroup]:
+    """Protect the probes once per surrogate set (leave-one-family-out by default), one group at a time."""
+    for group, group_judges in surrogate_groups(judges, surrogates).items():
+        start = time.perf_counter()
+        protected = protect_probes(prepared.split, prepared.landmarks, list(group), settings)
+        yield ProtectedGroup(list(group), group_judges, protected, round(time.perf_counter() - start, 2))
+
+
+def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings, seed: int = 0,
+        limit: int | None = None, extra: int | None = None) -> tuple[list[dict], dict]:
+    """Rows (one per judge) and settings (split counts, timings) of the protocol."""
+    prepared = prepare(root, judges, settings, seed, limit, extra)
+    split, landmarks = prepared.split, prepared.landmarks
+    rows, timings, failures = [], {}, {}
+    for run_ in protect_groups(prepared, judges, surrogates, settings):
+        timings["+".join(run_.surrogates)] = run_.seconds
+        failures["+".join(run_.surrogates)] = run_.protected.redetect_failures
+        for judge in run_.judges:
+            row = judge_row(judge, run_.surrogates, run_.protected, split, prepared.galleries[judge], settings)
+            row["clean_rank1"] = _clean_rank1(judge, split, landmarks, prepared.galleries[judge])
+            rows.append(row)
+    meta = {**prepared.meta(), "protect_seconds": timings, "redetect_failures": failures}
+    return rows, meta

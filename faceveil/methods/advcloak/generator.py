@@ -1,0 +1,145 @@
+"""Trained AdvCloak generators at the user end (§3.2.4): the slim generator file, the ones shipped in
+faceveil/data/advcloak/, and the person mask of one forward pass (Eq. 2) scaled to a norm budget.
+
+Slim file (torch.save): {"format": "faceveil-advcloak-generator", "version", "generator_config", "generator"
+(state_dict), "stage" (1: image-specific G^I, 2: person-specific G^II), "subspace", "surrogates", "eps", "steps"}.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from faceveil.errors import FaceveilError
+from faceveil.io.atomic import atomic_path
+from faceveil.methods.advcloak.networks import GRID, Generator, from_canonical, to_canonical
+
+GENERATOR_FORMAT = "faceveil-advcloak-generator"
+VERSION = 1
+# The paper's comparison budget (§4.1.4): L2 1200 on 0..255 pixels of a 112x112x3 face; in [0, 1] units:
+PAPER_L2 = 1200 / 255
+# Method name -> the generator shipped for it (AdvFaces+ averages the image-specific stage I generator).
+PACKAGED = {
+    "advcloak": "advcloak-plain.pt",
+    "advcloak-affine": "advcloak-affine.pt",
+    "advcloak-center": "advcloak-center.pt",
+    "advcloak-convex": "advcloak-convex.pt",
+    "advfaces-plus": "advcloak-stage1.pt",
+}
+
+
+@dataclass
+class TrainedGenerator:
+    generator: Generator  # eval mode, frozen
+    stage: int
+    subspace: str | None
+    surrogates: list[str]
+    source: str
+
+
+def export_generator(checkpoint: Path, output: Path, stage: int | None = None) -> dict:
+    """Write the slim generator file of a training checkpoint's stage (default: the last finished one)."""
+    from faceveil.methods.advcloak.train import read_checkpoint
+
+    data = read_checkpoint(checkpoint)
+    finished = [k for k in (2, 1) if data.get(f"stage{k}", {}).get("done")]
+    stage = stage or (finished[0] if finished else None)
+    if stage is None or stage not in finished:
+        raise FaceveilError(f"{checkpoint} has no finished stage {stage or ''}".rstrip())
+    state = data[f"stage{stage}"]
+    slim = {"format": GENERATOR_FORMAT, "version": VERSION, "generator_config": data["generator_config"],
+            "generator": state["generator"], "stage": stage, "subspace": state.get("subspace"),
+            "surrogates": list(state["settings"]["surrogates"]), "eps": state["settings"]["eps"],
+            "steps": state["step"]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as temp:
+        torch.save(slim, temp)
+    return {**{k: v for k, v in slim.items() if k != "generator"}, "bytes": output.stat().st_size}
+
+
+def packaged_path(name: str) -> Path:
+    """The shipped generator file for a method name (see PACKAGED)."""
+    if name not in PACKAGED:
+        raise FaceveilError(f"no packaged generator for {name!r}; known: {', '.join(PACKAGED)}")
+    path = Path(str(resources.files("faceveil").joinpath(f"data/advcloak/{PACKAGED[name]}")))
+    if not path.is_file():
+        raise FaceveilError(f"the packaged generator {PACKAGED[name]} is missing from faceveil/data/advcloak "
+                            "(train one with `faceveil train advcloak` and pass --generator)")
+    return path
+
+
+def load_generator(source: str | Path) -> TrainedGenerator:
+    """A packaged generator by method name, or a slim / training checkpoint file (its last finished stage)."""
+    path = packaged_path(str(source)) if str(source) in PACKAGED else Path(source)
+    return _load_cached(str(path.resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str) -> TrainedGenerator:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise FaceveilError(f"cannot read generator {path}: {' '.join(str(exc).split())[:200]}") from exc
+    if isinstance(data, dict) and data.get("format") == "faceveil-advcloak":  # a training checkpoint
+        stage = next((k for k in (2, 1) if data.get(f"stage{k}", {}).get("done")), None)
+        if stage is None:
+            raise FaceveilError(f"{path} has no finished training stage")
+        state = data[f"stage{stage}"]
+        data = {"generator_config": data["generator_config"], "generator": state["generator"], "stage": stage,
+                "subspace": state.get("subspace"), "surrogates": state["settings"]["surrogates"]}
+    elif not isinstance(data, dict) or data.get("format") != GENERATOR_FORMAT:
+        raise FaceveilError(f"{path} is not an AdvCloak generator file")
+    generator = Generator(**data["generator_config"])
+    generator.load_state_dict(data["generator"])
+    generator.eval()
+    for p in generator.parameters():
+        p.requires_grad_(False)
+    return TrainedGenerator(generator, int(data["stage"]), data.get("subspace"), list(data["surrogates"]), path)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def scale_to_budget(masks: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Scale each mask [B, ...] so that its norm equals the budget (the paper normalises every method's mask to
+    the same L2 norm, §4.3.1): L2 -> ||m||_2 = eps, L-inf -> max |m| = eps. A zero mask stays zero."""
+    flat = masks.flatten(1)
+    if norm == "l2":
+        size = flat.norm(dim=1)
+    elif norm == "linf":
+        size = flat.abs().amax(dim=1)
+    else:
+        raise FaceveilError(f"unknown norm {norm!r} (l2 or linf)")
+    factor = torch.where(size > 0, eps / size.clamp_min(1e-12), torch.zeros_like(size))
+    return masks * factor.view(-1, *([1] * (masks.dim() - 1)))
+
+
+def grid_budget(norm: str, eps: float | None) -> float:
+    """The budget on the generator grid in [0, 1] units: L2 default = the paper's 1200 (0..255, 112x112x3)."""
+    if eps is not None:
+        return eps
+    if norm == "l2":
+        return PAPER_L2
+    raise FaceveilError("an L-inf budget needs an explicit eps")
+
+
+@torch.no_grad()
+def person_mask_grid(generator: Generator, canonical_faces: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Eq. 2: the mean of G over a person's faces [n,3,256,256] (canonical, [0,1]) -> [3,112,112]."""
+    total = torch.zeros(3, GRID, GRID)
+    for start in range(0, canonical_faces.shape[0], chunk):
+        total += generator(from_canonical(canonical_faces[start:start + chunk])).sum(0)
+    return total / canonical_faces.shape[0]
+
+
+def person_mask(generator: Generator, canonical_faces: torch.Tensor, norm: str = "l2",
+                eps: float | None = None) -> torch.Tensor:
+    """One person's canonical mask [3,256,256]: Eq. 2 on the grid, scaled to the budget there (default: L2
+    1200 on 0..255 at 112x112x3), then taken to canonical space."""
+    grid = person_mask_grid(generator, canonical_faces)
+    scaled = scale_to_budget(grid[None], norm, grid_budget(norm, eps))
+    return to_canonical(scaled)[0]

@@ -1,0 +1,318 @@
+"""The jobs behind `faceveil enroll` and `faceveil apply` (OPOM's person-specific masks, §3 and §4.3.2-4.3.3).
+
+enroll: detect the largest face in each of the person's photos, learn n_M canonical-space masks from them (one
+optimisation for the person, faceveil.methods.opom) and store them in a .fvmask file with the person's clean
+embeddings under the cheap matching models (and the surrogates), so that apply can find the person.
+
+apply: no optimisation at all: detect the faces of each photo or video frame, keep those that match the enrolled
+person (each matching model votes: best cosine to the stored references at or above the model's calibrated
+threshold; a face matches when at least half the models vote for it), and paste the mask onto them through the
+canonical warp. Outputs are written atomically with metadata stripped, as protect does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from faceveil import __version__
+from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.faces import FaceBatch, from_photos
+from faceveil.detect import canonical as C
+from faceveil.detect.align import align
+from faceveil.detect.mtcnn import MTCNN, Face
+from faceveil.errors import FaceveilError
+from faceveil.io.images import read_image, write_image
+from faceveil.methods import opom
+from faceveil.models import zoo
+from faceveil.pipeline.batch import BatchItem
+from faceveil.pipeline.maskfile import PersonMask
+
+# Cheap ArcFace-112 models (a few ms a face): their references are always stored, and they decide who matches.
+MATCH_MODELS = ("mobileface", "mfn512", "mfn192")
+MIN_IMAGES_ADVISED = 3  # fewer and the subspace of the person is a point or a segment: warn
+# fi-uap-all in enroll: the other identities are the faces of the installed sample photos (sure faces only).
+MIN_SAMPLE_FACE_SCORE = 0.95
+# Video: an unmatched track is looked at again every this many frames, at most this many times (a first frame
+# in profile or blurred should not decide for the whole track).
+RECHECK_FRAMES = 12
+MAX_CHECKS = 8
+
+
+# ----------------------------------------------------------------------------------------------- enroll
+
+
+@dataclass
+class EnrollSettings:
+    name: str
+    method: str = "opom-convex"
+    surrogates: list[str] = field(default_factory=lambda: ["mobileface", "mfn512"])
+    attack: AttackConfig = field(default_factory=opom.paper_config)
+    masks: int = 1
+    diversity_weight: float = opom.DEFAULT_DIVERSITY_WEIGHT
+    mode: str = "photos"  # photos | crops
+
+
+@dataclass
+class Enrolled:
+    mask: PersonMask
+    images: list[dict]  # per input image: file name, used or why not, face size
+    info: dict  # the learner's figures (seconds, convex-hull solver ms per step, ...)
+
+
+@dataclass
+class FoundFace:
+    rgb: np.ndarray
+    face: Face
+
+
+def largest_faces(paths: list[Path], detector: MTCNN, progress: bool = False) -> tuple[list[FoundFace], list[dict]]:
+    """The largest face of each image, and one report row per image (unusable ones named with the reason)."""
+    found, rows = [], []
+    for index, path in enumerate(tqdm(paths, desc="detect", disable=not progress, leave=False)):
+        row: dict = {"image": index, "file": Path(path).name}
+        try:
+            rgb = read_image(path).rgb
+        except FaceveilError as exc:
+            rows.append({**row, "status": "unreadable", "message": str(exc)})
+            continue
+        faces = detector.detect_large(rgb)
+        if not faces:
+            rows.append({**row, "status": "no_face", "message": "no face found"})
+            continue
+        face = max(faces, key=lambda f: f.size)
+        found.append(FoundFace(rgb, face))
+        rows.append({**row, "status": "used", "face_px": round(face.size), "faces_in_image": len(faces)})
+    return found, rows
+
+
+def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False,
+           detector: MTCNN | None = None) -> Enrolled:
+    """Learn the person's masks from their photos (the largest face of each)."""
+    name = settings.name.strip()
+    if not name or not name.isprintable():
+        raise FaceveilError("--name must be a non-empty printable name")
+    if settings.mode not in ("photos", "crops"):
+        raise FaceveilError(f"--mode takes photos or crops, got {settings.mode!r}")
+    if settings.method not in opom.method_names():
+        raise FaceveilError(f"unknown method {settings.method!r}; known: {', '.join(opom.method_names())}")
+    detector = detector or MTCNN()
+    found, rows = largest_faces(paths, detector, progress)
+    if not found:
+        raise FaceveilError(f"no usable face in any of the {len(paths)} image(s): nothing to enroll")
+    skipped = [r["file"] for r in rows if r["status"] != "used"]
+    if skipped:
+        print(f"faceveil: skipped {len(skipped)} image(s) with no usable face: {', '.join(skipped)}", file=sys.stderr)
+    if len(found) < MIN_IMAGES_ADVISED:
+        print(f"faceveil: warning: only {len(found)} usable image(s) of {name}; at least {MIN_IMAGES_ADVISED} "
+              "(10 in the paper) give a mask that carries over to new photos", file=sys.stderr)
+    ensemble = Ensemble(settings.surrogates)
+    batch = from_photos([f.rgb for f in found], [f.face.landmarks for f in found], ensemble.geometries,
+                        settings.mode)
+    options = opom.PersonMaskOptions(method=settings.method, masks=settings.masks,
+                                     diversity_weight=settings.diversity_weight)
+    if settings.method == "fi-uap-all":
+        options.universal_faces = sample_faces(detector, ensemble.geometries, settings.mode)
+    result = opom.learn_person_masks_with_info(batch, ensemble, settings.attack, options, progress)
+    models = sorted(set(MATCH_MODELS) | set(settings.surrogates))
+    mask = PersonMask(name=name, masks=result.masks, geometry=C.CANONICAL.name, method=settings.method,
+                      surrogates=list(settings.surrogates), eps=settings.attack.eps, norm=settings.attack.norm,
+                      references=reference_embeddings(found, models), meta=_meta(settings, len(found), len(paths)))
+    return Enrolled(mask, rows, result.info)
+
+
+def _meta(settings: EnrollSettings, used: int, given: int) -> dict:
+    a = settings.attack
+    return {"iterations": a.steps, "alpha": a.alpha, "momentum": a.momentum, "dropout": a.dropout,
+            "jitter": a.jitter, "diversity": a.diversity, "random_start": a.random_start, "seed": a.seed,
+            "mode": settings.mode, "diversity_weight": settings.diversity_weight, "images_used": used,
+            "images_given": given, "faceveil": __version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+@torch.no_grad()
+def reference_embeddings(found: list[FoundFace], models: list[str]) -> dict[str, torch.Tensor]:
+    """model -> [n, D]: each model's embedding of the person's clean, aligned faces."""
+    out = {}
+    for name in models:
+        model = zoo.load(name)
+        crops = np.stack([align(f.rgb, f.face.landmarks, model.spec.geometry) for f in found])
+        out[name] = zoo.embed_crops(model, crops).float()
+    return out
+
+
+def sample_faces(detector: MTCNN, geometries: list[str], mode: str) -> FaceBatch:
+    """Every sure face of the installed sample photos: the other identities fi-uap-all learns its mask on."""
+    from faceveil.io import weights
+
+    photos, marks = [], []
+    for path in weights.sample_photos():
+        rgb = read_image(path).rgb
+        for face in detector.detect_large(rgb):
+            if face.score >= MIN_SAMPLE_FACE_SCORE:
+                photos.append(rgb)
+                marks.append(face.landmarks)
+    if not photos:
+        raise FaceveilError("fi-uap-all needs other people's faces: no sample photos found (faceveil models fetch)")
+    return from_photos(photos, marks, geometries, mode)
+
+
+# ----------------------------------------------------------------------------------------------- matching
+
+
+class PersonMatcher:
+    """Decides whether a face is the enrolled person: each matching model votes with its best score to the
+    stored references against its calibrated threshold; at least half the votes make a match."""
+
+    def __init__(self, mask: PersonMask):
+        chosen = [m for m in MATCH_MODELS if m in mask.references] or sorted(mask.references)
+        self.models = [m for m in chosen if m in zoo.SPECS]
+        self.references = {m: mask.references[m] for m in self.models}
+        for m, ref in self.references.items():
+            if ref.shape[1] != zoo.spec(m).embedding_dim:
+                raise FaceveilError(f"the mask's {m} references are {ref.shape[1]}-d, the model's are "
+                                    f"{zoo.spec(m).embedding_dim}-d")
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.models)
+
+    @torch.no_grad()
+    def scores(self, rgb: np.ndarray, landmarks: list[np.ndarray]) -> list[dict[str, float]]:
+        """Per face: model -> best similarity to the person's references."""
+        rows: list[dict[str, float]] = [{} for _ in landmarks]
+        if not landmarks:
+            return rows
+        for name in self.models:
+            model = zoo.load(name)
+            crops = np.stack([align(rgb, m, model.spec.geometry) for m in landmarks])
+            emb = zoo.embed_crops(model, crops)
+            best = zoo.score_matrix(model.spec.metric, emb, self.references[name]).amax(1)
+            for row, value in zip(rows, best.tolist(), strict=True):
+                row[name] = value
+        return rows
+
+    def matches(self, scores: dict[str, float]) -> bool:
+        votes = sum(scores[m] >= zoo.threshold(m) for m in self.models)
+        return 2 * votes >= len(self.models)
+
+
+# ----------------------------------------------------------------------------------------------- apply
+
+
+@dataclass
+class ApplySettings:
+    all_faces: bool = False
+    mask_index: int = 0
+    fmt: str = "same"
+    jpeg_quality: int = 95
+    keep_metadata: bool = False
+    copy_unprotected: bool = False
+
+
+@dataclass
+class _TrackState:
+    matched: bool = False
+    checks: int = 0
+    seen: int = 0
+
+
+class MaskApplier:
+    """Holds the detector, the mask and the matcher across a batch of photos and videos (a run_batch callback)."""
+
+    def __init__(self, mask: PersonMask, settings: ApplySettings, out_dir: Path | None = None,
+                 detector: MTCNN | None = None):
+        if not 0 <= settings.mask_index < mask.count:
+            raise FaceveilError(f"--mask-index {settings.mask_index} is out of range: the mask file holds "
+                                f"{mask.count} mask(s) (0..{mask.count - 1})")
+        self.mask, self.settings = mask, settings
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.delta = mask.masks[settings.mask_index].float()
+        self.detector = detector or MTCNN()
+        self.matcher = PersonMatcher(mask)
+        if not settings.all_faces and not self.matcher.usable:
+            raise FaceveilError("the mask file holds no reference embeddings to find its person: use --all-faces")
+
+    def __call__(self, item: BatchItem) -> dict:
+        if item.kind == "video":
+            return self.apply_video(item)
+        return self.apply_photo_file(item)
+
+    def apply_to_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+        """Detection + matching + paste on one photo in memory: (protected copy, one row per detected face)."""
+        faces = sorted(self.detector.detect_large(rgb), key=lambda f: -f.size)
+        scores = self.matcher.scores(rgb, [f.landmarks for f in faces]) if not self.settings.all_faces else \
+            [{} for _ in faces]
+        out = rgb.copy()
+        rows = []
+        for index, (face, score) in enumerate(zip(faces, scores, strict=True)):
+            masked = self.settings.all_faces or self.matcher.matches(score)
+            if masked:
+                C.paste_into(out, face.landmarks, self.delta)
+            rows.append({"face": index, "box": [round(float(v), 1) for v in face.box], "masked": masked,
+                         "scores": {m: round(s, 4) for m, s in score.items()}})
+        return out, rows
+
+    def apply_photo_file(self, item: BatchItem) -> dict:
+        s = self.settings
+        assert self.out_dir is not None
+        photo = read_image(item.path)
+        out_path = item.output_path(self.out_dir, s.fmt)
+        start = time.perf_counter()
+        protected, rows = self.apply_to_pixels(photo.rgb)
+        masked = sum(r["masked"] for r in rows)
+        details = {"faces_detected": len(rows), "masked": masked, "skipped": len(rows) - masked,
+                   "seconds": round(time.perf_counter() - start, 3), "faces": rows}
+        if not masked:
+            what = "no face found" if not rows else f"no face of {self.mask.name} ({len(rows)} other face(s) left)"
+            if s.copy_unprotected:
+                write_image(photo, out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality, keep_metadata=s.keep_metadata)
+                return {"status": "no_face", "message": f"{what}; copied unprotected", "output": out_path,
+                        "details": details}
+            return {"status": "no_face", "message": f"{what}; nothing written", "details": details}
+        write_image(dataclasses.replace(photo, rgb=protected), out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality,
+                    keep_metadata=s.keep_metadata)
+        return {"status": "ok", "faces": masked, "output": out_path, "details": details}
+
+    def delta_for_track_function(self):
+        """A video_pipeline `delta_for_track` with its own per-track state: the mask for tracks of the person,
+        None for the others (unmatched tracks are looked at again every RECHECK_FRAMES frames)."""
+        states: dict[int, _TrackState] = {}
+
+        def delta_for_track(track, frame: np.ndarray) -> torch.Tensor | None:
+            state = states.setdefault(track.id, _TrackState())
+            state.seen += 1
+            if self.settings.all_faces:
+                state.matched = True
+            elif not state.matched and state.checks < MAX_CHECKS and (state.seen - 1) % RECHECK_FRAMES == 0:
+                state.checks += 1
+                state.matched = self.matcher.matches(self.matcher.scores(frame, [track.landmarks])[0])
+            return self.delta if state.matched else None
+
+        delta_for_track.states = states  # type: ignore[attr-defined]  # read back for the report
+        return delta_for_track
+
+    def apply_video(self, item: BatchItem) -> dict:
+        from faceveil.pipeline.video import protect_video
+
+        assert self.out_dir is not None
+        out_path = item.output_path(self.out_dir)
+        delta_for_track = self.delta_for_track_function()
+        stats = protect_video(item.path, out_path, delta_for_track, progress=False,
+                              keep_metadata=self.settings.keep_metadata)
+        states = delta_for_track.states
+        matched = sum(s.matched for s in states.values())
+        details = {"frames": stats.get("frames"), "fps": stats.get("fps"), "tracks": len(states),
+                   "masked_tracks": matched, "skipped_tracks": len(states) - matched,
+                   "masked_face_frames": stats.get("pasted")}
+        status = "ok" if matched else "no_face"
+        message = "" if matched else f"no face of {self.mask.name} in the video (written unchanged)"
+        return {"status": status, "faces": matched, "output": out_path, "message": message, "details": details}
