@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from faceveil.attacks.budgets import paste_l2, scale_paste_l2, scale_to_budget
 from faceveil.detect import canonical as C
 from faceveil.methods.advcloak import losses, networks
 from faceveil.methods.advcloak.data import FaceSet
-from faceveil.methods.advcloak.generator import PACKAGED, load_generator, person_mask, scale_to_budget
+from faceveil.methods.advcloak.generator import PACKAGED, load_generator, person_mask
 from tests.conftest import LFW_ROOT, needs_lfw, needs_weights
 
 MAX_BYTES = 8 * 2**20
@@ -113,8 +114,6 @@ def test_person_mask_is_on_the_budget():
 
 
 def test_paste_l2_normalisation():
-    from faceveil.methods.advcloak.person import paste_l2, scale_paste_l2
-
     masks = scale_paste_l2(torch.randn(2, 3, 256, 256), 1200)
     assert torch.allclose(paste_l2(masks), torch.full((2,), 1200 / 255), rtol=1e-5)
 
@@ -226,10 +225,11 @@ def test_packaged_generators_load(method):
     assert trained.subspace == expected
 
 
-def test_methods_are_registered_with_opom():
-    from faceveil.methods import opom
+def test_methods_are_person_methods_of_the_registry():
+    from faceveil.methods import registry
 
-    assert {"advcloak", "advcloak-convex", "advfaces-plus"} <= set(opom.method_names())
+    assert {"advcloak", "advcloak-convex", "advfaces-plus"} <= set(registry.names("person"))
+    assert set(PACKAGED) == {e.name for e in registry.ENTRIES if e.paper == "AdvCloak"}
 
 
 @needs_weights

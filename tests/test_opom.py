@@ -16,10 +16,12 @@ from faceveil.attacks.faces import from_photos
 from faceveil.detect.cache import detect_file, load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.io import weights
-from faceveil.methods import opom
+from faceveil.methods import registry
+from faceveil.methods.base import PersonMaskOptions
+from faceveil.methods.opom import learners
 
 pytestmark = needs_weights
-CFG = dataclasses.replace(opom.paper_config(0), steps=3, alpha=2 / 255)
+CFG = dataclasses.replace(learners.paper_config(0), steps=3, alpha=2 / 255)
 
 
 class Person:
@@ -47,15 +49,15 @@ def person() -> Person:
 
 
 def _learn(person: Person, method: str, cfg: AttackConfig = CFG, **options) -> torch.Tensor:
-    return opom.learn_person_masks(person.batch, person.ensemble, cfg, opom.PersonMaskOptions(method, **options))
+    return registry.learn_person_masks(method, person.batch, person.ensemble, cfg, PersonMaskOptions(**options)).masks
 
 
-@pytest.mark.parametrize("method", [m for m in opom.PERSON_MASK_METHODS if m != "gap"])
+@pytest.mark.parametrize("method", [e.name for e in registry.ENTRIES if e.paper == "OPOM" and e.name != "gap"])
 def test_each_method_increases_its_objective(person: Person, method: str) -> None:
     start = _learn(person, method, dataclasses.replace(CFG, steps=0))  # Delta_0 ~ U(-eps, eps), same seed
     learned = _learn(person, method)
-    before = opom.objective_value(person.batch, person.ensemble, start, method)
-    after = opom.objective_value(person.batch, person.ensemble, learned, method)
+    before = learners.objective_value(person.batch, person.ensemble, start, method)
+    after = learners.objective_value(person.batch, person.ensemble, learned, method)
     assert after > before, (method, before, after)
     assert learned.shape == (1, 3, 256, 256)
     assert float(learned.abs().max()) <= CFG.eps + 1e-7
@@ -64,8 +66,8 @@ def test_each_method_increases_its_objective(person: Person, method: str) -> Non
 def test_gap_training_increases_its_loss(person: Person) -> None:
     untrained = _learn(person, "gap", gap_epochs=0)
     trained = _learn(person, "gap", gap_epochs=3)
-    before = opom.objective_value(person.batch, person.ensemble, untrained, "gap")
-    after = opom.objective_value(person.batch, person.ensemble, trained, "gap")
+    before = learners.objective_value(person.batch, person.ensemble, untrained, "gap")
+    after = learners.objective_value(person.batch, person.ensemble, trained, "gap")
     assert after > before
     # GAP puts the mask on the budget's boundary
     assert float(trained.abs().max()) == pytest.approx(CFG.eps, rel=1e-5)
@@ -113,33 +115,24 @@ def test_same_seed_same_mask(person: Person) -> None:
 
 
 def test_convex_hull_run_reports_solver_time(person: Person) -> None:
-    result = opom.learn_person_masks_with_info(person.batch, person.ensemble, CFG, opom.PersonMaskOptions())
+    result = registry.learn_person_masks("opom-convex", person.batch, person.ensemble, CFG)
     assert result.info["hull_solver_ms_per_step"] > 0
     assert result.info["steps"] == CFG.steps
 
 
 def test_fi_uap_all_learns_on_everybody(person: Person) -> None:
-    options = opom.PersonMaskOptions("fi-uap-all", universal_faces=person.other)
-    result = opom.learn_person_masks_with_info(person.batch, person.ensemble, CFG, options)
+    options = PersonMaskOptions(universal_faces=person.other)
+    result = registry.learn_person_masks("fi-uap-all", person.batch, person.ensemble, CFG, options)
     assert result.info["universal_faces"] == 1
     alone = _learn(person, "fi-uap")
     assert not torch.equal(result.masks, alone)  # the other identity's face changed the universal mask
 
 
-def test_methods_are_a_registry(person: Person) -> None:
-    assert set(opom.PERSON_MASK_METHODS) <= set(opom.method_names())
-    with pytest.raises(FaceveilError, match="unknown person-mask method"):
+def test_unknown_or_wrong_kind_of_method_is_one_line(person: Person) -> None:
+    with pytest.raises(FaceveilError, match="unknown method 'no-such-method'"):
         _learn(person, "no-such-method")
-
-    def constant(batch, ensemble, cfg, options, progress=False):
-        return torch.full((options.masks, 3, 256, 256), cfg.eps / 2)
-
-    opom.register_method("test-constant", constant)
-    try:
-        masks = _learn(person, "test-constant", masks=2)
-        assert masks.shape == (2, 3, 256, 256)
-    finally:
-        opom.LEARNERS.pop("test-constant")
+    with pytest.raises(FaceveilError, match="'pgd' is of kind image"):
+        _learn(person, "pgd")
 
 
 def test_dfanet_dropout_reaches_tfjs_convolutions(person: Person) -> None:

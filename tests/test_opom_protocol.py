@@ -15,6 +15,7 @@ from conftest import LFW_ROOT, needs_lfw, needs_weights
 from faceveil.attacks.core import AttackConfig
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import opom as P
+from faceveil.methods.base import MaskResult
 
 ROW_KEYS = {"judge", "method", "surrogates", "white_box", "mode", "masks", "top1_psr", "top5_psr", "mm_top1_psr",
             "mm_top5_psr", "clean_top1", "clean_top5", "psnr", "ssim", "n_probes", "n_mm_probes"}
@@ -71,7 +72,7 @@ def test_transfer_suffix_sets_momentum_and_dfanet_dropout():
     assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == P.TRANSFER_DROPOUT
     assert combined.settings.attack.eps == base.attack.eps and not combined.settings.universal
     assert P.registry_method("fi-uap-all+md", 1, base).settings.universal
-    with pytest.raises(FaceveilError, match="not a person-mask method"):
+    with pytest.raises(FaceveilError, match="unknown method .nonsense."):
         P.registry_method("nonsense+md", 1, base)
 
 
@@ -179,10 +180,10 @@ def test_score_judge_hand_case():
 
 # ---- end to end ------------------------------------------------------------------------------------------------
 
-def _random_masks(batch, ensemble, cfg: AttackConfig) -> torch.Tensor:
+def _random_masks(batch, ensemble, cfg: AttackConfig, options=None, progress=False) -> MaskResult:
     """A stand-in learner: two seeded uniform masks within the budget (no optimisation)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    return (torch.rand(2, 3, 256, 256, generator=gen) * 2 - 1) * cfg.eps
+    return MaskResult((torch.rand(2, 3, 256, 256, generator=gen) * 2 - 1) * cfg.eps, {})
 
 
 @needs_lfw
@@ -215,9 +216,9 @@ def test_several_methods_share_one_clean_pass(monkeypatch):
     seen: dict[str, AttackConfig] = {}
 
     def recording(name):
-        def learner(batch, ensemble, cfg):
+        def learner(batch, ensemble, cfg, options, progress=False):
             seen[name] = cfg
-            return _random_masks(batch, ensemble, cfg)[:1]
+            return MaskResult(_random_masks(batch, ensemble, cfg).masks[:1], {})
         return learner
 
     embeds = []
@@ -246,9 +247,9 @@ def test_universal_method_learns_once_on_everybody():
 
     calls = []
 
-    def learner(batch, ensemble, cfg):
+    def learner(batch, ensemble, cfg, options, progress=False):
         calls.append(len(batch))
-        return _random_masks(batch, ensemble, cfg)[:1]
+        return MaskResult(_random_masks(batch, ensemble, cfg).masks[:1], {})
 
     split = P.make_split(identities(LFW_ROOT), seed=1, limit=2, distractors=10)
     settings = P.Settings(method="universal", attack=AttackConfig(eps=8 / 255), progress=False, universal=True)

@@ -40,7 +40,8 @@ from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.protect import PhotoProtector, ProtectSettings, StageSeconds
+from faceveil.pipeline.job import StageSeconds
+from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
 
 BATCH_FACES = 16
 # A sample photo with four faces (no sample photo has exactly one): the photo's time is divided by its faces.

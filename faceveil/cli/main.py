@@ -7,10 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import register_all
+from faceveil.cli.common import finish_batch, register_all
 from faceveil.errors import FaceveilError
+from faceveil.methods import registry
+from faceveil.pipeline import presets
 from faceveil.report import add_report_flag, batch_header
-from faceveil.runtime.memory import keep_freed_memory
+from faceveil.runtime import prepare_process
 
 
 def _positive_int(text: str) -> int:
@@ -90,11 +92,9 @@ def _cmd_eval_identification(args: argparse.Namespace) -> int:
         return eval_identification(args)
     for key in ("eps", "alpha", "iters", "momentum"):  # TIP-IM §5.1 unless given (the opom protocol has its own)
         if getattr(args, key) is None:
-            setattr(args, key, PAPER_DEFAULTS[key])
+            setattr(args, key, presets.PAPER_DEFAULTS[key])
     args.method = args.method or "pgd"
-    if args.method not in METHODS:
-        raise FaceveilError(f"--method {args.method!r} is not a method of the tip-im protocol; known: "
-                            f"{', '.join(METHODS)}")
+    registry.check_kind(args.method, "image")
     root = parse_dataset_arg(args.dataset)
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
@@ -144,71 +144,28 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-STRENGTHS = {  # eps (0..255 units), iterations
-    "low": (4.0, 30),
-    "mid": (8.0, 50),
-    "high": (12.0, 50),
-}
-# What protect optimises against, and how, unless flags say otherwise; --thorough: what carried protection furthest
-# to unseen model families at the default's visibility (README, "Towards the project's goal": black-box Rank-1-UT
-# 0.67 against 0.48 at face-area SSIM 0.896 / 0.898, photos mode), in about 3.5 times the time.
-DEFAULT = {"surrogates": "mobileface,mfn512", "diversity": 0.0, "smoothing": 0, "iterations_factor": 1}
-THOROUGH = {"surrogates": "mobileface,mfn512,dlib", "diversity": 0.5, "smoothing": 7, "iterations_factor": 2}
-# TIP-IM §5.1 for every method: L-inf eps 12, alpha 1.5 (0..255 units), 50 iterations, momentum 1, 10 targets.
-PAPER_DEFAULTS = {"eps": 12.0, "alpha": 1.5, "iters": 50, "momentum": 1.0, "max_targets": 10}
-METHODS = ["pgd", "tip-im", "center-opt", "mim", "dim", "mt-dim", "single-target"]  # = faceveil.pipeline.protect.METHODS
-APF_METHODS = ["apf", "apf-local"]  # = faceveil.pipeline.protect.APF_METHODS: protect/demo only (their own eval protocol)
-
-
 def _protect_settings(args: argparse.Namespace):
-    from faceveil.attacks.core import AttackConfig
-    from faceveil.models import zoo
-    from faceveil.pipeline.protect import ProtectSettings
-
-    eps, iters = STRENGTHS[args.strength]
-    preset_alpha, momentum, max_targets = None, args.momentum, ProtectSettings.max_targets
-    if args.paper_defaults:  # the preset replaces --strength; explicit --eps/--iters/--alpha still win
-        eps, iters, preset_alpha = PAPER_DEFAULTS["eps"], PAPER_DEFAULTS["iters"], PAPER_DEFAULTS["alpha"]
-        momentum, max_targets = PAPER_DEFAULTS["momentum"], PAPER_DEFAULTS["max_targets"]
-    eps = args.eps if args.eps is not None else eps
-    preset = THOROUGH if args.thorough else DEFAULT
-    iters = args.iters if args.iters is not None else iters * preset["iterations_factor"]
-    alpha_255 = args.alpha if args.alpha is not None else preset_alpha
-    alpha = alpha_255 / 255 if alpha_255 is not None else max(eps / 255 * 2.5 / iters, 1.0 / 255)
-    attack = AttackConfig(eps=eps / 255, alpha=alpha, steps=iters, norm="linf", momentum=momentum,
-                          diversity=_given(args.diversity, preset["diversity"]), jitter=args.jitter,
-                          smoothing=_given(args.smoothing, preset["smoothing"]), seed=args.seed)
-    surrogates = zoo.parse_models(_given(args.surrogates, preset["surrogates"]))
-    return ProtectSettings(method=args.method, surrogates=surrogates, attack=attack,
-                           judges=zoo.parse_models(args.judges), faces=args.faces, fmt=args.format,
-                           jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
-                           copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain,
-                           targets_dir=Path(args.targets) if args.targets else None, max_targets=max_targets,
-                           server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
-                           batch_faces=args.batch_faces)
+    choices = presets.ProtectChoices(
+        method=args.method, strength=args.strength, thorough=args.thorough, paper_defaults=args.paper_defaults,
+        eps=args.eps, iters=args.iters, alpha=args.alpha, momentum=args.momentum, jitter=args.jitter,
+        diversity=args.diversity, smoothing=args.smoothing, surrogates=args.surrogates, judges=args.judges,
+        seed=args.seed)
+    return presets.protect_settings(
+        choices, faces=args.faces, fmt=args.format, jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
+        copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
+        server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
+        batch_faces=args.batch_faces)
 
 
 def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> int:
-    from faceveil.io.paths import ensure_safe_out_dir
-    from faceveil.pipeline.batch import expand_inputs, run_batch
-    from faceveil.pipeline.protect import PhotoProtector
+    from faceveil.api import Protector
 
     settings = _protect_settings(args)
-    for raw in inputs:  # before expanding: the output folder is excluded from the inputs
-        ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), Path(out_dir))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    items = expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=args.recursive)
-    protector = PhotoProtector(settings, Path(out_dir), upcoming=items)
-    report = run_batch(items, protector, report_path=args.json, quiet=args.quiet, desc="protect",
-                       header=batch_header("protect", settings))
+    report = Protector.from_settings(settings).protect_files(
+        inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
+        header=batch_header("protect", settings))
     _print_protect_table(report.results, settings.judges)
-    if args.report:  # also after Ctrl-C: the photos done so far
-        from faceveil.report import write_report
-
-        write_report(args.report, "protect", report.to_dict(), progress=not args.quiet)
-    if report.interrupted:
-        return 130
-    return 2 if any(r.status == "error" for r in report.results) else 0
+    return finish_batch(report, "protect", args)
 
 
 def _print_protect_table(results, judges: list[str]) -> None:
@@ -238,13 +195,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_protect(samples, args.output, args)
 
 
-def _given(value, preset):
-    """A flag's value when the user gave it, else the preset's."""
-    return preset if value is None else value
-
-
 def _add_protect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pgd", choices=[*METHODS, *APF_METHODS],
+    p.add_argument("--method", default="pgd", choices=registry.names("image", "end-cloud"),
                    help="protection method: pgd (untargeted); tip-im, center-opt (TIP-IM with gain g1), and the "
                         "TIP-IM paper's baselines mim, dim, mt-dim, single-target (all steer towards target faces); "
                         "apf (end-cloud: only the face's gradient goes to --server, the photo stays here), apf-local "
@@ -256,9 +208,10 @@ def _add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
                    "(APF Eq. 13; seeded by --seed)")
     p.add_argument("--surrogates", default=None, help=f"models the mask is optimised against (default "
-                   f"{DEFAULT['surrogates']}; --thorough: {THOROUGH['surrogates']})")
+                   f"{presets.DEFAULT['surrogates']}; --thorough: {presets.THOROUGH['surrogates']})")
     p.add_argument("--judges", default="all", help="models that check the result")
-    p.add_argument("--strength", default="mid", choices=sorted(STRENGTHS), help="preset budget and iterations")
+    p.add_argument("--strength", default="mid", choices=sorted(presets.STRENGTHS),
+                   help="preset budget and iterations")
     p.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides strength)")
     p.add_argument("--iters", type=int, default=None, help="iterations (overrides strength)")
     p.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units")
@@ -308,11 +261,11 @@ def _cmd_bench_protect(args: argparse.Namespace) -> int:
     def settings(*flags: str):
         return _protect_settings(build_parser().parse_args(["protect", "IN", "-o", "OUT", *flags]))
 
-    presets = {"default": settings(), "paper": settings("--method", "tip-im", "--paper-defaults")}
-    presets = {k: v for k, v in presets.items() if k in args.presets.split(",")}
-    if not presets:
+    chosen = {"default": settings(), "paper": settings("--method", "tip-im", "--paper-defaults")}
+    chosen = {k: v for k, v in chosen.items() if k in args.presets.split(",")}
+    if not chosen:
         raise FaceveilError("--presets takes default and/or paper")
-    rows, info = bench_protect.run(presets, args.repeats, progress=not args.quiet)
+    rows, info = bench_protect.run(chosen, args.repeats, progress=not args.quiet)
     emit("bench protect", {"repeats": args.repeats, **info}, rows, args.json)
     return 0
 
@@ -387,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="tip-im", choices=["tip-im", "opom"],
                    help="tip-im: image-specific protection (TIP-IM §5.1); opom: person masks (OPOM §4.1)")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
-    p.add_argument("--method", default=None, help=f"tip-im protocol: {', '.join(METHODS)} (default pgd); "
+    p.add_argument("--method", default=None, help=f"tip-im protocol: {', '.join(registry.names('image'))} "
+                   "(default pgd); "
                    "opom protocol: see `faceveil enroll --help` (default opom-convex), or a comma list run together "
                    "(one row per method and judge); a name ending in +md adds momentum 1 and DFANet dropout 0.1")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
@@ -493,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch is imported (the commands import it lazily): its OpenMP runtime reads the wait policy once.
+    prepare_process()
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except FaceveilError as exc:

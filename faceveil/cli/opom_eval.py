@@ -67,8 +67,8 @@ def reject_tip_im_flags(args: argparse.Namespace) -> None:
 
 
 def attack_config(args: argparse.Namespace) -> AttackConfig:
-    """The OPOM paper's configuration (faceveil.methods.opom.paper_config) with the flags that were given."""
-    from faceveil.methods.opom import paper_config
+    """The OPOM paper's configuration (faceveil.methods.opom.learners.paper_config) with the flags that were given."""
+    from faceveil.methods.opom.learners import paper_config
 
     cfg = paper_config(args.seed)
     changes: dict = {"dropout": args.dropout,

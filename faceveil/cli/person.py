@@ -8,12 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, finish_batch
+from faceveil.errors import FaceveilError
+from faceveil.methods import registry
+from faceveil.pipeline.presets import ENROLL_DEFAULTS
 from faceveil.report import add_report_flag, batch_header
-
-ENROLL_DEFAULTS = {"eps": 8.0, "iters": 16, "alpha": 1.0}  # OPOM §4.2.1 and Algorithms 1-2 (0..255 units)
-# --norm l2: AdvCloak's comparison budget (§4.1.4), the L2 norm on 0..255 pixels of the 112x112x3 face
-L2_DEFAULT_EPS = 1200.0
 
 
 def register(groups: Groups) -> None:
@@ -33,9 +32,9 @@ def _add_enroll(root) -> None:
     p.add_argument("--name", required=True, help="the person's name (stored in the file)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="photos of the person (the largest face is used)")
     p.add_argument("-o", "--output", required=True, metavar="NAME.fvmask")
-    p.add_argument("--method", default="opom-convex",
-                   help="opom-convex (default), opom-affine, opom-center, fi-uap, fi-uap-plus, fi-uap-all, gd-uap, "
-                        "gap, and methods other modules register")
+    p.add_argument("--method", default="opom-convex", choices=registry.names("person"),
+                   help="person method (default opom-convex): " + "; ".join(
+                       f"{e.name}: {e.summary}" for e in map(registry.entry, registry.names("person"))))
     p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
     p.add_argument("--eps", type=float, default=None,
                    help="budget in 0..255 units: L-inf (default 8, OPOM), or with --norm l2 the L2 norm of the "
@@ -61,38 +60,12 @@ def _add_enroll(root) -> None:
 
 
 def _enroll_settings(args: argparse.Namespace):
-    from faceveil.detect.canonical import CANONICAL_ZOOM
-    from faceveil.errors import FaceveilError
-    from faceveil.methods import opom
-    from faceveil.models import zoo
-    from faceveil.pipeline.person import EnrollSettings
+    from faceveil.pipeline.person import enroll_settings
 
-    eps, alpha = _budget(args)
-    if eps <= 0 or (args.norm == "linf" and eps > 255) or alpha <= 0 or args.iters < 0:
-        raise FaceveilError("--eps must be above 0 (at most 255 under L-inf), --alpha above 0 and --iters at least 0")
-    if not 0 <= args.dropout < 1:
-        raise FaceveilError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.masks < 1:
-        raise FaceveilError(f"--masks must be at least 1, got {args.masks}")
-    jitter = args.jitter if args.jitter is not None else (2.0 if args.mode == "photos" else 0.0)
-    attack = opom.paper_config(args.seed)
-    # L2 budgets are given at the 112-crop scale; canonical pixels are 1/CANONICAL_ZOOM of a crop pixel per side
-    scale = 1 / 255 if args.norm == "linf" else CANONICAL_ZOOM / 255
-    attack.eps, attack.alpha, attack.steps, attack.norm = eps * scale, alpha * scale, args.iters, args.norm
-    attack.momentum, attack.dropout, attack.jitter = args.momentum, args.dropout, jitter
-    weight = args.diversity_weight if args.diversity_weight is not None else opom.DEFAULT_DIVERSITY_WEIGHT
-    return EnrollSettings(name=args.name, method=args.method, surrogates=zoo.parse_models(args.surrogates),
-                          attack=attack, masks=args.masks, diversity_weight=weight, mode=args.mode)
-
-
-def _budget(args: argparse.Namespace) -> tuple[float, float]:
-    """(eps, alpha) in the user's units: L-inf 0..255 (defaults 8, 1); L2 at the 112-crop scale (default 1200,
-    alpha 2.5 eps / iters: the budget is crossed in under half the iterations)."""
-    if args.norm == "linf":
-        eps = args.eps if args.eps is not None else ENROLL_DEFAULTS["eps"]
-        return eps, args.alpha if args.alpha is not None else ENROLL_DEFAULTS["alpha"]
-    eps = args.eps if args.eps is not None else L2_DEFAULT_EPS
-    return eps, args.alpha if args.alpha is not None else 2.5 * eps / max(args.iters, 1)
+    return enroll_settings(name=args.name, method=args.method, seed=args.seed, surrogates=args.surrogates,
+                           eps=args.eps, norm=args.norm, iters=args.iters, alpha=args.alpha, momentum=args.momentum,
+                           dropout=args.dropout, masks=args.masks, diversity_weight=args.diversity_weight,
+                           mode=args.mode, jitter=args.jitter)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -100,9 +73,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     from faceveil.io.paths import refuse_same_file
     from faceveil.io.results import emit
     from faceveil.pipeline.maskfile import save_mask
-    from faceveil.pipeline.person import enroll
+    from faceveil.pipeline.person import enroll, user_budget
 
     settings = _enroll_settings(args)
+    eps, alpha = user_budget(settings.attack)
     output = Path(args.output)
     if not output.parent.is_dir():
         raise FaceveilError(f"output folder {output.parent} does not exist")
@@ -113,7 +87,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     a = settings.attack
     report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method,
               "surrogates": settings.surrogates, "masks": settings.masks, "mode": settings.mode,
-              "norm": a.norm, "eps": round(_budget(args)[0], 4), "alpha": round(_budget(args)[1], 4), "iters": a.steps,
+              "norm": a.norm, "eps": round(eps, 4), "alpha": round(alpha, 4), "iters": a.steps,
               "momentum": a.momentum, "dropout": a.dropout, "jitter": a.jitter, "seed": a.seed,
               "diversity_weight": settings.diversity_weight, "references": sorted(enrolled.mask.references),
               "images_used": enrolled.mask.meta["images_used"], "images_given": len(args.images),
@@ -149,30 +123,23 @@ def _add_apply(root) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from faceveil.io.paths import ensure_safe_out_dir
-    from faceveil.pipeline.batch import expand_inputs, run_batch
+    from faceveil.api import apply_files
     from faceveil.pipeline.maskfile import load_mask
-    from faceveil.pipeline.person import ApplySettings, MaskApplier
+    from faceveil.pipeline.person import ApplySettings
 
     mask = load_mask(args.mask)
+    if not 0 <= args.mask_index < mask.count:
+        raise FaceveilError(f"--mask-index {args.mask_index} is out of range: the mask file holds {mask.count} "
+                            f"mask(s) (0..{mask.count - 1})")
     settings = ApplySettings(all_faces=args.all_faces, mask_index=args.mask_index, fmt=args.format,
                              jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
                              copy_unprotected=args.copy_unprotected)
-    for raw in args.inputs:  # before expanding: the output folder is excluded from the inputs
-        ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), Path(args.output))
-    items = expand_inputs(args.inputs, kinds=("image", "video"), exclude=args.output, recursive=args.recursive)
-    applier = MaskApplier(mask, settings, Path(args.output))
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    report = run_batch(items, applier, report_path=args.json, quiet=args.quiet, desc="apply",
-                       header=batch_header("apply", settings))
+    report = apply_files(mask, args.inputs, args.output, all_faces=args.all_faces, mask_index=args.mask_index,
+                         recursive=args.recursive, report_path=args.json, progress=not args.quiet,
+                         header=batch_header("apply", settings), fmt=args.format, jpeg_quality=args.jpeg_quality,
+                         keep_metadata=args.keep_metadata, copy_unprotected=args.copy_unprotected)
     _print_apply_table(report.results)
-    if args.report:  # also after Ctrl-C: the photos done so far
-        from faceveil.report import write_report
-
-        write_report(args.report, "apply", report.to_dict(), progress=not args.quiet)
-    if report.interrupted:
-        return 130
-    return 2 if any(r.status == "error" for r in report.results) else 0
+    return finish_batch(report, "apply", args)
 
 
 def _print_apply_table(results) -> None:

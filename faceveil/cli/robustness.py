@@ -24,13 +24,13 @@ def _dataset(text: str | None):
 
 
 def _tip_im_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
-    from faceveil.cli.main import METHODS, PAPER_DEFAULTS
     from faceveil.evaluate.protocols import tip_im as identification
     from faceveil.evaluate.robustness import TipImAdapter
+    from faceveil.methods import registry
+    from faceveil.pipeline.presets import PAPER_DEFAULTS
 
     method = args.method or "pgd"
-    if method not in METHODS:
-        raise FaceveilError(f"--method {method!r} is not a method of the tip-im protocol; known: {', '.join(METHODS)}")
+    registry.check_kind(method, "image")
     given = {k: getattr(args, k) for k in ("eps", "alpha", "iters", "momentum")}
     eps, alpha, iters, momentum = (PAPER_DEFAULTS[k] if v is None else v for k, v in given.items())  # TIP-IM §5.1
     settings = identification.settings_for(method, args.mode, eps, alpha, iters, momentum, args.jitter, args.gamma,

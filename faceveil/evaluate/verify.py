@@ -25,7 +25,7 @@ from faceveil.evaluate import transforms
 from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
-from faceveil.pipeline.protect import select_faces
+from faceveil.pipeline.job import select_faces
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
 LFW_GALLERY_SIZE = 500

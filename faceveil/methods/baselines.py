@@ -23,11 +23,13 @@ import torch
 
 from faceveil.attacks.core import AttackConfig, Embeddings, Ensemble, clean_embeddings, perturbed_embeddings
 from faceveil.attacks.faces import FaceBatch
-from faceveil.methods.targets import FaceTargets, TargetedResult, TargetSet
+from faceveil.methods.base import ImageMethod, MethodOptions, Perturbation
+from faceveil.methods.targets import FaceTargets, TargetSet
 from faceveil.methods.tip_im import (
     TargetChoice,
     TipImOptions,
     naturalness,
+    options_for,
     relative_identity_loss,
     target_margins,
     targeted_attack,
@@ -57,15 +59,15 @@ def dim_config(cfg: AttackConfig) -> AttackConfig:
     return dataclasses.replace(mim_config(cfg), diversity=cfg.diversity or DIM_DIVERSITY)
 
 
-Run = Callable[[int], TargetedResult]  # candidate position -> result with that fixed target
+Run = Callable[[int], Perturbation]  # candidate position -> result with that fixed target
 
 
 def _fixed_target(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
-                  options: TipImOptions, gamma: float, best_of: bool, progress: bool) -> TargetedResult:
+                  options: TipImOptions, gamma: float, best_of: bool, progress: bool) -> Perturbation:
     original = clean_embeddings(batch, ensemble)
     targets = target_set.for_faces(original, options.max_targets)
 
-    def run(position: int) -> TargetedResult:
+    def run(position: int) -> Perturbation:
         chooser = TargetChoice(targets, torch.full((len(batch),), position, dtype=torch.long))
         term = naturalness(batch, dataclasses.replace(options, gamma=gamma), cfg)
         return targeted_attack(batch, ensemble, cfg, original, chooser, term, progress)
@@ -74,7 +76,7 @@ def _fixed_target(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, targe
 
 
 def best_of_targets(run: Run, batch: FaceBatch, ensemble: Ensemble, original: Embeddings,
-                    targets: FaceTargets) -> TargetedResult:
+                    targets: FaceTargets) -> Perturbation:
     """Run once per candidate target; per face keep the run whose final L_iden on the surrogates is lowest."""
     results, scores = [], []
     for position in range(targets.count):
@@ -85,7 +87,7 @@ def best_of_targets(run: Run, batch: FaceBatch, ensemble: Ensemble, original: Em
         scores.append(relative_identity_loss(ensemble, emb, original, chosen))
     best = torch.stack(scores, dim=1).argmin(dim=1)
     faces = range(len(batch))
-    return TargetedResult(
+    return Perturbation(
         delta=torch.stack([results[int(best[b])].delta[b] for b in faces]),
         target_index=[results[int(best[b])].target_index[b] for b in faces],
         targets=[results[int(best[b])].targets[b] for b in faces],
@@ -95,27 +97,37 @@ def best_of_targets(run: Run, batch: FaceBatch, ensemble: Ensemble, original: Em
 
 def single_target(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
                   options: TipImOptions | None = None, best_of: bool = False,
-                  progress: bool = False) -> TargetedResult:
+                  progress: bool = False) -> Perturbation:
     options = options or TipImOptions()
     return _fixed_target(batch, ensemble, cfg, target_set, options, options.gamma, best_of, progress)
 
 
 def mim(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
-        options: TipImOptions | None = None, best_of: bool = False, progress: bool = False) -> TargetedResult:
+        options: TipImOptions | None = None, best_of: bool = False, progress: bool = False) -> Perturbation:
     options = options or TipImOptions()
     return _fixed_target(batch, ensemble, mim_config(cfg), target_set, options, 0.0, best_of, progress)
 
 
 def dim(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
-        options: TipImOptions | None = None, best_of: bool = False, progress: bool = False) -> TargetedResult:
+        options: TipImOptions | None = None, best_of: bool = False, progress: bool = False) -> Perturbation:
     options = options or TipImOptions()
     return _fixed_target(batch, ensemble, dim_config(cfg), target_set, options, 0.0, best_of, progress)
 
 
 def mt_dim(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
-           options: TipImOptions | None = None, progress: bool = False) -> TargetedResult:
+           options: TipImOptions | None = None, progress: bool = False) -> Perturbation:
     options = options or TipImOptions()
     original = clean_embeddings(batch, ensemble)
     targets = target_set.for_faces(original, options.max_targets)
     chooser = NearestTarget(batch, ensemble, original, targets)
     return targeted_attack(batch, ensemble, dim_config(cfg), original, chooser, None, progress)
+
+
+def build(name: str, options: MethodOptions, target_set: TargetSet) -> ImageMethod:
+    """The registry's builder of mim, dim, mt-dim and single-target."""
+    tip_im_options = options_for(name, options)
+    if name == "mt-dim":
+        return lambda batch, ensemble, cfg: mt_dim(batch, ensemble, cfg, target_set, tip_im_options)
+    single = {"mim": mim, "dim": dim, "single-target": single_target}[name]
+    best_of = options.best_of_targets
+    return lambda batch, ensemble, cfg: single(batch, ensemble, cfg, target_set, tip_im_options, best_of=best_of)

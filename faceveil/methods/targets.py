@@ -71,16 +71,6 @@ class FaceTargets:
         return self.index[torch.arange(self.index.shape[0]), choice]
 
 
-@dataclass
-class TargetedResult:
-    """A targeted method's output: the perturbation and, per face, the target chosen at the last iteration."""
-
-    delta: torch.Tensor  # [B, 3, 256, 256]
-    target_index: list[int]  # into TargetSet.identities
-    targets: list[str]  # identity names
-    history: torch.Tensor  # [steps, B] identity index chosen at every iteration
-
-
 class TargetSet:
     """Target identities with every face's embedding and every identity's centre, per surrogate."""
 

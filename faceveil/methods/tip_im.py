@@ -33,7 +33,6 @@ candidate adopted as the next iterate); this follows the paper.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,9 @@ from faceveil.attacks.diversity import projective_views, random_homographies
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import gaussian_mmd
 from faceveil.detect import canonical as C
-from faceveil.methods.targets import DEFAULT_MAX_TARGETS, FaceTargets, TargetedResult, TargetSet
+from faceveil.errors import FaceveilError
+from faceveil.methods.base import ImageMethod, MethodOptions, Perturbation
+from faceveil.methods.targets import DEFAULT_MAX_TARGETS, FaceTargets, TargetSet
 
 GAINS = ("g", "g1", "g2", "rand")
 # Naturalness off by default, as in the authors' code: protection first; users trade it with --gamma.
@@ -68,20 +69,12 @@ MMD_SEED_OFFSET = 1009
 RANDOM_TARGET_SEED_OFFSET = 2003
 CANDIDATE_CHUNK = 16  # candidate images per forward pass in greedy insertion
 
-# The paper's settings (§5.1): T = 50, alpha = 1.5, eps = 12 (of 255) under L-inf, 10 targets, momentum (MI-FGSM).
-PAPER_CONFIG = AttackConfig(eps=12 / 255, alpha=1.5 / 255, steps=50, norm="linf", momentum=1.0)
-
-
 @dataclass
 class TipImOptions:
     gamma: float = DEFAULT_GAMMA
     gain: str = "g"  # g | g1 | g2 | rand
     max_targets: int = DEFAULT_MAX_TARGETS
     mmd_views: int = MMD_VIEWS
-
-
-def paper_config(seed: int = 0) -> AttackConfig:
-    return dataclasses.replace(PAPER_CONFIG, seed=seed)
 
 
 def relative_identity_loss(ensemble: Ensemble, emb: Embeddings, original: Embeddings,
@@ -209,7 +202,7 @@ def naturalness(batch: FaceBatch, options: TipImOptions, cfg: AttackConfig) -> M
 
 def targeted_attack(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, original: Embeddings,
                     chooser: TargetChoice, image_term: ImageTerm | None = None,
-                    progress: bool = False) -> TargetedResult:
+                    progress: bool = False) -> Perturbation:
     """The core loop on L_iden towards the chooser's current target of each face (+ an image term)."""
     def objective(emb: Embeddings, _step: int) -> torch.Tensor:
         return relative_identity_loss(ensemble, emb, original, chooser.targets.chosen(chooser.choice))
@@ -217,7 +210,7 @@ def targeted_attack(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, ori
     delta = run_attack(batch, ensemble, objective, cfg, progress=progress, before_step=chooser,
                        image_term=image_term)
     final = chooser.targets.identity_index(chooser.choice).tolist()
-    return TargetedResult(delta, final, [chooser.targets.names[i] for i in final], torch.stack(chooser.history))
+    return Perturbation(delta, final, [chooser.targets.names[i] for i in final], torch.stack(chooser.history))
 
 
 def chooser_for(kind: str, batch: FaceBatch, ensemble: Ensemble, original: Embeddings, targets: FaceTargets,
@@ -228,10 +221,24 @@ def chooser_for(kind: str, batch: FaceBatch, ensemble: Ensemble, original: Embed
 
 
 def protect(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,
-            options: TipImOptions | None = None, progress: bool = False) -> TargetedResult:
+            options: TipImOptions | None = None, progress: bool = False) -> Perturbation:
     """TIP-IM on every face of the batch; the perturbation and each face's chosen target."""
     options = options or TipImOptions()
     original = clean_embeddings(batch, ensemble)
     targets = target_set.for_faces(original, options.max_targets)
     chooser = chooser_for(options.gain, batch, ensemble, original, targets, cfg)
     return targeted_attack(batch, ensemble, cfg, original, chooser, naturalness(batch, options, cfg), progress)
+
+
+def options_for(name: str, options: MethodOptions) -> TipImOptions:
+    """TIP-IM's options from a method's build options; Center-Opt is TIP-IM with the gain G1."""
+    if options.gain not in GAINS:
+        raise FaceveilError(f"gain takes {', '.join(GAINS)}, got {options.gain!r}")
+    return TipImOptions(gamma=options.gamma, gain="g1" if name == "center-opt" else options.gain,
+                        max_targets=options.max_targets)
+
+
+def build(name: str, options: MethodOptions, target_set: TargetSet) -> ImageMethod:
+    """The registry's builder of tip-im and center-opt."""
+    tip_im_options = options_for(name, options)
+    return lambda batch, ensemble, cfg: protect(batch, ensemble, cfg, target_set, tip_im_options)

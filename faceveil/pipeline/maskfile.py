@@ -61,6 +61,13 @@ class PersonMask:
     def count(self) -> int:
         return int(self.masks.shape[0])
 
+    def save(self, path: Path | str) -> None:
+        save_mask(self, path)
+
+    @staticmethod
+    def load(path: Path | str) -> PersonMask:
+        return load_mask(path)
+
 
 def save_mask(mask: PersonMask, path: Path | str) -> None:
     """Write the mask file atomically (a reader sees the old file or the whole new one)."""

@@ -1,8 +1,9 @@
 """The jobs behind `faceveil enroll` and `faceveil apply` (OPOM's person-specific masks, §3 and §4.3.2-4.3.3).
 
 enroll: detect the largest face in each of the person's photos, learn n_M canonical-space masks from them (one
-optimisation for the person, faceveil.methods.opom) and store them in a .fvmask file with the person's clean
-embeddings under the cheap matching models (and the surrogates), so that apply can find the person.
+optimisation for the person, or one generator pass: the person methods of faceveil.methods.registry) and store them
+in a .fvmask file with the person's clean embeddings under the cheap matching models (and the surrogates), so that
+apply can find the person.
 
 apply: no optimisation at all: detect the faces of each photo or video frame, keep those that match the enrolled
 person (each matching model votes: best cosine to the stored references at or above the model's calibrated
@@ -12,7 +13,6 @@ canonical warp. Outputs are written atomically with metadata stripped, as protec
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import sys
 import time
@@ -30,11 +30,16 @@ from faceveil.detect import canonical as C
 from faceveil.detect.align import align
 from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.errors import FaceveilError
-from faceveil.io.images import read_image, write_image
-from faceveil.methods import opom
+from faceveil.io.images import read_image
+from faceveil.methods import registry
+from faceveil.methods.base import PersonMaskOptions
+from faceveil.methods.opom.learners import paper_config
+from faceveil.methods.opom.loss import DEFAULT_DIVERSITY_WEIGHT
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
+from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces
 from faceveil.pipeline.maskfile import PersonMask
+from faceveil.pipeline.presets import ENROLL_DEFAULTS, L2_DEFAULT_EPS
 
 # Cheap ArcFace-112 models (a few ms a face): their references are always stored, and they decide who matches.
 MATCH_MODELS = ("mobileface", "mfn512", "mfn192")
@@ -55,10 +60,54 @@ class EnrollSettings:
     name: str
     method: str = "opom-convex"
     surrogates: list[str] = field(default_factory=lambda: ["mobileface", "mfn512"])
-    attack: AttackConfig = field(default_factory=opom.paper_config)
+    attack: AttackConfig = field(default_factory=paper_config)
     masks: int = 1
-    diversity_weight: float = opom.DEFAULT_DIVERSITY_WEIGHT
+    diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT
     mode: str = "photos"  # photos | crops
+
+
+def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, surrogates: str | None = None,
+                    eps: float | None = None, norm: str = "linf", iters: int | None = None, alpha: float | None = None,
+                    momentum: float = 0.0, dropout: float = 0.0, masks: int = 1,
+                    diversity_weight: float | None = None, mode: str = "photos",
+                    jitter: float | None = None) -> EnrollSettings:
+    """enroll's settings from a user's values (None = the preset's): eps and alpha in 0..255 units, L-inf (default
+    8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's)."""
+    iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
+    eps, alpha = _user_budget(norm, eps, alpha, iters)
+    if eps <= 0 or (norm == "linf" and eps > 255) or alpha <= 0 or iters < 0:
+        raise FaceveilError("eps must be above 0 (at most 255 under L-inf), alpha above 0 and iters at least 0")
+    if not 0 <= dropout < 1:
+        raise FaceveilError(f"dropout must be in [0, 1), got {dropout}")
+    if masks < 1:
+        raise FaceveilError(f"masks must be at least 1, got {masks}")
+    if norm not in ("linf", "l2"):
+        raise FaceveilError(f"norm takes linf or l2, got {norm!r}")
+    attack = paper_config(seed)
+    # L2 budgets are given at the 112-crop scale; canonical pixels are 1/CANONICAL_ZOOM of a crop pixel per side
+    scale = 1 / 255 if norm == "linf" else C.CANONICAL_ZOOM / 255
+    attack.eps, attack.alpha, attack.steps, attack.norm = eps * scale, alpha * scale, iters, norm
+    attack.momentum, attack.dropout = momentum, dropout
+    attack.jitter = jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)
+    weight = diversity_weight if diversity_weight is not None else DEFAULT_DIVERSITY_WEIGHT
+    return EnrollSettings(name=name, method=method, surrogates=zoo.parse_models(surrogates or "mobileface,mfn512"),
+                          attack=attack, masks=masks, diversity_weight=weight, mode=mode)
+
+
+def _user_budget(norm: str, eps: float | None, alpha: float | None, iters: int) -> tuple[float, float]:
+    """(eps, alpha) in the user's units: L-inf 0..255 (defaults 8, 1); L2 at the 112-crop scale (default 1200,
+    alpha 2.5 eps / iters: the budget is crossed in under half the iterations)."""
+    if norm == "linf":
+        eps = ENROLL_DEFAULTS["eps"] if eps is None else eps
+        return eps, ENROLL_DEFAULTS["alpha"] if alpha is None else alpha
+    eps = L2_DEFAULT_EPS if eps is None else eps
+    return eps, 2.5 * eps / max(iters, 1) if alpha is None else alpha
+
+
+def user_budget(attack: AttackConfig) -> tuple[float, float]:
+    """An enroll budget (eps, alpha) back in the user's units (0..255; L2 at the 112-crop scale)."""
+    scale = 255 if attack.norm == "linf" else 255 / C.CANONICAL_ZOOM
+    return attack.eps * scale, attack.alpha * scale
 
 
 @dataclass
@@ -102,8 +151,7 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False,
         raise FaceveilError("--name must be a non-empty printable name")
     if settings.mode not in ("photos", "crops"):
         raise FaceveilError(f"--mode takes photos or crops, got {settings.mode!r}")
-    if settings.method not in opom.method_names():
-        raise FaceveilError(f"unknown method {settings.method!r}; known: {', '.join(opom.method_names())}")
+    registry.check_kind(settings.method, "person")
     detector = detector or MTCNN()
     found, rows = largest_faces(paths, detector, progress)
     if not found:
@@ -117,11 +165,10 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False,
     ensemble = Ensemble(settings.surrogates)
     batch = from_photos([f.rgb for f in found], [f.face.landmarks for f in found], ensemble.geometries,
                         settings.mode)
-    options = opom.PersonMaskOptions(method=settings.method, masks=settings.masks,
-                                     diversity_weight=settings.diversity_weight)
+    options = PersonMaskOptions(masks=settings.masks, diversity_weight=settings.diversity_weight)
     if settings.method == "fi-uap-all":
         options.universal_faces = sample_faces(detector, ensemble.geometries, settings.mode)
-    result = opom.learn_person_masks_with_info(batch, ensemble, settings.attack, options, progress)
+    result = registry.learn_person_masks(settings.method, batch, ensemble, settings.attack, options, progress)
     models = sorted(set(MATCH_MODELS) | set(settings.surrogates))
     mask = PersonMask(name=name, masks=result.masks, geometry=C.CANONICAL.name, method=settings.method,
                       surrogates=list(settings.surrogates), eps=settings.attack.eps, norm=settings.attack.norm,
@@ -209,13 +256,9 @@ class PersonMatcher:
 
 
 @dataclass
-class ApplySettings:
+class ApplySettings(OutputSettings):
     all_faces: bool = False
     mask_index: int = 0
-    fmt: str = "same"
-    jpeg_quality: int = 95
-    keep_metadata: bool = False
-    copy_unprotected: bool = False
 
 
 @dataclass
@@ -225,62 +268,58 @@ class _TrackState:
     seen: int = 0
 
 
-class MaskApplier:
-    """Holds the detector, the mask and the matcher across a batch of photos and videos (a run_batch callback)."""
+class MaskApplier(PhotoJob):
+    """Holds the detector, the mask and the matcher across a batch of photos and videos (a run_batch callback).
+    Its selection is the matching: only the enrolled person's faces get the mask (every face with all_faces)."""
 
     def __init__(self, mask: PersonMask, settings: ApplySettings, out_dir: Path | None = None,
                  detector: MTCNN | None = None):
         if not 0 <= settings.mask_index < mask.count:
-            raise FaceveilError(f"--mask-index {settings.mask_index} is out of range: the mask file holds "
+            raise FaceveilError(f"mask index {settings.mask_index} is out of range: the mask file holds "
                                 f"{mask.count} mask(s) (0..{mask.count - 1})")
+        super().__init__(settings, out_dir, detector)
         self.mask, self.settings = mask, settings
-        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.delta = mask.masks[settings.mask_index].float()
-        self.detector = detector or MTCNN()
         self.matcher = PersonMatcher(mask)
         if not settings.all_faces and not self.matcher.usable:
-            raise FaceveilError("the mask file holds no reference embeddings to find its person: use --all-faces")
+            raise FaceveilError("the mask file holds no reference embeddings to find its person: mask all faces")
+        self._rows: list[dict] = []  # the last photo's detected faces, masked or not (for its report)
 
-    def __call__(self, item: BatchItem) -> dict:
-        if item.kind == "video":
-            return self.apply_video(item)
-        return self.apply_photo_file(item)
-
-    def apply_to_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-        """Detection + matching + paste on one photo in memory: (protected copy, one row per detected face)."""
-        faces = sorted(self.detector.detect_large(rgb), key=lambda f: -f.size)
-        scores = self.matcher.scores(rgb, [f.landmarks for f in faces]) if not self.settings.all_faces else \
-            [{} for _ in faces]
-        out = rgb.copy()
-        rows = []
+    def select(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Every detected face (largest first) is scored; the person's are selected."""
+        faces = sorted(faces, key=lambda f: -f.size)
+        scores = ([{} for _ in faces] if self.settings.all_faces
+                  else self.matcher.scores(rgb, [f.landmarks for f in faces]))
+        self._rows, chosen = [], []
         for index, (face, score) in enumerate(zip(faces, scores, strict=True)):
             masked = self.settings.all_faces or self.matcher.matches(score)
             if masked:
-                C.paste_into(out, face.landmarks, self.delta)
-            rows.append({"face": index, "box": [round(float(v), 1) for v in face.box], "masked": masked,
-                         "scores": {m: round(s, 4) for m, s in score.items()}})
-        return out, rows
+                chosen.append(face)
+            self._rows.append({"face": index, "box": [round(float(v), 1) for v in face.box], "masked": masked,
+                               "scores": {m: round(s, 4) for m, s in score.items()}})
+        return chosen
 
-    def apply_photo_file(self, item: BatchItem) -> dict:
-        s = self.settings
-        assert self.out_dir is not None
-        photo = read_image(item.path)
-        out_path = item.output_path(self.out_dir, s.fmt)
+    def apply_faces(self, rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """A copy of the photo with the mask pasted on these faces."""
+        return paste_faces(rgb, faces, [self.delta] * len(faces))
+
+    def apply_to_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+        """Detection + matching + paste on one photo in memory: (protected copy, one row per detected face)."""
+        chosen = self.select(rgb, self.detector.detect_large(rgb))
+        return self.apply_faces(rgb, chosen), self._rows
+
+    def photo(self, item: BatchItem) -> dict:
         start = time.perf_counter()
-        protected, rows = self.apply_to_pixels(photo.rgb)
-        masked = sum(r["masked"] for r in rows)
+        prepared = self.prepare(item)
+        rows = self._rows
+        masked = len(prepared.faces)
         details = {"faces_detected": len(rows), "masked": masked, "skipped": len(rows) - masked,
                    "seconds": round(time.perf_counter() - start, 3), "faces": rows}
         if not masked:
             what = "no face found" if not rows else f"no face of {self.mask.name} ({len(rows)} other face(s) left)"
-            if s.copy_unprotected:
-                write_image(photo, out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality, keep_metadata=s.keep_metadata)
-                return {"status": "no_face", "message": f"{what}; copied unprotected", "output": out_path,
-                        "details": details}
-            return {"status": "no_face", "message": f"{what}; nothing written", "details": details}
-        write_image(dataclasses.replace(photo, rgb=protected), out_path, fmt=s.fmt, jpeg_quality=s.jpeg_quality,
-                    keep_metadata=s.keep_metadata)
-        return {"status": "ok", "faces": masked, "output": out_path, "details": details}
+            return self.unprotected(prepared, what, details)
+        self.write(prepared, [self.delta] * masked)
+        return {"status": "ok", "faces": masked, "output": prepared.out_path, "details": details}
 
     def delta_for_track_function(self):
         """A video_pipeline `delta_for_track` with its own per-track state: the mask for tracks of the person,
@@ -300,14 +339,9 @@ class MaskApplier:
         delta_for_track.states = states  # type: ignore[attr-defined]  # read back for the report
         return delta_for_track
 
-    def apply_video(self, item: BatchItem) -> dict:
-        from faceveil.pipeline.video import protect_video
-
-        assert self.out_dir is not None
-        out_path = item.output_path(self.out_dir)
+    def video(self, item: BatchItem) -> dict:
         delta_for_track = self.delta_for_track_function()
-        stats = protect_video(item.path, out_path, delta_for_track, progress=False,
-                              keep_metadata=self.settings.keep_metadata)
+        out_path, stats = self.write_video(item, delta_for_track)
         states = delta_for_track.states
         matched = sum(s.matched for s in states.values())
         details = {"frames": stats.get("frames"), "fps": stats.get("fps"), "tracks": len(states),

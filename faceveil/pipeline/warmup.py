@@ -1,5 +1,5 @@
-"""Compile the numba kernels into their on-disk cache (`python -m faceveil.pipeline.warmup`, run by ./setup.sh), so that the
-first `faceveil protect` does not spend ~15 s compiling. Runs each kernel once on a tiny synthetic input."""
+"""Compile the numba kernels into their on-disk cache (`python -m faceveil.pipeline.warmup`, run by ./setup.sh), so
+that the first `faceveil protect` does not spend ~15 s compiling. Runs each kernel once on a tiny synthetic input."""
 
 from __future__ import annotations
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from faceveil.errors import FaceveilError
-
 
 @dataclass
 class CompareSettings:
@@ -37,33 +35,32 @@ def run(split, settings: CompareSettings) -> tuple[list[dict], dict]:
     """Rows (one per method and judge) and settings (split counts, timings)."""
     from faceveil.datasets.faces import embed_files, landmarks_for
     from faceveil.evaluate.protocols import opom as protocol
-    from faceveil.methods.advcloak.person import normalised_learner
-    from faceveil.methods.opom import method_names, paper_config
+    from faceveil.methods import registry
+    from faceveil.methods.opom.learners import paper_config
 
-    unknown = [m for m in settings.methods if m not in method_names()]
-    if unknown:
-        raise FaceveilError(f"unknown person-mask method(s) {', '.join(unknown)}; known: {', '.join(method_names())}")
+    for method in settings.methods:
+        registry.check_kind(method, "person")
     files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
     landmarks, info = landmarks_for(files, settings.progress)
     clean_files = sorted({f for p in split.people for f in p.test} | {f for _, f in split.distractors})
     clean = embed_files(settings.judges, clean_files, landmarks, settings.progress)
     rows, timings = [], {}
+    # every method at its paper defaults (OPOM: L-inf 8, 16 iterations); the L2 normalisation comes after
+    base = protocol.Settings(mode=settings.mode, attack=paper_config(settings.seed), batch=settings.batch,
+                             progress=settings.progress, paste_l2=settings.l2_255)
     for method in settings.methods:
-        learner = normalised_learner(method, settings.l2_255)
-        # every method at its paper defaults (OPOM: L-inf 8, 16 iterations); the L2 normalisation comes after
-        run_settings = protocol.Settings(method=method, mode=settings.mode, attack=paper_config(settings.seed),
-                                         batch=settings.batch, progress=settings.progress,
-                                         universal=method in protocol.UNIVERSAL_METHODS)
+        run = protocol.registry_method(method, 1, base)
         start = time.perf_counter()
-        group = protocol.mask_group(split, landmarks, settings.surrogates, settings.judges, learner, run_settings)
-        seconds = np.array(learner.seconds)
+        group = protocol.mask_group(split, landmarks, settings.surrogates, settings.judges, run.learner,
+                                    run.settings)
+        seconds = np.array(group.learn_times)
         timings[method] = {"total_seconds": round(time.perf_counter() - start, 1),
                            "t1_median_seconds": round(float(np.median(seconds)), 3)}
         for judge in settings.judges:
-            row = protocol.judge_row(judge, group, split, clean, run_settings)
+            row = protocol.judge_row(judge, group, split, clean, run.settings)
             row["l2_255"] = settings.l2_255
             row["t1_s"] = float(np.median(seconds))  # customisation time per person (Table 3), median
-            row["train_faces"] = int(np.median(learner.faces))
+            row["train_faces"] = int(np.median(group.train_faces))
             rows.append(row)
     meta = {**split.counts(), "l2_255": settings.l2_255, "surrogates": settings.surrogates,
             "timings": timings, "detected": info["detected"], "images": info["images"]}
@@ -79,7 +76,7 @@ def mask_time(method: str, faces: int = 10, repeats: int = 5, seed: int = 0) -> 
     from faceveil.attacks.faces import FaceBatch
     from faceveil.detect import canonical as C
     from faceveil.methods.advcloak.person import generate_masks
-    from faceveil.methods.opom import paper_config
+    from faceveil.methods.opom.learners import paper_config
 
     generator = torch.Generator().manual_seed(seed)
     regions = torch.rand(faces, 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE, generator=generator)

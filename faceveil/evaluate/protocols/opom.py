@@ -20,9 +20,10 @@ are recognised normally, i.e. a clean protection rate near 0). PSNR and SSIM com
 test face with the original (as evaluate/identification.py).
 
 By default each judge is scored against masks learned by the models of the other families (leave-one-family-out);
-judges sharing a surrogate set share one mask-learning run. The mask-learning method is a parameter (a MaskLearner:
-one person's FaceBatch -> [n_M,3,256,256] canonical masks), looked up by name in faceveil.methods.opom's registry;
-a universal method (FI-UAP-all) learns one mask per surrogate set on the training images of all protected persons.
+judges sharing a surrogate set share one mask-learning run. The mask-learning method is a parameter (a person
+learner, faceveil.methods.base.PersonLearner), built by name by the method registry; with `paste_l2` every mask is
+scaled to one pasted L2 norm after learning (AdvCloak's comparison, faceveil.evaluate.protocols.advcloak); a
+universal method (FI-UAP-all) learns one mask per surrogate set on the training images of all protected persons.
 Several methods can share one run (`run_methods`): the landmarks and the clean embeddings of the test images and
 distractors are computed once. A method name may end in TRANSFER_SUFFIX ("+md", e.g. opom-convex+md): the method
 combined with the transferability methods of §3.2.3 (Tables 4-5), momentum mu = 1 (Eq. 14) and DFANet dropout
@@ -34,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +42,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from faceveil.attacks.budgets import scale_paste_l2
 from faceveil.attacks.core import AttackConfig, Ensemble
-from faceveil.attacks.faces import FaceBatch, from_photos
+from faceveil.attacks.faces import from_photos
 from faceveil.datasets.faces import EmbeddingTable, embed_files, landmarks_for
 from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, embed_images, surrogate_groups
+from faceveil.methods import registry
+from faceveil.methods.base import PersonLearner, PersonMaskOptions
 from faceveil.models import zoo
 
 MIN_IMAGES = 12
@@ -66,7 +69,6 @@ TRANSFER_DROPOUT = 0.1
 BATCH = 8
 
 Labelled = tuple[str, Path]  # (identity, image file)
-MaskLearner = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor]  # one person's faces -> [n_M,3,256,256]
 
 
 @dataclass(frozen=True)
@@ -194,24 +196,6 @@ def _summary(prefix: str, tallies: list[Tally]) -> dict:
 
 # ---- masks -----------------------------------------------------------------------------------------------------
 
-def registry_learner(method: str, masks: int = 1) -> MaskLearner:
-    """The MaskLearner of a method registered in faceveil.methods.opom (OPOM's variants and baselines; AdvCloak
-    adds its own there), learning `masks` diverse masks per person."""
-    from faceveil.methods import opom
-
-    known = opom.method_names()
-    if method not in known:
-        raise FaceveilError(f"--method {method!r} is not a person-mask method; known: {', '.join(known)}")
-    if masks < 1:
-        raise FaceveilError(f"--masks must be at least 1, got {masks}")
-    options = opom.PersonMaskOptions(method=method, masks=masks)
-
-    def learn(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig) -> torch.Tensor:
-        return opom.learn_person_masks(batch, ensemble, cfg, options)
-
-    return learn
-
-
 @dataclass
 class Settings:
     method: str = "opom-convex"  # the learner's name (rows and JSON)
@@ -220,6 +204,8 @@ class Settings:
     batch: int = BATCH  # test faces masked at once
     progress: bool = True
     universal: bool = False  # one mask learned on every person's training images (UNIVERSAL_METHODS)
+    options: PersonMaskOptions = field(default_factory=PersonMaskOptions)  # n_M masks, ...
+    paste_l2: float | None = None  # every mask scaled to this pasted L2 norm (0..255 units, 112x112x3) after learning
 
 
 @dataclass
@@ -234,6 +220,8 @@ class GroupResult:
     redetect_failures: int = 0
     learn_seconds: float = 0.0
     apply_seconds: float = 0.0
+    learn_times: list[float] = field(default_factory=list)  # seconds of each learner call (t1 per person)
+    train_faces: list[int] = field(default_factory=list)  # faces of each learner call
 
 
 def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarray]):
@@ -241,13 +229,21 @@ def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarr
 
 
 def learn_masks(train: tuple[Path, ...], landmarks: dict[Path, np.ndarray], ensemble: Ensemble,
-                learner: MaskLearner, settings: Settings, cfg: AttackConfig) -> torch.Tensor:
-    """Masks [n_M,3,256,256] learned on these training images (in the evaluation's mode)."""
+                learner: PersonLearner, settings: Settings, cfg: AttackConfig,
+                result: GroupResult | None = None) -> torch.Tensor:
+    """Masks [n_M,3,256,256] learned on these training images (in the evaluation's mode), scaled to the pasted L2
+    norm when the settings ask for it; the learner's time and faces go to `result`."""
     photos, marks = _photos(train, landmarks)
     batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
-    masks = learner(batch, ensemble, cfg).detach()
+    start = time.perf_counter()
+    masks = learner(batch, ensemble, cfg, settings.options, False).masks.detach()
     if masks.ndim != 4 or masks.shape[1:] != (3, 256, 256):
         raise ValueError(f"a mask learner must return [n_M,3,256,256] masks, got {tuple(masks.shape)}")
+    if settings.paste_l2 is not None:
+        masks = scale_paste_l2(masks, settings.paste_l2)
+    if result is not None:
+        result.learn_times.append(time.perf_counter() - start)
+        result.train_faces.append(len(batch))
     return masks
 
 
@@ -272,7 +268,7 @@ def person_config(cfg: AttackConfig, index: int) -> AttackConfig:
 
 
 def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str], judges: list[str],
-               learner: MaskLearner, settings: Settings) -> GroupResult:
+               learner: PersonLearner, settings: Settings) -> GroupResult:
     """Learn every person's masks with these surrogates, mask its test images, embed them with the judges."""
     ensemble = Ensemble(surrogates)
     result = GroupResult(list(surrogates), list(judges), {j: [] for j in judges})
@@ -285,7 +281,7 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
     if settings.universal:
         start = time.perf_counter()
         everybody = tuple(f for p in split.people for f in p.train)
-        universal = learn_masks(everybody, landmarks, ensemble, learner, settings, settings.attack)
+        universal = learn_masks(everybody, landmarks, ensemble, learner, settings, settings.attack, result)
         result.learn_seconds += time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="faceveil-opom-") as tmp:
         bar = tqdm(split.people, desc=f"masks ({'+'.join(surrogates)})", disable=not settings.progress,
@@ -293,7 +289,7 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
         for index, person in enumerate(bar):
             start = time.perf_counter()
             masks = universal if universal is not None else learn_masks(
-                person.train, landmarks, ensemble, learner, settings, person_config(settings.attack, index))
+                person.train, landmarks, ensemble, learner, settings, person_config(settings.attack, index), result)
             middle = time.perf_counter()
             for judge in judges:
                 result.masked[judge].append([])
@@ -346,9 +342,9 @@ def judge_row(judge: str, group: GroupResult, split: Split, clean: EmbeddingTabl
 
 @dataclass(frozen=True)
 class MethodRun:
-    """One method of a run: its mask learner and its settings (name, attack configuration, universal or not)."""
+    """One method of a run: its person learner and its settings (name, attack configuration, universal or not)."""
 
-    learner: MaskLearner
+    learner: PersonLearner
     settings: Settings
 
 
@@ -360,17 +356,22 @@ def split_method_name(method: str) -> tuple[str, bool]:
 
 
 def registry_method(method: str, masks: int, base: Settings) -> MethodRun:
-    """A registered method (optionally with the "+md" suffix: momentum 1 and DFANet dropout, overriding the base
-    configuration's) with the run's shared settings."""
+    """A registered person method (optionally with the "+md" suffix: momentum 1 and DFANet dropout, overriding the
+    base configuration's) with the run's shared settings, learning `masks` diverse masks per person."""
     name, transfer = split_method_name(method)
+    learner = registry.person_learner(name)
+    if masks < 1:
+        raise FaceveilError(f"the number of masks must be at least 1, got {masks}")
     attack = base.attack
     if transfer:
         attack = dataclasses.replace(attack, momentum=TRANSFER_MOMENTUM, dropout=TRANSFER_DROPOUT)
-    settings = dataclasses.replace(base, method=method, attack=attack, universal=name in UNIVERSAL_METHODS)
-    return MethodRun(registry_learner(name, masks), settings)
+    options = dataclasses.replace(base.options, masks=masks)
+    settings = dataclasses.replace(base, method=method, attack=attack, universal=name in UNIVERSAL_METHODS,
+                                   options=options)
+    return MethodRun(learner, settings)
 
 
-def run(split: Split, judges: list[str], surrogates: list[str] | None, learner: MaskLearner,
+def run(split: Split, judges: list[str], surrogates: list[str] | None, learner: PersonLearner,
         settings: Settings) -> tuple[list[dict], dict]:
     """Rows (one per judge) and settings (split counts, timings) of the protocol on a split."""
     return run_methods(split, judges, surrogates, [MethodRun(learner, settings)])

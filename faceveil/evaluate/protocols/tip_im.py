@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,9 @@ from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
 from faceveil.detect.cache import load_rgb
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
-from faceveil.methods.targets import TargetedResult, TargetIdentity, TargetSet, target_face
+from faceveil.methods import registry
+from faceveil.methods.base import ImageMethod, MethodOptions
+from faceveil.methods.targets import TargetIdentity, TargetSet, target_face
 from faceveil.models import zoo
 
 MAX_PROTECTED = 500
@@ -197,12 +199,11 @@ def _target_set(split: Split, landmarks: dict[Path, np.ndarray], ensemble: Ensem
 
 
 def _method(settings: Settings, ensemble: Ensemble, split: Split,
-            landmarks: dict[Path, np.ndarray]) -> Callable:
-    from faceveil.pipeline.protect import TARGETED_METHODS, ProtectSettings, method_function
-
-    targets = _target_set(split, landmarks, ensemble) if settings.method in TARGETED_METHODS else None
-    options = ProtectSettings(method=settings.method, surrogates=list(ensemble.names), gamma=settings.gamma)
-    return method_function(settings.method, options, targets)
+            landmarks: dict[Path, np.ndarray]) -> ImageMethod:
+    entry = registry.check_kind(settings.method, "image")
+    targets = _target_set(split, landmarks, ensemble) if entry.targeted else None
+    return registry.image_method(settings.method, MethodOptions(gamma=settings.gamma, seed=settings.attack.seed),
+                                 targets)
 
 
 def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str],
@@ -222,8 +223,7 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
             files = [p for _, p in split.probes[start:start + settings.batch]]
             photos, marks = [np.array(load_rgb(p)) for p in files], [landmarks[p] for p in files]
             batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
-            result = method(batch, ensemble, settings.attack)
-            delta = result.delta if isinstance(result, TargetedResult) else result
+            delta = method(batch, ensemble, settings.attack).delta
             if settings.mode == "crops":
                 collect_crops(out, batch, delta, marks)
             else:

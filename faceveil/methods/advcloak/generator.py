@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from faceveil.attacks.budgets import scale_to_budget
 from faceveil.errors import FaceveilError
 from faceveil.io.atomic import atomic_path
 from faceveil.methods.advcloak.networks import GRID, Generator, from_canonical, to_canonical
@@ -102,20 +103,6 @@ def _load_cached(path: str) -> TrainedGenerator:
 
 
 # ------------------------------------------------------------------------------------------------ masks
-
-
-def scale_to_budget(masks: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Scale each mask [B, ...] so that its norm equals the budget (the paper normalises every method's mask to
-    the same L2 norm, §4.3.1): L2 -> ||m||_2 = eps, L-inf -> max |m| = eps. A zero mask stays zero."""
-    flat = masks.flatten(1)
-    if norm == "l2":
-        size = flat.norm(dim=1)
-    elif norm == "linf":
-        size = flat.abs().amax(dim=1)
-    else:
-        raise FaceveilError(f"unknown norm {norm!r} (l2 or linf)")
-    factor = torch.where(size > 0, eps / size.clamp_min(1e-12), torch.zeros_like(size))
-    return masks * factor.view(-1, *([1] * (masks.dim() - 1)))
 
 
 def grid_budget(norm: str, eps: float | None) -> float:

@@ -1,4 +1,4 @@
-"""AdvCloak person masks (Liu et al. 2023, §3.2.4) as person-mask methods of faceveil.methods.opom, so that
+"""AdvCloak person masks (Liu et al. 2023, §3.2.4) as person methods (faceveil.methods.registry), so that
 `faceveil enroll --method advcloak-convex ...` writes the same .fvmask as OPOM and `faceveil apply` works unchanged:
 
     advcloak          G^II trained with the class-wise loss (Eq. 15)
@@ -12,8 +12,8 @@ No optimisation: one forward pass of the generator over the person's faces, the 
 of the run's AttackConfig (L-inf: max |mask| = eps; L2: ||mask||_2 = eps, both in canonical space as everywhere in
 faceveil), taken to canonical space. The generator comes from faceveil/data/advcloak/ (trained against the
 surrogates it records: the ensemble passed in does not change it), or from the file in options.extra["generator"].
-The paper compares methods with every mask normalised to one L2 norm (§4.3.1): `paste_l2` measures that norm on
-what is pasted (the mask times the face mask, in 112x112x3 units) and `normalised_learner` applies it to any method.
+The paper compares methods with every mask normalised to one L2 norm (§4.3.1): faceveil.attacks.budgets.paste_l2
+measures that norm on what is pasted, and faceveil.evaluate.protocols.advcloak applies it to every method.
 """
 
 from __future__ import annotations
@@ -22,22 +22,15 @@ import time
 
 import torch
 
+from faceveil.attacks.budgets import scale_to_budget
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import FaceBatch
-from faceveil.detect import canonical as C
 from faceveil.errors import FaceveilError
-from faceveil.methods import opom
-from faceveil.methods.advcloak.generator import (
-    PACKAGED,
-    load_generator,
-    person_mask_grid,
-    scale_to_budget,
-)
+from faceveil.methods.advcloak.generator import PACKAGED, load_generator, person_mask_grid
 from faceveil.methods.advcloak.networks import to_canonical
+from faceveil.methods.base import MaskResult, PersonLearner, PersonMaskOptions
 
 METHODS = tuple(PACKAGED)
-# The paper's comparison budget (§4.1.4): L2 norm 1200 on 0..255 pixels of the 112x112x3 face.
-PAPER_L2_255 = 1200.0
 
 
 def generate_masks(batch: FaceBatch, cfg: AttackConfig, source: str) -> tuple[torch.Tensor, dict]:
@@ -56,51 +49,18 @@ def generate_masks(batch: FaceBatch, cfg: AttackConfig, source: str) -> tuple[to
     return mask, info
 
 
-def _learner(method: str) -> opom.MaskLearner:
-    def learn(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, options: opom.PersonMaskOptions,
-              progress: bool = False) -> opom.MaskResult:
+def learner(name: str) -> PersonLearner:
+    """The registry's builder of AdvCloak's methods: the generator of that name (or the file in
+    options.extra["generator"])."""
+    if name not in METHODS:
+        raise FaceveilError(f"no AdvCloak generator for {name!r}; known: {', '.join(METHODS)}")
+
+    def learn(batch: FaceBatch, _ensemble: Ensemble, cfg: AttackConfig, options: PersonMaskOptions,
+              _progress: bool = False) -> MaskResult:
         if options.masks != 1:
-            raise FaceveilError(f"{method} makes one mask per person (the mean of its generator's perturbations); "
-                                f"got --masks {options.masks}")
-        masks, info = generate_masks(batch, cfg, options.extra.get("generator") or method)
-        return opom.MaskResult(masks, info)
+            raise FaceveilError(f"{name} makes one mask per person (the mean of its generator's perturbations); "
+                                f"got {options.masks} masks")
+        masks, info = generate_masks(batch, cfg, options.extra.get("generator") or name)
+        return MaskResult(masks, info)
 
-    return learn
-
-
-for _name in METHODS:
-    opom.register_method(_name, _learner(_name))
-
-
-# ------------------------------------------------------------------------------------------------ equal-norm runs
-
-
-def paste_l2(masks: torch.Tensor) -> torch.Tensor:
-    """[n] L2 norm of what each canonical mask [n,3,256,256] pastes (times the face mask), in [0, 1] units of the
-    112x112x3 face (canonical pixels are 1/CANONICAL_ZOOM of a 112-crop pixel per side): the paper's measure."""
-    return (masks * C.face_mask()).flatten(1).norm(dim=1) / C.CANONICAL_ZOOM
-
-
-def scale_paste_l2(masks: torch.Tensor, l2_255: float = PAPER_L2_255) -> torch.Tensor:
-    """Masks scaled so that `paste_l2` equals l2_255 / 255 (the paper's normalisation of every method, §4.3.1)."""
-    size = paste_l2(masks)
-    factor = torch.where(size > 0, (l2_255 / 255) / size.clamp_min(1e-12), torch.zeros_like(size))
-    return masks * factor.view(-1, 1, 1, 1)
-
-
-def normalised_learner(method: str, l2_255: float = PAPER_L2_255, masks: int = 1):
-    """The OPOM protocol's MaskLearner for a registered method, with every mask scaled to one pasted L2 norm.
-    Records the seconds of each call (the per-person mask customisation time t1 of Table 3)."""
-    from faceveil.evaluate.protocols.opom import registry_learner
-
-    inner = registry_learner(method, masks)
-
-    def learn(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig) -> torch.Tensor:
-        start = time.perf_counter()
-        out = scale_paste_l2(inner(batch, ensemble, cfg), l2_255)
-        learn.seconds.append(time.perf_counter() - start)
-        learn.faces.append(len(batch))
-        return out
-
-    learn.seconds, learn.faces = [], []
     return learn

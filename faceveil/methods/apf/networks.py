@@ -12,7 +12,7 @@ the loose 224 crop and dlib's 150 chip) downsampled 2x to 128 x 128. Why that gr
   perturbations transfer better between models;
 - it keeps the U-Net and the request small: 3 x 128 x 128 float32 = 192 KiB per face on the wire, and T's forward
   pass a few tens of milliseconds on a CPU.
-The client upsamples s (bilinear) to canonical 256 and pastes it onto the photo (faceveil.methods.apf.probe.to_canonical).
+The client upsamples s (bilinear) to canonical 256 and pastes it onto the photo (probe.to_canonical).
 
 Checkpoints are a torch file holding only tensors and one JSON string (`torch.load(weights_only=True)`: no
 arbitrary pickle), validated on load against the architecture its metadata describes.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +38,7 @@ from faceveil.attacks.diversity import APF_DI_TRANSFORMS
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.errors import FaceveilError
 from faceveil.methods.apf.networks import APF_GRID, ApfServerModel, canonical_from_grid
+from faceveil.methods.base import ImageMethod, MethodOptions, Perturbation
 
 GRADIENT_ALGORITHMS = ("fgsm", "i-fgsm", "mi-fgsm", "di2-fgsm", "m-di2-fgsm")
 STAGES = ("g", "g_hat", "s")  # APF_g, APF_g_hat, APF_s
@@ -191,13 +191,51 @@ def protect_local(batch: FaceBatch, server: ApfServerModel, cfg: ApfClientConfig
     return to_canonical(stage_noise(server, g, stage))
 
 
-Method = Callable[[FaceBatch, Ensemble, AttackConfig], torch.Tensor]
+def local_method(server: ApfServerModel, cfg: ApfClientConfig, stage: str = "s") -> ImageMethod:
+    """`protect_local` as an image method. APF's budget and surrogates are fixed by the server model's training, so
+    the caller's ensemble and attack settings are not used."""
+    def method(batch: FaceBatch, _ensemble: Ensemble, _attack: AttackConfig) -> Perturbation:
+        return Perturbation(protect_local(batch, server, cfg, stage))
+
+    return method
 
 
-def local_method(server: ApfServerModel, cfg: ApfClientConfig, stage: str = "s") -> Method:
-    """`protect_local` with the signature of faceveil.pipeline.protect's methods. APF's budget and surrogates are fixed by
-    the server model's training, so the caller's ensemble and attack settings are not used."""
-    def method(batch: FaceBatch, _ensemble: Ensemble, _attack: AttackConfig) -> torch.Tensor:
-        return protect_local(batch, server, cfg, stage)
+def client_config(options: MethodOptions, eps: float, meta: dict) -> ApfClientConfig:
+    """The client settings: the server's eps, and unless given, the gradient algorithm it was trained on. The
+    client's eps is the server's: g must lie in the eps-ball the server networks were trained for."""
+    algorithm = options.apf_algorithm or meta.get("algorithm") or ApfClientConfig.algorithm
+    probe = meta.get("probe", options.apf_probe)
+    if probe != options.apf_probe:
+        raise FaceveilError(f"the APF server networks were trained for probe {probe!r}, this client uses "
+                            f"{options.apf_probe!r}")
+    return ApfClientConfig(algorithm=algorithm, eps=float(eps), offset=options.apf_offset, seed=options.seed,
+                           probe=options.apf_probe).validate()
+
+
+def build_local(_name: str, options: MethodOptions, _targets: object = None) -> ImageMethod:
+    """The registry's builder of apf-local: both halves of APF in this process, the packaged server networks."""
+    from faceveil.methods.apf.networks import load_server_model
+
+    model = load_server_model()
+    return local_method(model, client_config(options, model.eps, model.meta))
+
+
+def build_remote(_name: str, options: MethodOptions, _targets: object = None) -> ImageMethod:
+    """The registry's builder of apf: the probe gradient g of each face goes to a `faceveil serve` server, which
+    answers the noise s; the photo never leaves this process."""
+    from faceveil.methods.apf.client import NoiseClient
+
+    if not options.server:
+        raise FaceveilError("method apf needs a server URL (a `faceveil serve` address); apf-local runs the server "
+                            "networks here instead")
+    client = NoiseClient(options.server)
+    health = client.health()
+    if health["grid"] != APF_GRID:
+        raise FaceveilError(f"the APF server at {options.server} works on a {health['grid']} px grid, this client "
+                            f"on {APF_GRID} px: versions differ ({health.get('version')})")
+    cfg = client_config(options, health["eps"], health.get("model") or {})
+
+    def method(batch: FaceBatch, _ensemble: Ensemble, _attack: AttackConfig) -> Perturbation:
+        return Perturbation(to_canonical(client.noise(probe_gradient(batch, cfg))))
 
     return method

@@ -17,9 +17,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from faceveil.attacks.budgets import scale_to_budget
 from faceveil.attacks.core import AttackConfig, Ensemble, clean_embeddings, feature_dropout, loss_gradient
 from faceveil.attacks.faces import FaceBatch
 from faceveil.detect import canonical as C
+from faceveil.methods.base import MaskResult, PersonMaskOptions
+from faceveil.methods.opom.loss import Layout, PersonLoss
 
 BASE_CHANNELS = 8
 RESIDUAL_BLOCKS = 2
@@ -62,15 +65,6 @@ class ResnetGenerator(nn.Module):
         return self.net(z)
 
 
-def scale_to_budget(pattern: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """GAP's scaling of the generator output onto the budget's boundary, per mask."""
-    flat = pattern.flatten(1)
-    size = flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"unknown norm {norm!r} (linf or l2)")
-    return pattern * (eps / size.clamp_min(1e-12)).view(-1, 1, 1, 1)
-
-
 def _seeded_generator(seed: int) -> ResnetGenerator:
     """The generator with weights drawn from `seed`, leaving torch's global random state as it was."""
     with torch.random.fork_rng(devices=[]):
@@ -78,10 +72,9 @@ def _seeded_generator(seed: int) -> ResnetGenerator:
         return ResnetGenerator()
 
 
-def train_gap(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, options, progress: bool = False):
+def train_gap(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, options: PersonMaskOptions,
+              progress: bool = False) -> MaskResult:
     """Train the generator on the person's faces; returns MaskResult(masks [n_M,3,256,256], info)."""
-    from faceveil.methods.opom import Layout, MaskResult, PersonLoss
-
     gen = torch.Generator().manual_seed(cfg.seed + NOISE_SEED_OFFSET)
     noise = torch.rand(options.masks, 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE, generator=gen)
     generator = _seeded_generator(cfg.seed + NOISE_SEED_OFFSET)

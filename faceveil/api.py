@@ -1,0 +1,240 @@
+"""The public Python API: what the command line, the web app and the distributed runner call.
+
+    import faceveil
+    result = faceveil.protect("me.jpg", strength="mid", seed=0)     # a path, a PIL image or an RGB uint8 array
+    result.save("me-protected.jpg")                                   # atomic, location and camera metadata stripped
+    print(result.verdict)                                             # "protected against 7 of 7 models" per face
+
+    protector = faceveil.Protector(strength="high")                  # models loaded once, reused
+    report = protector.protect_files(["album/"], "protected/")       # every photo and video of a folder
+
+    mask = faceveil.enroll(["ada1.jpg", "ada2.jpg", "ada3.jpg"], name="Ada")
+    mask.save("ada.fvmask")
+    faceveil.apply(faceveil.PersonMask.load("ada.fvmask"), "party.jpg").save("party-protected.jpg")
+    faceveil.verify("me.jpg", "me-protected.jpg")                    # what each judge model still recognises
+
+Images come in as paths, PIL images or numpy arrays (H x W x 3 uint8 RGB) and go out as numpy arrays (`.pil()` for
+a PIL image). Errors are FaceveilError with one line that names the parameter at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from faceveil.errors import FaceveilError
+from faceveil.runtime import prepare_process
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from faceveil.pipeline.batch import BatchReport
+    from faceveil.pipeline.maskfile import PersonMask
+    from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
+    from faceveil.pipeline.results import FaceCheck
+
+def sample_photos() -> list[Path]:
+    """The sample photos the install brought (six photos of several people, from a registry package)."""
+    from faceveil.io.weights import sample_photos as installed
+
+    return installed()
+
+
+def load_pixels(image: Any) -> np.ndarray:
+    """H x W x 3 uint8 RGB from a path (read as the product reads photos: orientation applied), a PIL image or an
+    array."""
+    from PIL import Image
+
+    from faceveil.io.images import read_image
+
+    if isinstance(image, (str, Path)):
+        return read_image(image).rgb
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB")).copy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise FaceveilError(f"image: expected an H x W x 3 uint8 RGB array, got {image.dtype} {image.shape}")
+        return np.ascontiguousarray(image)
+    raise FaceveilError(f"image: expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def verdict_text(faces: Sequence[FaceCheck]) -> str:
+    """One line per face, in plain words: which judges still recognise it."""
+    lines = []
+    for check in faces:
+        if check.protected is None:
+            lines.append(f"face {check.face}: not found again in the protected image, not checked")
+            continue
+        total, still = len(check.judges), check.recognised_by
+        head = f"face {check.face}: protected against {total - len(still)} of {total} models"
+        lines.append(head + (f"; still recognised by {', '.join(still)}" if still else ""))
+    return "\n".join(lines) or "no face found"
+
+
+@dataclass
+class ImageResult:
+    """A protected (or masked) image in memory and what the judges say about each of its faces."""
+
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    faces: list[FaceCheck]
+
+    @property
+    def verdict(self) -> str:
+        return verdict_text(self.faces)
+
+    @property
+    def protected(self) -> bool:
+        """Every face found and checked, and none recognised by any judge."""
+        return bool(self.faces) and all(check.protected for check in self.faces)
+
+    def pil(self) -> Image.Image:
+        from PIL import Image
+
+        return Image.fromarray(self.image)
+
+    def save(self, path: str | Path, *, jpeg_quality: int = 95) -> Path:
+        """Write atomically in the format of the file name's extension, without metadata."""
+        from faceveil.io.images import write_image
+
+        return write_image(self.image, path, jpeg_quality=jpeg_quality)
+
+
+class Protector:
+    """Protects image after image with one set of settings; the detector and models are loaded once.
+
+    method, strength (low | mid | high), thorough and seed are the everyday choices; `advanced` takes any other
+    preset value (eps, iters, alpha, momentum, jitter, diversity, smoothing, surrogates, judges, paper_defaults) and
+    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, verify, batch_faces, targets_dir, gamma,
+    gain, server, ...)."""
+
+    def __init__(self, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
+                 **advanced: Any):
+        prepare_process()
+        from faceveil.pipeline import presets
+
+        choice_fields = {f.name for f in dataclasses.fields(presets.ProtectChoices)}
+        choices = {k: v for k, v in advanced.items() if k in choice_fields}
+        job = {k: v for k, v in advanced.items() if k not in choice_fields}
+        self.settings = presets.protect_settings(
+            presets.ProtectChoices(method=method, strength=strength, thorough=thorough, seed=seed, **choices), **job)
+        self._job = None
+
+    @classmethod
+    def from_settings(cls, settings: ProtectSettings) -> Protector:
+        """A Protector with the photo job's settings as they are (the CLI resolves them from its flags)."""
+        protector = cls.__new__(cls)
+        protector.settings, protector._job = settings, None
+        return protector
+
+    def _protector(self) -> PhotoProtector:
+        from faceveil.pipeline.protect import PhotoProtector
+
+        if self._job is None:
+            self._job = PhotoProtector(self.settings, None)
+        return self._job
+
+    def protect(self, image: Any) -> ImageResult:
+        """One image protected in memory; its faces checked by the judges (unless verify=False)."""
+        rgb = load_pixels(image)
+        job = self._protector()
+        done = job.protect_array(rgb)
+        faces = []
+        if self.settings.verify and done.faces:
+            targets = job.target_rows(done.perturbation) if done.perturbation is not None else None
+            faces = job.check(rgb, done.rgb, done.faces, targets)
+        return ImageResult(done.rgb, faces)
+
+    def protect_files(self, inputs: Iterable[str | Path], out_dir: str | Path, *, recursive: bool = False,
+                      report_path: str | Path | None = None, progress: bool = True,
+                      header: dict | None = None) -> BatchReport:
+        """Every photo and video of `inputs` (files or folders) protected into out_dir under the same names (never
+        over an input); one bad file is one error row, never the end of the run."""
+        from faceveil.pipeline.job import run_on_files
+
+        return run_on_files(self._protector(), inputs, out_dir, recursive=recursive, report_path=report_path,
+                            progress=progress, desc="protect", header=header)
+
+
+def protect(image: Any, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
+            **advanced: Any) -> ImageResult:
+    """One image protected in memory (see Protector for the settings); `.save(path)` writes it."""
+    return Protector(method=method, strength=strength, thorough=thorough, seed=seed, **advanced).protect(image)
+
+
+def protect_files(inputs: Iterable[str | Path], out_dir: str | Path, *, recursive: bool = False,
+                  report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
+                  **settings: Any) -> BatchReport:
+    """Photos and videos (files or folders) protected into out_dir: what `faceveil protect` runs."""
+    return Protector(**settings).protect_files(inputs, out_dir, recursive=recursive, report_path=report_path,
+                                               progress=progress, header=header)
+
+
+def enroll(photos: Sequence[str | Path], *, name: str, method: str = "opom-convex", seed: int = 0,
+           progress: bool = False, **settings: Any) -> PersonMask:
+    """One person's mask learned from a few photos of them (the largest face of each); `.save(path)` writes the
+    .fvmask file. `settings`: surrogates, masks, mode and the attack budget (eps, alpha, iters, norm, momentum,
+    dropout, jitter: 0..255 units as on the command line)."""
+    prepare_process()
+    from faceveil.pipeline.person import enroll as enroll_job
+    from faceveil.pipeline.person import enroll_settings
+
+    config = enroll_settings(name=name, method=method, seed=seed, **settings)
+    return enroll_job([Path(p) for p in photos], config, progress=progress).mask
+
+
+def apply(mask: PersonMask | str | Path, image: Any, *, all_faces: bool = False, mask_index: int = 0,
+          judges: Sequence[str] | None = None, verify: bool = True) -> ImageResult:
+    """A person's mask pasted on their faces in one image (every face with all_faces), checked by the judges."""
+    prepare_process()
+    from faceveil.models import zoo
+    from faceveil.pipeline.maskfile import PersonMask
+    from faceveil.pipeline.person import ApplySettings, MaskApplier
+    from faceveil.pipeline.verify import verify_arrays
+
+    if not isinstance(mask, PersonMask):
+        mask = PersonMask.load(mask)
+    rgb = load_pixels(image)
+    applier = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index))
+    faces = applier.select(rgb, applier.detector.detect_large(rgb))
+    out = applier.apply_faces(rgb, faces)
+    checks = verify_arrays(rgb, out, faces, list(judges or zoo.SPECS), applier.detector) if verify else []
+    return ImageResult(out, checks)
+
+
+def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out_dir: str | Path, *,
+                all_faces: bool = False, mask_index: int = 0, recursive: bool = False,
+                report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
+                **output: Any) -> BatchReport:
+    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
+    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected."""
+    prepare_process()
+    from faceveil.pipeline.job import run_on_files
+    from faceveil.pipeline.maskfile import PersonMask
+    from faceveil.pipeline.person import ApplySettings, MaskApplier
+
+    if not isinstance(mask, PersonMask):
+        mask = PersonMask.load(mask)
+    job = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index, **output))
+    return run_on_files(job, inputs, out_dir, recursive=recursive, report_path=report_path, progress=progress,
+                        desc="apply", header=header)
+
+
+def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None,
+           faces: str = "all") -> list[FaceCheck]:
+    """Each face of the original found again in the protected image, and whether each judge model still
+    recognises it (a photo protected by any tool)."""
+    prepare_process()
+    from faceveil.detect.mtcnn import MTCNN
+    from faceveil.models import zoo
+    from faceveil.pipeline.job import select_faces
+    from faceveil.pipeline.verify import verify_arrays
+
+    before, after = load_pixels(original), load_pixels(protected)
+    detector = MTCNN()
+    chosen = select_faces(detector.detect_large(before), faces)
+    return verify_arrays(before, after, chosen, list(judges or zoo.SPECS), detector)
