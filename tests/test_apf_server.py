@@ -420,8 +420,11 @@ def test_protect_apf_local_uses_the_packaged_networks(tmp_path: Path):
 
 
 def test_cli_offers_the_apf_methods():
-    from faceveil.cli import main as cli
+    import importlib
+
     from faceveil.methods import registry
+
+    cli = importlib.import_module("faceveil.cli.main")
 
     assert registry.names("end-cloud") == ["apf", "apf-local"]
     args = cli.build_parser().parse_args(["protect", "x", "-o", "y", "--method", "apf", "--server", "http://h:1",

@@ -134,10 +134,11 @@ def test_same_seed_same_output(world: World):
 
 
 def _method(world: World, **settings):
-    from faceveil.pipeline.protect import ProtectSettings, method_function
+    from faceveil.methods import registry
+    from faceveil.pipeline.protect import ProtectSettings
 
     s = ProtectSettings(**settings)
-    return method_function(s.method, s, world.others)
+    return registry.image_method(s.method, s.method_options(), world.others)
 
 
 @needs_weights
@@ -191,9 +192,11 @@ def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
 
 
 def test_cli_flags_reach_the_settings():
-    from faceveil.cli import main as cli
+    import importlib
+
     from faceveil.methods import registry
 
+    cli = importlib.import_module("faceveil.cli.main")
     assert "tip-im" in registry.names("image") and registry.entry("tip-im").targeted
     _protect_settings = cli._protect_settings
     parser = build_parser()
