@@ -16,7 +16,7 @@ from PIL import Image
 
 from faceveil.cli import build_parser, main
 from faceveil.io import weights
-from faceveil.io.results import emit
+from faceveil.cli.common import emit
 from faceveil.report import write_report
 from tests.conftest import needs_weights
 

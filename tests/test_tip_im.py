@@ -191,11 +191,10 @@ def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
 
 
 def test_cli_flags_reach_the_settings():
-    from faceveil.cli import main as cli
+    from faceveil.cli.protect import protect_settings as _protect_settings
     from faceveil.methods import registry
 
     assert "tip-im" in registry.names("image") and registry.entry("tip-im").targeted
-    _protect_settings = cli._protect_settings
     parser = build_parser()
     args = parser.parse_args(["protect", "x", "-o", "y", "--method", "tip-im", "--gamma", "1.5", "--gain", "g2",
                               "--targets", "faces/"])
