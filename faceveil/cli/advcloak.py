@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, emit, load_average, threads
+from faceveil.cli.common import Groups, add_report_flag, dataset_root, emit, load_average, threads
 from faceveil.errors import FaceveilError
 
 
@@ -77,12 +77,12 @@ def register(groups: Groups) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import identities, parse_dataset_arg
+    from faceveil.datasets.lfw import identities
     from faceveil.methods.advcloak import train
     from faceveil.methods.advcloak.data import load_faces, training_identities
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     output = Path(args.output)
     stages = [1, 2] if args.stage == "both" else [int(args.stage)]
     people = training_identities(identities(root), args.identities, args.seed)
@@ -135,12 +135,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from faceveil.cli.evaluate import distractor_count
-    from faceveil.datasets.lfw import identities, parse_dataset_arg
+    from faceveil.datasets.lfw import identities
     from faceveil.evaluate.protocols import advcloak as compare
     from faceveil.evaluate.protocols import opom as protocol
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     if args.l2 <= 0:
         raise FaceveilError(f"--l2 must be above 0, got {args.l2}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

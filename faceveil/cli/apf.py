@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, comma_list, write_outputs
+from faceveil.cli.common import Groups, add_report_flag, comma_list, dataset_root, write_outputs
 from faceveil.errors import FaceveilError
 
 
@@ -19,12 +19,11 @@ def _client_config(args: argparse.Namespace, algorithm: str | None = None):
 
 
 def _cmd_train_apf(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.io.results import markdown_table, write_json_atomic
     from faceveil.methods.apf.train import TrainSettings, train
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     weights = [float(w) for w in comma_list(args.server_weights)] if args.server_weights else None
     settings = TrainSettings(server_models=zoo.parse_models(args.server_models), server_weights=weights,
                              images=args.images, epochs=args.epochs, transfer_epochs=args.transfer_epochs,
@@ -48,14 +47,13 @@ def _cmd_train_apf(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.evaluate.protocols import apf as apf_protocol
     from faceveil.io.results import markdown_table
     from faceveil.methods.apf.networks import default_checkpoint, load_server_model
     from faceveil.methods.apf.probe import GRADIENT_ALGORITHMS, STAGES
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     algorithms = comma_list(args.algorithms) if args.algorithms != "all" else list(GRADIENT_ALGORITHMS)
     unknown = [a for a in algorithms if a not in GRADIENT_ALGORITHMS]
     if unknown or not algorithms:

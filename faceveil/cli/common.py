@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 # The command modules, in the order their commands appear in `faceveil --help` and in each group's help.
@@ -59,6 +60,30 @@ def smoothing_size(text: str) -> int:
 def comma_list(text: str) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def dataset_root(text: str):
+    """--dataset lfw=PATH -> the LFW folder (checked)."""
+    from faceveil.datasets.lfw import lfw_root
+    from faceveil.errors import FaceveilError
+
+    name, _, value = text.partition("=")
+    if name != "lfw" or not value:
+        raise FaceveilError(f"--dataset takes lfw=PATH, got {text!r}")
+    return lfw_root(value)
+
+
+class LazyHelp(str):
+    """A help text written only when help is shown (argparse expands every help with `%`): for a help that lists
+    what a heavy module holds, so that building the parser stays fast."""
+
+    def __new__(cls, write: Callable[[], str]) -> LazyHelp:
+        text = super().__new__(cls, "(listed with --help)")
+        text.write = write
+        return text
+
+    def __mod__(self, params: object) -> str:
+        return self.write().replace("%", "%%") % params
 
 
 def add_report_flag(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from faceveil.cli.common import Groups, add_report_flag, emit, smoothing_size, threads
+from faceveil.cli.common import Groups, add_report_flag, dataset_root, emit, smoothing_size, threads
 from faceveil.errors import FaceveilError
 from faceveil.methods import registry
 from faceveil.pipeline import presets
@@ -84,11 +84,10 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_verification(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.evaluate import verification
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     models = zoo.parse_models(args.models)
     rows, info = verification.run(root, models, args.limit, progress=not args.quiet)
     settings = {"dataset": str(root), "models": models, "limit": args.limit, **info}
@@ -109,7 +108,6 @@ def _cmd_identification(args: argparse.Namespace) -> int:
 
 def _tip_im_identification(args: argparse.Namespace) -> int:
     from faceveil.attacks.core import AttackConfig
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.evaluate.protocols import tip_im as identification
     from faceveil.models import zoo
 
@@ -118,7 +116,7 @@ def _tip_im_identification(args: argparse.Namespace) -> int:
             setattr(args, key, presets.PAPER_DEFAULTS[key])
     args.method = args.method or "pgd"
     registry.check_kind(args.method, "image")
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     jitter = args.jitter if args.jitter is not None else (2.0 if args.mode == "photos" else 0.0)
@@ -141,12 +139,12 @@ def _tip_im_identification(args: argparse.Namespace) -> int:
 
 
 def _opom_identification(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import identities, parse_dataset_arg
+    from faceveil.datasets.lfw import identities
     from faceveil.evaluate.protocols import opom as protocol
     from faceveil.models import zoo
 
     reject_tip_im_flags(args)
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     names = method_names(args.method)

@@ -78,7 +78,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise FaceveilError(f"output folder {output.parent} does not exist")
     for image in args.images:
         refuse_same_file(Path(image), output)
-    enrolled = enroll([Path(p) for p in args.images], settings, progress=not args.quiet)
+    enrolled = enroll([Path(p) for p in args.images], settings, progress=not args.quiet,
+                      notice=lambda line: print(f"faceveil: {line}", file=sys.stderr))
     save_mask(enrolled.mask, output)
     a = settings.attack
     report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method,

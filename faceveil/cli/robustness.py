@@ -1,20 +1,21 @@
-"""`faceveil` sub-commands of the robustness wing: `faceveil eval robustness`."""
+"""`faceveil eval robustness`: a protocol run once, then re-scored after each transform (faceveil.evaluate.robustness);
+the flags become the protocol's `Request`."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from faceveil.cli.common import Groups, add_report_flag, threads, write_outputs
+from faceveil.cli.common import Groups, LazyHelp, add_report_flag, dataset_root, threads, write_outputs
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import ROBUSTNESS
 
 
 def _dataset(text: str | None):
-    from faceveil.datasets.lfw import default_lfw_root, parse_dataset_arg
+    from faceveil.datasets.lfw import default_lfw_root
 
     if text:
-        return parse_dataset_arg(text)
+        return dataset_root(text)
     root = default_lfw_root()
     if root is None:
         raise FaceveilError("no LFW found: pass --dataset lfw=PATH (or set FACEVEIL_LFW)")
@@ -88,10 +89,14 @@ def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="s", help="apf: APF stage g, g_hat or s (default s, the full APF)")
 
 
+def _transforms_help() -> str:
+    from faceveil.evaluate.transforms import TRANSFORMS  # numpy and PIL: imported when this help is shown
+
+    return f"'all' or a comma list of registry transforms ({','.join(TRANSFORMS)})"
+
+
 def register(groups: Groups) -> None:
     """Adds this module's sub-commands to the parser groups."""
-    from faceveil.evaluate.transforms import TRANSFORMS  # numpy + PIL only: --help stays fast
-
     p = groups["eval"].add_parser(
         "robustness", help="protection after JPEG, resizing, blur, re-alignment...; and against an adaptive attacker")
     p.add_argument("--protocol", default="tip-im", choices=list(ROBUSTNESS),
@@ -101,7 +106,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--method", default=None, help="protection method: tip-im protocol (default pgd), opom protocol "
                    "(default opom-convex), apf protocol: the gradient algorithm (default m-di2-fgsm)")
     p.add_argument("--transforms", default="all",
-                   help=f"'all' or a comma list of registry transforms ({','.join(TRANSFORMS)})")
+                   help=LazyHelp(_transforms_help))
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, write_outputs
+from faceveil.cli.common import Groups, add_report_flag, dataset_root, write_outputs
 
 
 def register(groups: Groups) -> None:
@@ -24,12 +24,11 @@ def register(groups: Groups) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.evaluate import verify
     from faceveil.io.results import markdown_table
     from faceveil.models import zoo
 
-    dataset = parse_dataset_arg(args.dataset) if args.dataset else None
+    dataset = dataset_root(args.dataset) if args.dataset else None
     rows, settings = verify.run(Path(args.original), Path(args.protected), zoo.parse_models(args.models), dataset,
                                 args.faces, args.seed)
     print(markdown_table(verify.display_rows(rows)))  # emit's table, with 4-decimal scores

@@ -122,9 +122,9 @@ class Request:
     masks: int = 1  # opom: diverse masks per person
     dropout: float = 0.0  # opom: feature dropout while learning masks
     distractors: int | None = None  # opom: distractor images (None = all)
-    train_images: int = 10  # opom: images per person that learn the mask
-    test_images: int | None = 5  # opom: test images per person (None = all)
-    min_images: int = 12  # opom: identities with at least this many images are protected
+    train_images: int | None = None  # opom: images per person that learn the mask (None: the protocol's 10)
+    test_images: int | None = 5  # opom: test images per person (the protocol's TEST_IMAGES; None = all)
+    min_images: int | None = None  # opom: identities with this many images are protected (None: the protocol's 12)
     checkpoint: str | None = None  # apf: the server networks (None = the packaged ones)
     stage: str = "s"  # apf: g, g_hat or s
 

@@ -539,8 +539,10 @@ def robustness_adapter(request: Request) -> tuple[OpomAdapter, dict]:
     base = Settings(mode=request.mode, attack=attack, batch=request.batch, progress=request.progress)
     chosen = registry_method(method, request.masks, base)  # "+md": momentum 1 and DFANet dropout (§3.2.3)
     attack = chosen.settings.attack
-    split = make_split(identities(request.root), request.seed, request.limit, request.min_images,
-                       request.train_images, request.distractors, request.test_images)
+    min_images = MIN_IMAGES if request.min_images is None else request.min_images
+    train_images = TRAIN_IMAGES if request.train_images is None else request.train_images
+    split = make_split(identities(request.root), request.seed, request.limit, min_images, train_images,
+                       request.distractors, request.test_images)
     resolved = {"method": method, "masks": request.masks, "eps": round(attack.eps * 255, 4),
                 "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
                 "dropout": attack.dropout, "jitter": attack.jitter,
