@@ -1,4 +1,4 @@
-"""`faceveil` sub-commands of the advcloak wing: `train advcloak` (two-stage generator training),
+"""`faceveil` sub-commands of AdvCloak: `train advcloak` (two-stage generator training),
 `train advcloak-export` (the slim generator file that `enroll --method advcloak*` loads), `eval advcloak` (methods
 compared on the OPOM protocol at one L2 norm) and `bench advcloak` (mask customisation time, Table 3)."""
 

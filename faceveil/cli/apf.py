@@ -1,4 +1,4 @@
-"""`faceveil` sub-commands of the apf wing: `train apf` (the server networks) and `eval verification-asr --protocol
+"""`faceveil` sub-commands of APF: `train apf` (the server networks) and `eval verification-asr --protocol
 apf` (apf-mm2020 §4: ASR of Eq. 11 on LFW positive pairs, Tables 2-4, SSIM of Fig. 4)."""
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def _cmd_train_apf(args: argparse.Namespace) -> int:
 
 def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
     from faceveil.evaluate.protocols import apf as apf_protocol
-    from faceveil.io.results import markdown_table
     from faceveil.methods.apf.networks import default_checkpoint, load_server_model
     from faceveil.methods.apf.probe import GRADIENT_ALGORITHMS, STAGES
     from faceveil.models import zoo
@@ -68,16 +67,24 @@ def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
         batch=args.batch, seed=args.seed, iterations=args.iterations, progress=not args.quiet)
     rows, settings = apf_protocol.run(root, server, options)
     settings["checkpoint"] = str(args.checkpoint or default_checkpoint())
+    _print_asr_tables(rows)
+    write_outputs({"command": "eval verification-asr", "settings": settings, "rows": rows}, args.json, args.report)
+    return 0
+
+
+def _print_asr_tables(rows: list[dict]) -> None:
+    """Table 2/3 (and Table 4 when run): one line per algorithm and stage, a column per judge."""
+    from faceveil.evaluate.protocols.apf import pivot
+    from faceveil.io.results import markdown_table
+
     asr_rows = [r for r in rows if r["table"] == "asr"]
     t4_rows = [r for r in rows if r["table"] == "adversarial-matching"]
     print("ASR (Eq. 11) per judge [white = server model, probe = client's probe, family = their family, "
           "black = black-box family]")
-    print(markdown_table(apf_protocol.pivot(asr_rows, [])))
+    print(markdown_table(pivot(asr_rows, [])))
     if t4_rows:
         print("\nAdversarial-original / adversarial-adversarial matching (Table 4)")
-        print(markdown_table(apf_protocol.pivot(t4_rows, ["offset", "matching"])))
-    write_outputs({"command": "eval verification-asr", "settings": settings, "rows": rows}, args.json, args.report)
-    return 0
+        print(markdown_table(pivot(t4_rows, ["offset", "matching"])))
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:

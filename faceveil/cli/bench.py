@@ -1,5 +1,5 @@
 """`faceveil bench models | protect | video | detect | roundtrip`: speed benchmarks that print a table and write
-JSON (the other wings add theirs: bench apply, serve, advcloak)."""
+JSON (the other modules add theirs: bench apply, serve, advcloak)."""
 
 from __future__ import annotations
 

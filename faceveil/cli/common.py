@@ -1,7 +1,7 @@
 """What every command module shares: the parser groups they register into, argument types, the flags many commands
 have, and how a command prints and writes its results. Each module of faceveil.cli has `register(groups)`; the
 groups ("root", "models", "eval", "bench", "train") are made on first use, so `--help` lists the commands in the
-order the modules register them (WINGS)."""
+order the modules register them (MODULES)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 # The command modules, in the order their commands appear in `faceveil --help` and in each group's help.
-WINGS = ("models", "evaluate", "protect", "verify", "bench", "apf", "person", "serve", "advcloak", "robustness",
-         "report")
+MODULES = ("models", "evaluate", "protect", "verify", "bench", "apf", "person", "serve", "advcloak", "robustness",
+           "report")
 GROUP_HELP = {
     "models": "the recogniser zoo: fetch, list, check",
     "eval": "evaluation protocols on a dataset",
@@ -23,7 +23,7 @@ GROUP_HELP = {
 
 
 class Groups(dict):
-    """"root" (the top-level sub-parsers) and the command groups of GROUP_HELP, each added under root the first time
+    """The top-level sub-parsers ("root") and the command groups of GROUP_HELP, each added under root the first time
     a module asks for it."""
 
     def __init__(self, root: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ class Groups(dict):
 
 
 def register_all(groups: Groups) -> None:
-    for wing in WINGS:
-        importlib.import_module(f"faceveil.cli.{wing}").register(groups)
+    for module in MODULES:
+        importlib.import_module(f"faceveil.cli.{module}").register(groups)
 
 
 # ----------------------------------------------------------------------------------------------- argument types

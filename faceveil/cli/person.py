@@ -1,4 +1,4 @@
-"""`faceveil` sub-commands of the opom wing: `enroll` (learn a person's mask file), `apply` (paste it on that person's
+"""`faceveil` sub-commands of person masks: `enroll` (learn a person's mask file), `apply` (paste it on that person's
 faces in photos and videos) and `bench apply` (how long each takes)."""
 
 from __future__ import annotations

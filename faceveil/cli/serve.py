@@ -1,4 +1,4 @@
-"""`faceveil` sub-commands of the APF server wing: `faceveil serve` (the APF cloud) and `faceveil bench serve`
+"""`faceveil` sub-commands of the APF server: `faceveil serve` (the APF cloud) and `faceveil bench serve`
 (a short load test against it)."""
 
 from __future__ import annotations
