@@ -53,6 +53,7 @@ from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
 from faceveil.methods import registry
 from faceveil.methods.base import PersonLearner, PersonMaskOptions
+from faceveil.methods.opom.learners import paper_config
 from faceveil.models import zoo
 
 DEFAULT_METHOD = "opom-convex"
@@ -348,8 +349,6 @@ def attack_config(seed: int = 0, mode: str = "crops", eps: float | None = None, 
                   jitter: float | None = None) -> AttackConfig:
     """The OPOM paper's configuration (faceveil.methods.opom.learners.paper_config) with the values given: eps and
     alpha in 0..255 units, None = the paper's; jitter None = 2 crop pixels in photos mode, 0 in crops mode."""
-    from faceveil.methods.opom.learners import paper_config
-
     changes: dict = {"dropout": dropout, "jitter": jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)}
     if eps is not None:
         changes["eps"] = eps / 255
