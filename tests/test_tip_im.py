@@ -133,11 +133,11 @@ def test_same_seed_same_output(world: World):
     assert torch.equal(a.delta, b.delta) and torch.equal(a.history, b.history)
 
 
-def _method(world: World, **settings):
-    from faceveil.pipeline.protect import ProtectSettings, method_function
+def _method(world: World, method: str, **options):
+    from faceveil.methods import registry
+    from faceveil.methods.base import MethodOptions
 
-    s = ProtectSettings(**settings)
-    return method_function(s.method, s, world.others)
+    return registry.image_method(method, MethodOptions(**options), world.others)
 
 
 @needs_weights
