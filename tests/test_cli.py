@@ -215,3 +215,17 @@ def test_robustness_protocols_come_from_one_list():
         assert callable(robustness_module(name).robustness_adapter)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "robustness", "--protocol", "lowkey"])
+
+
+def test_library_errors_name_the_flags_the_user_typed(capsys):
+    """The library names a parameter (`transforms`); the command line says the flag (--transforms)."""
+    from faceveil.cli import build_parser
+    from faceveil.cli.common import as_flags
+
+    assert main(["eval", "robustness", "--transforms", ",", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("faceveil: error: --transforms is empty") and "`" not in err
+    parser = build_parser()
+    args = parser.parse_args(["train", "advcloak", "--dataset", "lfw=x", "-o", "out.pt"])
+    assert as_flags("pass `resume`, choose another `output`, `nothing` else", parser, args) == \
+        "pass --resume, choose another --output, `nothing` else"

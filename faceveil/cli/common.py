@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,23 @@ class LazyHelp(str):
 def add_report_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="HTML",
                         help="also write a self-contained HTML report (pictures and plots inside the file)")
+
+
+def as_flags(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """A library error names parameters in backticks (`train_images`); the user of a command typed flags: each
+    parameter that is an option of the command run is named as that option (--train-images)."""
+    command = _command_parser(parser, args)
+    flags = {a.dest: a.option_strings[-1] for a in command._actions if a.option_strings}
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command that `args` ran, e.g. that of `eval identification`."""
+    while True:
+        group = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if group is None or getattr(args, group.dest, None) is None:
+            return parser
+        parser = group.choices[getattr(args, group.dest)]
 
 
 # ----------------------------------------------------------------------------------------------- facts of the run

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from faceveil.cli.common import Groups, register_all
+from faceveil.cli.common import Groups, as_flags, register_all
 from faceveil.errors import FaceveilError
 from faceveil.runtime import prepare_process
 
@@ -20,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Before torch is imported (the commands import it lazily): its OpenMP runtime reads the wait policy once.
     prepare_process()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except FaceveilError as exc:
-        print(f"faceveil: error: {exc}", file=sys.stderr)
+    except FaceveilError as exc:  # its message names parameters; the user typed flags
+        print(f"faceveil: error: {as_flags(str(exc), parser, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("faceveil: interrupted", file=sys.stderr)

@@ -150,9 +150,9 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False, 
     should read before the masks are learned (photos skipped, too few photos); default: the faceveil logger."""
     name = settings.name.strip()
     if not name or not name.isprintable():
-        raise FaceveilError("name must be a non-empty printable name")
+        raise FaceveilError("`name` must be a non-empty printable name")
     if settings.mode not in ("photos", "crops"):
-        raise FaceveilError(f"mode takes photos or crops, got {settings.mode!r}")
+        raise FaceveilError(f"`mode` takes photos or crops, got {settings.mode!r}")
     registry.check_kind(settings.method, "person")
     detector = detector or MTCNN()
     found, rows = largest_faces(paths, detector, progress)

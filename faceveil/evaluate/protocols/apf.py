@@ -405,17 +405,17 @@ def robustness_adapter(request: Request) -> tuple[ApfAdapter, dict]:
     """The adapter of a robustness request (the method is the gradient algorithm, default m-di2-fgsm; iterations
     default 30, §4.1), and its settings. The server model fixes the surrogates and the budget."""
     if request.surrogates:
-        raise FaceveilError("surrogates: the apf protocol's are fixed by the server model (its probe and server "
-                            "models); give none")
+        raise FaceveilError("the apf protocol's surrogates are fixed by the server model (its probe and server "
+                            "models); leave `surrogates` out")
     if request.mode != "crops":
-        raise FaceveilError(f"the apf protocol runs in crops mode only (it perturbs the aligned face), not "
-                            f"{request.mode!r}")
+        raise FaceveilError(f"`mode` {request.mode!r}: the apf protocol runs in crops mode only (it perturbs the "
+                            "aligned face)")
     algorithm = request.method or "m-di2-fgsm"
     if algorithm not in GRADIENT_ALGORITHMS:
-        raise FaceveilError(f"method {algorithm!r} is not an APF gradient algorithm; known: "
+        raise FaceveilError(f"`method` {algorithm!r} is not an APF gradient algorithm; known: "
                             f"{', '.join(GRADIENT_ALGORITHMS)}")
     if request.stage not in STAGES:
-        raise FaceveilError(f"stage {request.stage!r} is not an APF stage; known: {', '.join(STAGES)}")
+        raise FaceveilError(f"`stage` {request.stage!r} is not an APF stage; known: {', '.join(STAGES)}")
     iterations = request.iters if request.iters is not None else ITERATIONS
     adapter = ApfAdapter(request.root, load_server_model(request.checkpoint), request.judges, algorithm,
                          request.stage, request.limit, request.batch, request.seed, iterations, request.progress)

@@ -110,17 +110,17 @@ def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None =
     do not depend on the distractor sample (separate random streams), and the test images under a cap are the
     first ones of the uncapped order (the cap does not change the persons nor their training images)."""
     if train_images < 1:
-        raise FaceveilError(f"train_images must be at least 1, got {train_images}")
+        raise FaceveilError(f"`train_images` must be at least 1, got {train_images}")
     if test_images is not None and test_images < 2:
-        raise FaceveilError(f"test_images must be at least 2 (one in the gallery, one probe) or None (all), "
+        raise FaceveilError(f"`test_images` must be at least 2 (one in the gallery, one probe) or None (all), "
                             f"got {test_images}")
     if min_images < train_images + 2:
-        raise FaceveilError(f"min_images ({min_images}) must be at least train_images + 2 ({train_images + 2}): "
+        raise FaceveilError(f"`min_images` ({min_images}) must be at least `train_images` + 2 ({train_images + 2}): "
                             "a person needs two test images (one in the gallery, one probe)")
     if limit is not None and limit < 1:
-        raise FaceveilError(f"limit must be at least 1, got {limit}")
+        raise FaceveilError(f"`limit` must be at least 1, got {limit}")
     if distractors is not None and distractors < 1:
-        raise FaceveilError(f"distractors must be at least 1 (or None: all), got {distractors}")
+        raise FaceveilError(f"`distractors` must be at least 1 (or None: all), got {distractors}")
     rng = np.random.default_rng([seed, 0])
     names = sorted(people)
     eligible = [n for n in names if len(people[n]) >= min_images]
@@ -360,9 +360,9 @@ def attack_config(seed: int = 0, mode: str = "crops", eps: float | None = None, 
         changes["momentum"] = momentum
     for key in ("eps", "alpha", "dropout", "jitter"):
         if changes.get(key, 0.0) < 0:
-            raise FaceveilError(f"{key} must not be negative")
+            raise FaceveilError(f"`{key}` must not be negative")
     if changes.get("dropout", 0.0) >= 1:
-        raise FaceveilError("dropout must be below 1")
+        raise FaceveilError("`dropout` must be below 1")
     return dataclasses.replace(paper_config(seed), **changes)
 
 
@@ -412,7 +412,7 @@ def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
         raise ValueError("at least one method")
     first = methods[0].settings
     if len({m.settings.method for m in methods}) < len(methods):
-        raise FaceveilError("the methods of one run name a method twice")
+        raise FaceveilError("`method` lists a method twice")
     if any(m.settings.mode != first.mode for m in methods):
         raise ValueError("the methods of one run share the mode")
     files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
