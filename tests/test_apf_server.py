@@ -420,14 +420,12 @@ def test_protect_apf_local_uses_the_packaged_networks(tmp_path: Path):
 
 
 def test_cli_offers_the_apf_methods():
-    import importlib
-
+    from faceveil.cli import build_parser
+    from faceveil.cli.protect import protect_settings
     from faceveil.methods import registry
 
-    cli = importlib.import_module("faceveil.cli.main")
-
     assert registry.names("end-cloud") == ["apf", "apf-local"]
-    args = cli.build_parser().parse_args(["protect", "x", "-o", "y", "--method", "apf", "--server", "http://h:1",
+    args = build_parser().parse_args(["protect", "x", "-o", "y", "--method", "apf", "--server", "http://h:1",
                                           "--apf-algorithm", "fgsm", "--apf-offset"])
-    settings = cli._protect_settings(args)
+    settings = protect_settings(args)
     assert (settings.server, settings.apf_algorithm, settings.apf_offset) == ("http://h:1", "fgsm", True)

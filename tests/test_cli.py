@@ -195,3 +195,37 @@ def test_twenty_faces_all_protected(tmp_path: Path):
                  "--judges", "mobileface", "--json", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())["results"][0]
     assert result["status"] == "ok" and result["faces"] >= 19, result["faces"]
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    """`faceveil --help` stays fast: no torch, numpy or PIL while the parser is built."""
+    code = ("import sys; from faceveil.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'numpy', 'PIL') if m in sys.modules]; assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_robustness_protocols_come_from_one_list():
+    from faceveil.cli import build_parser
+    from faceveil.evaluate.protocols import ROBUSTNESS, robustness_module
+
+    parser = build_parser()
+    for name in ROBUSTNESS:
+        assert parser.parse_args(["eval", "robustness", "--protocol", name]).protocol == name
+        assert callable(robustness_module(name).robustness_adapter)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "robustness", "--protocol", "lowkey"])
+
+
+def test_library_errors_name_the_flags_the_user_typed(capsys):
+    """The library names a parameter (`transforms`); the command line says the flag (--transforms)."""
+    from faceveil.cli import build_parser
+    from faceveil.cli.common import as_flags
+
+    assert main(["eval", "robustness", "--transforms", ",", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("faceveil: error: --transforms is empty") and "`" not in err
+    parser = build_parser()
+    args = parser.parse_args(["train", "advcloak", "--dataset", "lfw=x", "-o", "out.pt"])
+    assert as_flags("pass `resume`, choose another `output`, `nothing` else", parser, args) == \
+        "pass --resume, choose another --output, `nothing` else"

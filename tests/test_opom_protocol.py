@@ -60,7 +60,7 @@ def test_split_test_image_cap_keeps_persons_and_training_images():
     assert capped == P.make_split(PEOPLE, seed=1, test_images=2)
     assert capped.counts()["test_images_per_person"] == 2 and full.counts()["test_images_per_person"] == "all"
     assert capped.counts()["test_images"] == 2 * len(capped.people)
-    with pytest.raises(FaceveilError, match="test-images"):
+    with pytest.raises(FaceveilError, match="test_images"):
         P.make_split(PEOPLE, test_images=1)
 
 
@@ -77,7 +77,7 @@ def test_transfer_suffix_sets_momentum_and_dfanet_dropout():
 
 
 def test_split_rejects_bad_settings():
-    with pytest.raises(FaceveilError, match="min-images"):
+    with pytest.raises(FaceveilError, match="min_images"):
         P.make_split(PEOPLE, min_images=11, train_images=10)
     with pytest.raises(FaceveilError, match="no identity"):
         P.make_split(PEOPLE, min_images=40)

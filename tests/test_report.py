@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from faceveil.cli import build_parser, main
+from faceveil.cli.common import emit
 from faceveil.io import weights
-from faceveil.io.results import emit
 from faceveil.report import write_report
 from tests.conftest import needs_weights
 

@@ -97,7 +97,7 @@ def _embed(images):
 
 
 def test_run_plumbing_with_stand_in_protocol(monkeypatch):
-    monkeypatch.setattr(robustness.identification, "embed_images", lambda judge, images, marks: _embed(images))
+    monkeypatch.setattr(robustness, "embed_images", lambda judge, images, marks: _embed(images))
     adapter = _StandIn()
     rows, meta = robustness.evaluate(adapter, robustness.Options(["blur1", "realign"], seed=0, adaptive=True,
                                                                  folds=3, progress=False))

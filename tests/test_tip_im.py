@@ -133,12 +133,11 @@ def test_same_seed_same_output(world: World):
     assert torch.equal(a.delta, b.delta) and torch.equal(a.history, b.history)
 
 
-def _method(world: World, **settings):
+def _method(world: World, method: str, **options):
     from faceveil.methods import registry
-    from faceveil.pipeline.protect import ProtectSettings
+    from faceveil.methods.base import MethodOptions
 
-    s = ProtectSettings(**settings)
-    return registry.image_method(s.method, s.method_options(), world.others)
+    return registry.image_method(method, MethodOptions(**options), world.others)
 
 
 @needs_weights
@@ -192,13 +191,10 @@ def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
 
 
 def test_cli_flags_reach_the_settings():
-    import importlib
-
+    from faceveil.cli.protect import protect_settings as _protect_settings
     from faceveil.methods import registry
 
-    cli = importlib.import_module("faceveil.cli.main")
     assert "tip-im" in registry.names("image") and registry.entry("tip-im").targeted
-    _protect_settings = cli._protect_settings
     parser = build_parser()
     args = parser.parse_args(["protect", "x", "-o", "y", "--method", "tip-im", "--gamma", "1.5", "--gain", "g2",
                               "--targets", "faces/"])

@@ -39,12 +39,12 @@ def test_smoothing_keeps_flat_gradients_and_spreads_a_spike():
 
 
 def test_cli_takes_the_kernel_size_and_refuses_even_ones(capsys):
-    from faceveil import cli
+    from faceveil.cli.protect import protect_settings
 
     parser = build_parser()
-    settings = cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y", "--smoothing", "7"]))
+    settings = protect_settings(parser.parse_args(["protect", "x", "-o", "y", "--smoothing", "7"]))
     assert settings.attack.smoothing == 7
-    assert cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y"])).attack.smoothing == 0
+    assert protect_settings(parser.parse_args(["protect", "x", "-o", "y"])).attack.smoothing == 0
     with pytest.raises(SystemExit) as exit_info:
         main(["protect", "x", "-o", "y", "--smoothing", "4"])
     assert exit_info.value.code != 0 and "odd" in capsys.readouterr().err
@@ -99,12 +99,12 @@ def test_smoothing_does_not_depend_on_the_thread_count():
 
 
 def test_thorough_preset_and_explicit_flags_winning():
-    from faceveil import cli
+    from faceveil.cli.protect import protect_settings
 
     parser = build_parser()
 
     def settings(*flags: str):
-        return cli._protect_settings(parser.parse_args(["protect", "x", "-o", "y", *flags]))
+        return protect_settings(parser.parse_args(["protect", "x", "-o", "y", *flags]))
 
     plain, thorough = settings(), settings("--thorough")
     assert plain.surrogates == ["mobileface", "mfn512"] and thorough.surrogates == ["mobileface", "mfn512", "dlib"]

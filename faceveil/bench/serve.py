@@ -128,7 +128,7 @@ def run(requests: int, clients: int, batch: int = 1, checkpoint: str | None = No
         client = NoiseClient(url)
         health = client.health()
         if batch > health["max_batch"]:
-            raise FaceveilError(f"--batch {batch} exceeds the server's max batch {health['max_batch']}")
+            raise FaceveilError(f"`batch` {batch} exceeds the server's max batch {health['max_batch']}")
         gradients = synthetic_gradients(DISTINCT_GRADIENTS, batch, health["grid"], health["eps"], seed)
         for g in gradients[:2]:  # warm-up, not counted: first-call allocations
             client.request_noise(g)

@@ -1,21 +1,19 @@
-"""`faceveil` sub-commands of the advcloak wing: `train advcloak` (two-stage generator training),
+"""`faceveil` sub-commands of AdvCloak: `train advcloak` (two-stage generator training),
 `train advcloak-export` (the slim generator file that `enroll --method advcloak*` loads), `eval advcloak` (methods
 compared on the OPOM protocol at one L2 norm) and `bench advcloak` (mask customisation time, Table 3)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, add_report_flag, dataset_root, emit, load_average, threads
 from faceveil.errors import FaceveilError
-from faceveil.report import add_report_flag
 
 
 def register(groups: Groups) -> None:
-    """Adds this wing's sub-commands to the parser groups."""
+    """Adds this module's sub-commands to the parser groups."""
     p = groups["train"].add_parser(
         "advcloak", help="train the AdvCloak generator (stage I image-specific, stage II person-specific)")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
@@ -79,13 +77,12 @@ def register(groups: Groups) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import identities, parse_dataset_arg
-    from faceveil.io.results import emit
+    from faceveil.datasets.lfw import identities
     from faceveil.methods.advcloak import train
     from faceveil.methods.advcloak.data import load_faces, training_identities
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     output = Path(args.output)
     stages = [1, 2] if args.stage == "both" else [int(args.stage)]
     people = training_identities(identities(root), args.identities, args.seed)
@@ -108,8 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         rows.append({"stage": stage, "subspace": args.subspace if stage == 2 else "", "steps": result.steps,
                      "resumed_from": result.resumed_from, "seconds": round(result.seconds, 1), **result.last})
     meta = {"dataset": str(root), "identities": len(people), "faces": len(faces), "output": str(output),
-            "log": str(log), "seed": args.seed, "threads": _threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+            "log": str(log), "seed": args.seed, "threads": threads(), "load_average_1min": load_average()}
     emit("train advcloak", meta, rows, args.json)
     return 0
 
@@ -138,14 +134,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from faceveil.cli.opom_eval import distractor_count
-    from faceveil.datasets.lfw import identities, parse_dataset_arg
+    from faceveil.cli.evaluate import distractor_count
+    from faceveil.datasets.lfw import identities
     from faceveil.evaluate.protocols import advcloak as compare
     from faceveil.evaluate.protocols import opom as protocol
-    from faceveil.io.results import emit
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
+    root = dataset_root(args.dataset)
     if args.l2 <= 0:
         raise FaceveilError(f"--l2 must be above 0, got {args.l2}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -157,7 +152,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows, info = compare.run(split, settings)
     meta = {"protocol": "opom", "dataset": str(root), "mode": args.mode, "limit": args.limit,
             "distractors": "all" if cap is None else cap, "seed": args.seed, **info,
-            "threads": _threads(), "load_average_1min": round(os.getloadavg()[0], 2),
+            "threads": threads(), "load_average_1min": load_average(),
             "seconds": round(time.perf_counter() - start, 1)}
     emit("eval advcloak", meta, rows, args.json, report=args.report)
     return 0
@@ -165,15 +160,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from faceveil.evaluate.protocols.advcloak import mask_time
-    from faceveil.io.results import emit
 
     rows = [mask_time(m.strip(), args.faces, args.repeats) for m in args.methods.split(",") if m.strip()]
     emit("bench advcloak", {"faces": args.faces, "repeats": args.repeats,
-                            "load_average_1min": round(os.getloadavg()[0], 2)}, rows, args.json)
+                            "load_average_1min": load_average()}, rows, args.json)
     return 0
 
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""`faceveil` sub-commands of the apf wing: `train apf` (the server networks) and `eval verification-asr --protocol
+"""`faceveil` sub-commands of APF: `train apf` (the server networks) and `eval verification-asr --protocol
 apf` (apf-mm2020 §4: ASR of Eq. 11 on LFW positive pairs, Tables 2-4, SSIM of Fig. 4)."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, add_report_flag, comma_list, dataset_root, write_outputs
 from faceveil.errors import FaceveilError
-from faceveil.report import add_report_flag
 
 
 def _client_config(args: argparse.Namespace, algorithm: str | None = None):
@@ -19,18 +18,13 @@ def _client_config(args: argparse.Namespace, algorithm: str | None = None):
                            iterations=args.iterations, seed=args.seed, probe=args.probe).validate()
 
 
-def _parse_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _cmd_train_apf(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.io.results import markdown_table, write_json_atomic
     from faceveil.methods.apf.train import TrainSettings, train
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
-    weights = [float(w) for w in _parse_list(args.server_weights)] if args.server_weights else None
+    root = dataset_root(args.dataset)
+    weights = [float(w) for w in comma_list(args.server_weights)] if args.server_weights else None
     settings = TrainSettings(server_models=zoo.parse_models(args.server_models), server_weights=weights,
                              images=args.images, epochs=args.epochs, transfer_epochs=args.transfer_epochs,
                              universal_epochs=args.universal_epochs, universal_steps=args.universal_steps,
@@ -53,18 +47,17 @@ def _cmd_train_apf(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
-    from faceveil.datasets.lfw import parse_dataset_arg
     from faceveil.evaluate.protocols import apf as apf_protocol
-    from faceveil.methods.apf.networks import load_server_model
+    from faceveil.methods.apf.networks import default_checkpoint, load_server_model
     from faceveil.methods.apf.probe import GRADIENT_ALGORITHMS, STAGES
     from faceveil.models import zoo
 
-    root = parse_dataset_arg(args.dataset)
-    algorithms = _parse_list(args.algorithms) if args.algorithms != "all" else list(GRADIENT_ALGORITHMS)
+    root = dataset_root(args.dataset)
+    algorithms = comma_list(args.algorithms) if args.algorithms != "all" else list(GRADIENT_ALGORITHMS)
     unknown = [a for a in algorithms if a not in GRADIENT_ALGORITHMS]
     if unknown or not algorithms:
         raise FaceveilError(f"--algorithms takes a comma list of {', '.join(GRADIENT_ALGORITHMS)} (or all)")
-    stages = _parse_list(args.stages)
+    stages = comma_list(args.stages)
     if not stages or any(s not in STAGES for s in stages):
         raise FaceveilError(f"--stages takes a comma list of {', '.join(STAGES)}")
     server = load_server_model(args.checkpoint)
@@ -72,8 +65,26 @@ def _cmd_eval_verification_asr(args: argparse.Namespace) -> int:
         algorithms=algorithms, stages=stages, judges=zoo.parse_models(args.judges), limit=args.limit,
         baseline=not args.no_baseline, adversarial=not args.no_adversarial, adversarial_limit=args.adversarial_limit,
         batch=args.batch, seed=args.seed, iterations=args.iterations, progress=not args.quiet)
-    apf_protocol.run_and_emit(root, server, options, args.checkpoint, args.json, args.report)
+    rows, settings = apf_protocol.run(root, server, options)
+    settings["checkpoint"] = str(args.checkpoint or default_checkpoint())
+    _print_asr_tables(rows)
+    write_outputs({"command": "eval verification-asr", "settings": settings, "rows": rows}, args.json, args.report)
     return 0
+
+
+def _print_asr_tables(rows: list[dict]) -> None:
+    """Table 2/3 (and Table 4 when run): one line per algorithm and stage, a column per judge."""
+    from faceveil.evaluate.protocols.apf import pivot
+    from faceveil.io.results import markdown_table
+
+    asr_rows = [r for r in rows if r["table"] == "asr"]
+    t4_rows = [r for r in rows if r["table"] == "adversarial-matching"]
+    print("ASR (Eq. 11) per judge [white = server model, probe = client's probe, family = their family, "
+          "black = black-box family]")
+    print(markdown_table(pivot(asr_rows, [])))
+    if t4_rows:
+        print("\nAdversarial-original / adversarial-adversarial matching (Table 4)")
+        print(markdown_table(pivot(t4_rows, ["offset", "matching"])))
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -84,7 +95,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(groups: Groups) -> None:
-    """Adds this wing's sub-commands to the parser groups."""
+    """Adds this module's sub-commands to the parser groups."""
     p = groups["train"].add_parser("apf", help="train the APF server networks (T, u, E) on LFW identities outside "
                                                "pairs.txt")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")

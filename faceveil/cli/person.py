@@ -1,22 +1,20 @@
-"""`faceveil` sub-commands of the opom wing: `enroll` (learn a person's mask file), `apply` (paste it on that person's
+"""`faceveil` sub-commands of person masks: `enroll` (learn a person's mask file), `apply` (paste it on that person's
 faces in photos and videos) and `bench apply` (how long each takes)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups, finish_batch
+from faceveil.cli.common import Groups, add_report_flag, emit, finish_batch, load_average, threads
 from faceveil.errors import FaceveilError
 from faceveil.methods import registry
 from faceveil.pipeline.presets import ENROLL_DEFAULTS
-from faceveil.report import add_report_flag, batch_header
 
 
 def register(groups: Groups) -> None:
-    """Adds this wing's sub-commands to the parser groups."""
+    """Adds this module's sub-commands to the parser groups."""
     _add_enroll(groups["root"])
     _add_apply(groups["root"])
     _add_bench_apply(groups["bench"])
@@ -32,7 +30,7 @@ def _add_enroll(root) -> None:
     p.add_argument("--name", required=True, help="the person's name (stored in the file)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="photos of the person (the largest face is used)")
     p.add_argument("-o", "--output", required=True, metavar="NAME.fvmask")
-    p.add_argument("--method", default="opom-convex",
+    p.add_argument("--method", default="opom-convex",  # no choices: an unknown name is the registry's one-line error
                    help="person method (default opom-convex): " + "; ".join(
                        f"{e.name}: {e.summary}" for e in map(registry.entry, registry.names("person"))))
     p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
@@ -69,9 +67,7 @@ def _enroll_settings(args: argparse.Namespace):
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from faceveil.errors import FaceveilError
     from faceveil.io.paths import refuse_same_file
-    from faceveil.io.results import emit
     from faceveil.pipeline.maskfile import save_mask
     from faceveil.pipeline.person import enroll, user_budget
 
@@ -82,7 +78,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         raise FaceveilError(f"output folder {output.parent} does not exist")
     for image in args.images:
         refuse_same_file(Path(image), output)
-    enrolled = enroll([Path(p) for p in args.images], settings, progress=not args.quiet)
+    enrolled = enroll([Path(p) for p in args.images], settings, progress=not args.quiet,
+                      notice=lambda line: print(f"faceveil: {line}", file=sys.stderr))
     save_mask(enrolled.mask, output)
     a = settings.attack
     report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method,
@@ -92,7 +89,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
               "diversity_weight": settings.diversity_weight, "references": sorted(enrolled.mask.references),
               "images_used": enrolled.mask.meta["images_used"], "images_given": len(args.images),
               **{k: v for k, v in enrolled.info.items() if k not in ("method", "masks")},
-              "threads": _threads(), "load_average_1min": round(os.getloadavg()[0], 2)}
+              "threads": threads(), "load_average_1min": load_average()}
     emit("enroll", report, enrolled.images, args.json)
     print(f"wrote {output}: {settings.masks} mask(s) of {enrolled.mask.name} from "
           f"{enrolled.mask.meta['images_used']} image(s) in {enrolled.info['seconds']:.1f} s", file=sys.stderr)
@@ -126,6 +123,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from faceveil.api import apply_files
     from faceveil.pipeline.maskfile import load_mask
     from faceveil.pipeline.person import ApplySettings
+    from faceveil.report import batch_header
 
     mask = load_mask(args.mask)
     if not 0 <= args.mask_index < mask.count:
@@ -170,16 +168,10 @@ def _add_bench_apply(bench) -> None:
 
 def _cmd_bench_apply(args: argparse.Namespace) -> int:
     from faceveil.bench import apply as bench_apply
-    from faceveil.io.results import emit
 
     rows, info = bench_apply.run(args.images, args.iters, args.repeats, args.seconds, progress=not args.quiet)
     settings = {"images": args.images, "iters": args.iters, "repeats": args.repeats, "seconds": args.seconds,
-                "threads": _threads(), "load_average_1min": round(os.getloadavg()[0], 2), **info}
+                "threads": threads(), "load_average_1min": load_average(), **info}
     emit("bench apply", settings, rows, args.json)
     return 0
 
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

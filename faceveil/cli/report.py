@@ -26,6 +26,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(groups: Groups) -> None:
+    """Adds this module's sub-commands to the parser groups."""
     p = groups["root"].add_parser("report", help="HTML report from results files written by --json")
     p.add_argument("results", nargs="+", metavar="RESULT.json",
                    help="results files: one protect/apply/verify report, or eval JSONs (several merge)")

@@ -1,101 +1,47 @@
-"""`faceveil` sub-commands of the robustness wing: `faceveil eval robustness`."""
+"""`faceveil eval robustness`: a protocol run once, then re-scored after each transform (faceveil.evaluate.robustness);
+the flags become the protocol's `Request`."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, LazyHelp, add_report_flag, dataset_root, threads, write_outputs
 from faceveil.errors import FaceveilError
-from faceveil.report import add_report_flag
-
-PROTOCOLS = ["tip-im", "opom", "apf"]  # = faceveil.evaluate.robustness.PROTOCOL_METRICS (kept light for --help)
+from faceveil.evaluate.protocols import ROBUSTNESS
 
 
 def _dataset(text: str | None):
-    from faceveil.datasets.lfw import default_lfw_root, parse_dataset_arg
+    from faceveil.datasets.lfw import default_lfw_root
 
     if text:
-        return parse_dataset_arg(text)
+        return dataset_root(text)
     root = default_lfw_root()
     if root is None:
         raise FaceveilError("no LFW found: pass --dataset lfw=PATH (or set FACEVEIL_LFW)")
     return root
 
 
-def _tip_im_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
-    from faceveil.evaluate.protocols import tip_im as identification
-    from faceveil.evaluate.robustness import TipImAdapter
-    from faceveil.methods import registry
-    from faceveil.pipeline.presets import PAPER_DEFAULTS
+def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
+    """The protocol's request from the flags (None = the protocol's own default)."""
+    from faceveil.cli.evaluate import distractor_count, test_image_cap
+    from faceveil.evaluate.robustness import Request
 
-    method = args.method or "pgd"
-    registry.check_kind(method, "image")
-    given = {k: getattr(args, k) for k in ("eps", "alpha", "iters", "momentum")}
-    eps, alpha, iters, momentum = (PAPER_DEFAULTS[k] if v is None else v for k, v in given.items())  # TIP-IM §5.1
-    settings = identification.settings_for(method, args.mode, eps, alpha, iters, momentum, args.jitter, args.gamma,
-                                           args.batch, args.seed, not args.quiet)
-    adapter = TipImAdapter(_dataset(args.dataset), judges, surrogates, settings, args.seed, args.limit, args.extra)
-    flags = {"method": method, "eps": eps, "alpha": alpha, "iters": iters, "momentum": momentum,
-             "jitter": settings.attack.jitter, "gamma": args.gamma, "batch": args.batch, "dataset": str(adapter.root)}
-    return adapter, flags
-
-
-def _opom_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
-    from faceveil.cli.opom_eval import DEFAULT_METHOD, attack_config, distractor_count, test_image_cap
-    from faceveil.datasets.lfw import identities
-    from faceveil.evaluate.protocols import opom as protocol
-    from faceveil.evaluate.robustness import OpomAdapter
-
-    root, method = _dataset(args.dataset), args.method or DEFAULT_METHOD
-    cap = distractor_count(args.distractors, args.limit)
-    base = protocol.Settings(mode=args.mode, attack=attack_config(args), batch=args.batch, progress=not args.quiet)
-    chosen = protocol.registry_method(method, args.masks, base)  # "+md": momentum 1 and DFANet dropout (§3.2.3)
-    learner, settings, attack = chosen.learner, chosen.settings, chosen.settings.attack
-    per_person = test_image_cap(args.test_images)
-    split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
-                                per_person)
-    flags = {"method": method, "masks": args.masks, "eps": round(attack.eps * 255, 4),
-             "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
-             "dropout": attack.dropout, "jitter": attack.jitter, "distractors": "all" if cap is None else cap,
-             "batch": args.batch, "dataset": str(root)}
-    return OpomAdapter(split, judges, surrogates, learner, settings), flags
-
-
-def _apf_adapter(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
-    from faceveil.evaluate.robustness import ApfAdapter
-    from faceveil.methods.apf.networks import default_checkpoint, load_server_model
-    from faceveil.methods.apf.probe import GRADIENT_ALGORITHMS, STAGES
-
-    if surrogates:
-        raise FaceveilError("--protocol apf: the surrogates are fixed by the server model (its probe and server "
-                            "models); leave --surrogates out")
-    if args.mode != "crops":
-        raise FaceveilError("--protocol apf runs in crops mode only (the APF protocol perturbs the aligned face)")
-    algorithm = args.method or "m-di2-fgsm"
-    if algorithm not in GRADIENT_ALGORITHMS:
-        raise FaceveilError(f"--method {algorithm!r} is not an APF gradient algorithm; known: "
-                            f"{', '.join(GRADIENT_ALGORITHMS)}")
-    if args.stage not in STAGES:
-        raise FaceveilError(f"--stage {args.stage!r} is not an APF stage; known: {', '.join(STAGES)}")
-    root = _dataset(args.dataset)
-    iterations = args.iters if args.iters is not None else 30  # APF §4.1
-    adapter = ApfAdapter(root, load_server_model(args.checkpoint), judges, algorithm, args.stage, args.limit,
-                         args.batch, args.seed, iterations, not args.quiet)
-    flags = {"method": algorithm, "stage": args.stage, "checkpoint": str(args.checkpoint or default_checkpoint()),
-             "batch": args.batch, "dataset": str(root)}
-    return adapter, flags
-
-
-ADAPTERS = {"tip-im": _tip_im_adapter, "opom": _opom_adapter, "apf": _apf_adapter}
+    opom = args.protocol == "opom"  # the N|all flags are the opom protocol's, parsed only for it
+    return Request(
+        root=_dataset(args.dataset), judges=judges, surrogates=surrogates, method=args.method, mode=args.mode,
+        limit=args.limit, eps=args.eps, alpha=args.alpha, iters=args.iters, momentum=args.momentum,
+        jitter=args.jitter, batch=args.batch, seed=args.seed, progress=not args.quiet, extra=args.extra,
+        gamma=args.gamma, masks=args.masks, dropout=args.dropout,
+        distractors=distractor_count(args.distractors, args.limit) if opom else None,
+        train_images=args.train_images, test_images=test_image_cap(args.test_images) if opom else None,
+        min_images=args.min_images, checkpoint=args.checkpoint, stage=args.stage)
 
 
 def _cmd_eval_robustness(args: argparse.Namespace) -> int:
-    import torch
-
     from faceveil.evaluate import robustness, transforms
     from faceveil.evaluate.adaptive import DEFAULT_FOLDS
-    from faceveil.io.results import markdown_table, write_outputs
+    from faceveil.io.results import markdown_table
     from faceveil.models import zoo
 
     robustness.require_protocol(args.protocol)
@@ -107,13 +53,12 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     names = transforms.parse_names(args.transforms)
-    adapter, flags = ADAPTERS[args.protocol](args, judges, surrogates)
+    adapter, resolved = robustness.adapter_for(args.protocol, _request(args, judges, surrogates))
     options = robustness.Options(names, args.seed, args.adaptive, folds, progress=not args.quiet)
     start = time.perf_counter()
     rows, meta = robustness.evaluate(adapter, options)
-    settings = {**flags, "judges": judges, "surrogates": surrogates or "leave-one-family-out", **meta,
-                "limit": args.limit, "threads": torch.get_num_threads(),
-                "total_seconds": round(time.perf_counter() - start, 2)}
+    settings = {**resolved, "judges": judges, "surrogates": surrogates or "leave-one-family-out", **meta,
+                "limit": args.limit, "threads": threads(), "total_seconds": round(time.perf_counter() - start, 2)}
     print(markdown_table(robustness.display_rows(rows)))
     print(f"{adapter.metric} = protection rate; retained = rate / untransformed rate; clean_{adapter.metric} = the "
           "same rate for the unprotected probes after the same transform; gain = rate - clean rate")
@@ -144,20 +89,24 @@ def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="s", help="apf: APF stage g, g_hat or s (default s, the full APF)")
 
 
-def register(groups: Groups) -> None:
-    """Adds this wing's sub-commands to the parser groups."""
-    from faceveil.evaluate.transforms import TRANSFORMS  # numpy + PIL only: --help stays fast
+def _transforms_help() -> str:
+    from faceveil.evaluate.transforms import TRANSFORMS  # numpy and PIL: imported when this help is shown
 
+    return f"'all' or a comma list of registry transforms ({','.join(TRANSFORMS)})"
+
+
+def register(groups: Groups) -> None:
+    """Adds this module's sub-commands to the parser groups."""
     p = groups["eval"].add_parser(
         "robustness", help="protection after JPEG, resizing, blur, re-alignment...; and against an adaptive attacker")
-    p.add_argument("--protocol", default="tip-im", choices=PROTOCOLS,
+    p.add_argument("--protocol", default="tip-im", choices=list(ROBUSTNESS),
                    help="protocol run once, then re-scored after each transform (tip-im: Rank-1-UT, opom: Top-1 PSR, "
                         "apf: ASR)")
     p.add_argument("--dataset", default=None, metavar="lfw=PATH", help="LFW (default: $FACEVEIL_LFW or beside repo)")
     p.add_argument("--method", default=None, help="protection method: tip-im protocol (default pgd), opom protocol "
                    "(default opom-convex), apf protocol: the gradient algorithm (default m-di2-fgsm)")
     p.add_argument("--transforms", default="all",
-                   help=f"'all' or a comma list of registry transforms ({','.join(TRANSFORMS)})")
+                   help=LazyHelp(_transforms_help))
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities")

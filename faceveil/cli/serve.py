@@ -1,14 +1,13 @@
-"""`faceveil` sub-commands of the APF server wing: `faceveil serve` (the APF cloud) and `faceveil bench serve`
+"""`faceveil` sub-commands of the APF server: `faceveil serve` (the APF cloud) and `faceveil bench serve`
 (a short load test against it)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, emit, load_average
 
 DEFAULT_PORT = 8765
 
@@ -51,7 +50,6 @@ def _log_requests(on: bool) -> None:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from faceveil.bench import serve as bench_serve
     from faceveil.errors import FaceveilError
-    from faceveil.io.results import emit
 
     if args.requests < 1 or args.clients < 1 or args.batch < 1:
         raise FaceveilError("--requests, --clients and --batch must be at least 1")
@@ -59,7 +57,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                                  workers=args.workers, seed=args.seed, progress=not args.quiet,
                                  **_limits(args, "max_batch"))
     settings = {"requests": args.requests, "clients": args.clients, "batch": args.batch, "workers": args.workers,
-                "seed": args.seed, "load_average_1min": round(os.getloadavg()[0], 2), **info}
+                "seed": args.seed, "load_average_1min": load_average(), **info}
     emit("bench serve", settings, rows, args.json)
     return 0 if rows[0]["all_answered"] else 1
 
@@ -74,7 +72,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(groups: Groups) -> None:
-    """Adds this wing's sub-commands to the parser groups."""
+    """Adds this module's sub-commands to the parser groups."""
     p = groups["root"].add_parser(
         "serve", help="the APF cloud: turns a client's face gradient g into adversarial noise s (never a photo)",
         description="Serve POST /v1/noise (gradient g in, noise s out; see faceveil/apf/wire.py) and GET /health. "

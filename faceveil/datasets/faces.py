@@ -75,3 +75,11 @@ def embed_files(judges: list[str], files: list[Path], landmarks: dict[Path, np.n
         bar.update(len(chunk))
     bar.close()
     return EmbeddingTable(list(files), {j: torch.cat(p) if p else torch.empty(0) for j, p in parts.items()})
+
+
+def embed_images(judge: str, images: list[np.ndarray], landmarks: list[np.ndarray]) -> torch.Tensor:
+    """The judge's embeddings [N, D] of faces in images (photos or canonical faces), each aligned with its
+    landmarks [5, 2]."""
+    model = zoo.load(judge)
+    crops = np.stack([align(im, m, model.spec.geometry) for im, m in zip(images, landmarks, strict=True)])
+    return zoo.embed_crops(model, crops)

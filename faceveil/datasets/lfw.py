@@ -1,4 +1,4 @@
-"""The LFW dataset on disk: `--dataset lfw=PATH`, the View-2 pairs, identities and their images."""
+"""The LFW dataset on disk: where it is, the View-2 pairs, identities and their images."""
 
 from __future__ import annotations
 
@@ -17,12 +17,9 @@ def default_lfw_root() -> Path | None:
     return next((c for c in candidates if (c / "images").is_dir()), None)
 
 
-def parse_dataset_arg(text: str) -> Path:
-    """'lfw=PATH' -> PATH (checked)."""
-    name, _, value = text.partition("=")
-    if name != "lfw" or not value:
-        raise FaceveilError(f"--dataset takes lfw=PATH, got {text!r}")
-    root = Path(value).expanduser()
+def lfw_root(path: str | Path) -> Path:
+    """The LFW folder at `path` (checked: it holds images/)."""
+    root = Path(path).expanduser()
     if not (root / "images").is_dir():
         raise FaceveilError(f"{root} is not an LFW folder (no images/ subfolder)")
     return root

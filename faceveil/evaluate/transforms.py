@@ -142,7 +142,7 @@ def parse_names(text: str | None) -> list[str]:
     for name in names:
         get(name)
     if not names:
-        raise FaceveilError("--transforms is empty; give 'all' or a comma list")
+        raise FaceveilError("`transforms` is empty; give 'all' or a comma list")
     return names
 
 

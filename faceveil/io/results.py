@@ -1,5 +1,6 @@
-"""Machine-readable results, the same for every `eval` and `bench` command:
-JSON {"command": ..., "settings": {...}, "rows": [{...}, ...]} plus a markdown table of the same rows on stdout."""
+"""Machine-readable results, the same for every `eval` and `bench` command: the document
+{"command": ..., "settings": {...}, "rows": [{...}, ...]} written as JSON, and the same rows as a markdown table.
+Pure functions: the command line (faceveil.cli.common.emit) prints and writes them."""
 
 from __future__ import annotations
 
@@ -53,22 +54,3 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | None,
-         report: str | Path | None = None) -> dict:
-    """Print the markdown table and write the JSON document and the HTML report (if asked). Returns the document."""
-    doc = {"command": command, "settings": settings, "rows": rows}
-    print(markdown_table(rows))
-    return write_outputs(doc, json_out, report)
-
-
-def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | None, kind: str = "eval") -> dict:
-    """Write a command's document as JSON and as an HTML report of that kind, each only if asked."""
-    if json_out:
-        write_json_atomic(json_out, doc)
-    if report:
-        from faceveil.report import write_report
-
-        write_report(report, kind, doc)
-    return doc

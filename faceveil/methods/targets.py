@@ -111,8 +111,8 @@ class TargetSet:
         allowed = ~self.same_person(emb)
         k = min(max_targets, int(allowed.sum(dim=1).min()))
         if k < 1:
-            raise FaceveilError("no target identity left once the protected person is excluded: give --targets "
-                                "with faces of other people")
+            raise FaceveilError("no target identity left once the protected person is excluded: give a targets "
+                                "folder with faces of other people")
         # stable sort puts allowed identities first, each in set order
         index = torch.argsort((~allowed).to(torch.int8), dim=1, stable=True)[:, :k]
         return FaceTargets(index, {name: c[index] for name, c in self.centres.items()}, self.names)
@@ -151,7 +151,7 @@ def identities_from_folder(folder: Path | str, detector: MTCNN) -> list[TargetId
     """Sub-folders are identities (largest face of each image); images at the top level are one identity each."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FaceveilError(f"--targets {folder}: not a folder")
+        raise FaceveilError(f"targets folder {folder}: not a folder")
     out = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         faces = tuple(f for f in (_largest_face(p, detector) for p in _images(sub)) if f is not None)
@@ -162,7 +162,7 @@ def identities_from_folder(folder: Path | str, detector: MTCNN) -> list[TargetId
         if face is not None:
             out.append(TargetIdentity(path.stem, (face,)))
     if not out:
-        raise FaceveilError(f"--targets {folder}: no face found in any image")
+        raise FaceveilError(f"targets folder {folder}: no face found in any image")
     return out
 
 

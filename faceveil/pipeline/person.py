@@ -14,8 +14,9 @@ canonical warp. Outputs are written atomically with metadata stripped, as protec
 from __future__ import annotations
 
 import datetime
-import sys
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,25 +144,27 @@ def largest_faces(paths: list[Path], detector: MTCNN, progress: bool = False) ->
     return found, rows
 
 
-def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False,
-           detector: MTCNN | None = None) -> Enrolled:
-    """Learn the person's masks from their photos (the largest face of each)."""
+def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False, detector: MTCNN | None = None,
+           notice: Callable[[str], None] | None = None) -> Enrolled:
+    """Learn the person's masks from their photos (the largest face of each). `notice` gets each line the user
+    should read before the masks are learned (photos skipped, too few photos); default: the faceveil logger."""
     name = settings.name.strip()
     if not name or not name.isprintable():
-        raise FaceveilError("--name must be a non-empty printable name")
+        raise FaceveilError("`name` must be a non-empty printable name")
     if settings.mode not in ("photos", "crops"):
-        raise FaceveilError(f"--mode takes photos or crops, got {settings.mode!r}")
+        raise FaceveilError(f"`mode` takes photos or crops, got {settings.mode!r}")
     registry.check_kind(settings.method, "person")
     detector = detector or MTCNN()
     found, rows = largest_faces(paths, detector, progress)
     if not found:
         raise FaceveilError(f"no usable face in any of the {len(paths)} image(s): nothing to enroll")
+    notice = notice or logging.getLogger("faceveil").warning
     skipped = [r["file"] for r in rows if r["status"] != "used"]
     if skipped:
-        print(f"faceveil: skipped {len(skipped)} image(s) with no usable face: {', '.join(skipped)}", file=sys.stderr)
+        notice(f"skipped {len(skipped)} image(s) with no usable face: {', '.join(skipped)}")
     if len(found) < MIN_IMAGES_ADVISED:
-        print(f"faceveil: warning: only {len(found)} usable image(s) of {name}; at least {MIN_IMAGES_ADVISED} "
-              "(10 in the paper) give a mask that carries over to new photos", file=sys.stderr)
+        notice(f"warning: only {len(found)} usable image(s) of {name}; at least {MIN_IMAGES_ADVISED} (10 in the "
+               "paper) give a mask that carries over to new photos")
     ensemble = Ensemble(settings.surrogates)
     batch = from_photos([f.rgb for f in found], [f.face.landmarks for f in found], ensemble.geometries,
                         settings.mode)

@@ -8,27 +8,21 @@ Kinds:
 - "eval": payload = an `emit` document {"command", "settings", "rows"}; tables and plots.
 Any payload may instead be {"documents": [doc, ...]} to put several runs of the same kind in one report.
 
-How a command gets `--report` (one line each): `add_report_flag(parser)` where its flags are defined, then
+How a command gets `--report` (in faceveil.cli.common): `add_report_flag(parser)` where its flags are defined, then
 - an eval/bench command: `emit(command, settings, rows, args.json, report=args.report)`;
-- a photo command: `run_batch(..., header=batch_header("apply", settings))`, then
-  `write_report(args.report, "apply", report.to_dict())`.
+- a photo command: `run_batch(..., header=batch_header("apply", settings))`, then `finish_batch(report, "apply",
+  args)`, which calls `write_report(args.report, "apply", report.to_dict())`.
 Heavy imports (matplotlib, the image code) happen only when a report is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 KINDS = ("protect", "apply", "verify", "eval")
 PHOTO_KINDS = ("protect", "apply")
-
-
-def add_report_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", metavar="HTML",
-                        help="also write a self-contained HTML report (pictures and plots inside the file)")
 
 
 def settings_dict(settings: Any) -> dict:

@@ -4,7 +4,6 @@ amplified view of what changed, and per face what every recognition model now sa
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,12 @@ from tqdm import tqdm
 from faceveil.errors import FaceveilError
 from faceveil.report import html as H
 from faceveil.report import images as I
+from faceveil.report.scales import model_scale
 
 # Whole-photo imagery for at most this many photos, close-ups for at most this many faces per photo: beyond that
 # the report lists the results without pictures, so that a batch of thousands still gives a file one can open.
 MAX_PHOTOS_WITH_IMAGES = 40
 MAX_FACES_WITH_CLOSEUPS = 12
-SCORE_TRACKS = {"cosine": (-0.5, 1.0), "l2": (-1.5, 0.0)}  # (low, high) ends of the similarity bars
 
 HOW_TO_READ = (
     "<b>How to read this.</b> Each bar shows how alike a face-recognition model finds the original face and the "
@@ -28,35 +27,6 @@ HOW_TO_READ = (
     "was computed with; the others are independent checks. “Changes ×10” shows where the photo was altered, "
     "amplified ten times (grey = untouched)."
 )
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How one model's scores are drawn: its decision threshold and the ends of its bar."""
-
-    threshold: float
-    low: float
-    high: float
-
-
-def model_scale(model: str, thresholds: dict[str, float]) -> Scale:
-    """The same track for every model of a metric, so that bars compare across rows: cosine from -0.5 (clearly
-    different people) to 1 (identical), dlib's negated L2 distance from -1.5 to 0 (scores beyond are drawn at the
-    end). The threshold comes from the run's settings, else from the registry."""
-    threshold = thresholds.get(model)
-    metric = None
-    try:
-        from faceveil.models import zoo
-
-        metric = zoo.spec(model).metric
-        threshold = zoo.threshold(model) if threshold is None else threshold
-    except FaceveilError:  # a model this install does not know: infer from the threshold's sign
-        pass
-    if threshold is None:
-        raise FaceveilError(f"no decision threshold for model {model!r} in the results or the registry")
-    l2 = metric == "l2" or (metric is None and threshold < 0)
-    low, high = SCORE_TRACKS["l2" if l2 else "cosine"]
-    return Scale(float(threshold), low, high)
 
 
 def judge_entries(face: dict) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from matplotlib.figure import Figure
 
 from faceveil.report.images import png_uri
+from faceveil.report.scales import model_scale
 
 DPI = 110
 OK, BAD, INK, GRID = "#1b7a3d", "#b3261e", "#1f2328", "#d8dee4"
@@ -96,8 +97,6 @@ def transform_bars(rows: list[dict], thresholds: dict[str, float]) -> str | None
     """Verify: per model, a bar per transform of how far the score original -> protected lies above (still
     recognised) or below (not recognised) that model's threshold, in the model's own score units — one axis for
     models whose scales differ. None without transformed rows."""
-    from faceveil.report.photos import model_scale
-
     transforms = list(dict.fromkeys(r["transform"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     if len(transforms) < 2 or not models:

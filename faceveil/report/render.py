@@ -44,8 +44,8 @@ def kind_of(doc: dict, source: str) -> str:
         return command if command in PHOTO_KINDS else "protect"
     if "rows" in doc:
         return "eval"
-    raise FaceveilError(f"{source}: not a faceveil results file (no 'rows' or 'results'); give files written "
-                        "by --json")
+    raise FaceveilError(f"{source}: not a faceveil results file (no 'rows' or 'results'); give the JSON files "
+                        "that faceveil's commands write")
 
 
 def load_document(path: Path) -> dict:

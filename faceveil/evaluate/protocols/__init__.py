@@ -1,0 +1,20 @@
+"""Each paper's evaluation protocol on LFW, one module each: tip_im (identification under image-specific
+protection), opom (person masks), apf (verification attack success rate) and advcloak (person-mask methods
+compared at one L2 norm).
+
+The protocols that `eval robustness` re-scores after each transform have a robustness adapter in their module
+(`robustness_adapter(request)`, see faceveil.evaluate.robustness); ROBUSTNESS is the one list of them. This file
+imports nothing heavy, so that the command line's `--help` can read the list without loading torch."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# protocol name -> its module in this package, for the protocols with a robustness adapter
+ROBUSTNESS = {"tip-im": "tip_im", "opom": "opom", "apf": "apf"}
+
+
+def robustness_module(protocol: str) -> ModuleType:
+    """The module holding `protocol`'s robustness adapter (imported on first use: it loads torch)."""
+    return importlib.import_module(f"{__name__}.{ROBUSTNESS[protocol]}")

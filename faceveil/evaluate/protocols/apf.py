@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,16 +35,19 @@ from tqdm import tqdm
 
 from faceveil.attacks.core import Ensemble
 from faceveil.attacks.faces import FaceBatch
-from faceveil.datasets.faces import landmarks_for
+from faceveil.datasets.faces import embed_images, landmarks_for
 from faceveil.datasets.lfw import Pair, identities, read_pairs
 from faceveil.detect import canonical as C
 from faceveil.detect.align import transform_points, warp_matrix
 from faceveil.detect.cache import load_rgb
-from faceveil.evaluate.protocols.tip_im import embed_images
+from faceveil.errors import FaceveilError
+from faceveil.evaluate.protocols.tip_im import face_area, to_uint8
 from faceveil.evaluate.quality import ssim
-from faceveil.io.results import markdown_table, write_outputs
-from faceveil.methods.apf.networks import ApfServerModel, default_checkpoint
+from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
+from faceveil.methods.apf.networks import ApfServerModel, default_checkpoint, load_server_model
 from faceveil.methods.apf.probe import (
+    GRADIENT_ALGORITHMS,
+    STAGES,
     ApfClientConfig,
     adversarial_noise,
     check_budget,
@@ -59,9 +63,7 @@ BASELINE = "original image accessible"
 TABLE4_ALGORITHMS = ("di2-fgsm", "m-di2-fgsm")  # the paper's Table 4
 TABLE4_STAGES = ("g", "s")
 SSIM_GOOD = 0.8  # Fig. 4's reference line
-# The face area in canonical space: the perturbation mask's square (as the identification protocol's quality).
-_LO = round(C.CANONICAL_SIZE / 2 - C.MASK_HALF_SIDE)
-_HI = round(C.CANONICAL_SIZE / 2 + C.MASK_HALF_SIDE)
+ITERATIONS = 30  # of the gradient algorithms (§4.1)
 
 
 @dataclass
@@ -124,10 +126,6 @@ def box(judge: str, server: ApfServerModel, probe: str) -> str:
     return "family" if zoo.spec(judge).family in seen else "black"
 
 
-def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    return list((images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
-
-
 def _canonical_marks(marks: np.ndarray) -> np.ndarray:
     return transform_points(warp_matrix(marks, C.CANONICAL).numpy(), marks)
 
@@ -164,7 +162,7 @@ class Collected:
             protected: list[np.ndarray]) -> None:
         for j, e in judged.items():
             self.embeddings[key][j].append(e)
-        self.ssim[key] += [ssim(a[_LO:_HI, _LO:_HI], b[_LO:_HI, _LO:_HI]) for a, b in zip(clean, protected,
+        self.ssim[key] += [ssim(face_area(a), face_area(b)) for a, b in zip(clean, protected,
                                                                                            strict=True)]
 
     def stacked(self, key: tuple, judge: str) -> torch.Tensor:
@@ -173,7 +171,7 @@ class Collected:
 
 def _protect_and_judge(out: Collected, key: tuple, batch: FaceBatch, grid_noise: torch.Tensor, judges: Judges,
                        marks: list[np.ndarray], clean: list[np.ndarray]) -> None:
-    protected = _to_uint8(batch.perturbed(to_canonical(grid_noise)))
+    protected = to_uint8(batch.perturbed(to_canonical(grid_noise)))
     out.add(key, judges.canonical(protected, marks), clean, protected)
 
 
@@ -189,7 +187,7 @@ def _asr_chunk(out: Collected, pairs: list[Pair], landmarks: dict[Path, np.ndarr
     enrolled = face_batch([p.a for p in pairs], landmarks, geometries)
     batch = face_batch([p.b for p in pairs], landmarks, geometries)
     marks = [landmarks[p.b] for p in pairs]
-    clean = _to_uint8(batch.regions)
+    clean = to_uint8(batch.regions)
     out.add(("clean",), judges.canonical(clean, marks), clean, clean)
     for j, e in judges.photos([p.a for p in pairs], landmarks).items():
         out.embeddings[("enrolled",)][j].append(e)
@@ -213,7 +211,7 @@ def _table4_chunk(out: Collected, items: list[tuple[Pair, Path]], landmarks: dic
     batch = face_batch(files, landmarks, geometries)
     enrolled = face_batch(enrolled_files, landmarks, geometries)
     marks = [landmarks[f] for f in files]
-    clean = _to_uint8(batch.regions)
+    clean = to_uint8(batch.regions)
     out.add(("t4-clean",), judges.canonical(clean, marks), clean, clean)
     for j, e in judges.photos([e for _, e in items], landmarks).items():
         out.embeddings[("t4-enrolled",)][j].append(e)
@@ -334,16 +332,94 @@ def pivot(rows: list[dict], columns: list[str]) -> list[dict]:
     return [{**line, **quality.get(key, {})} for key, line in lines.items()]
 
 
-def run_and_emit(root: Path, server: ApfServerModel, options: Options, checkpoint: str | None,
-                 json_out: str | None, report: str | None = None) -> dict:
-    rows, settings = run(root, server, options)
-    settings["checkpoint"] = str(checkpoint or default_checkpoint())
-    asr_rows = [r for r in rows if r["table"] == "asr"]
-    t4_rows = [r for r in rows if r["table"] == "adversarial-matching"]
-    print("ASR (Eq. 11) per judge [white = server model, probe = client's probe, family = their family, "
-          "black = black-box family]")
-    print(markdown_table(pivot(asr_rows, [])))
-    if t4_rows:
-        print("\nAdversarial-original / adversarial-adversarial matching (Table 4)")
-        print(markdown_table(pivot(t4_rows, ["offset", "matching"])))
-    return write_outputs({"command": "eval verification-asr", "settings": settings, "rows": rows}, json_out, report)
+# ----------------------------------------------------------------------------------------------- robustness
+
+
+class ApfAdapter:
+    """`eval robustness` on this protocol's ASR table (Eq. 11), one gradient algorithm and one stage: positive LFW
+    pairs, the second image protected against the first (enrolled, clean photo). A judge recognises a face when its
+    score to the enrolled face reaches the calibrated threshold. asr = (N_w/o - N_w) / N with N_w/o the clean
+    untransformed faces recognised: after a transform, the clean row's asr is what the transform alone breaks, and
+    gain = protected - clean asr is Eq. 11 with both sides transformed. Crops mode (the protocol's)."""
+
+    protocol = "apf"
+    metric = "asr"
+    mode = "crops"
+
+    def __init__(self, root: Path, server: ApfServerModel, judges: list[str], algorithm: str, stage: str,
+                 limit: int | None, batch: int, seed: int, iterations: int, progress: bool) -> None:
+        self.root, self.server, self.judges, self.stage = root, server, judges, stage
+        self.options = Options(algorithms=[algorithm], judges=judges, stages=[stage], limit=limit, baseline=False,
+                               adversarial=False, batch=batch, seed=seed, iterations=iterations, progress=progress)
+        self.config = client_config(server, algorithm, self.options)
+        check_budget(server, self.config)
+        self.info: dict = {}
+        self.pairs: list[Pair] = []
+        self.enrolled: dict[str, torch.Tensor] = {}
+        self.clean_recognised: dict[str, torch.Tensor] = {}
+
+    def scenarios(self) -> Iterator[Scenario]:
+        server_models = list(self.server.meta.get("server_models", []))
+        geometries = sorted({zoo.spec(n).geometry for n in [self.config.probe, *server_models]})
+        self.pairs = positive_pairs(self.root, self.options.limit)
+        landmarks, self.info = landmarks_for(sorted({p for pr in self.pairs for p in (pr.a, pr.b)}),
+                                             self.options.progress)
+        protected, clean, quality, start = ProbeImages([], []), ProbeImages([], []), [], time.perf_counter()
+        for chunk in tqdm(_chunks(self.pairs, self.options.batch), desc="apf protect",
+                          disable=not self.options.progress, unit="batch"):
+            enrolled = face_batch([p.a for p in chunk], landmarks, geometries)
+            batch = face_batch([p.b for p in chunk], landmarks, geometries)
+            noise = stage_noise(self.server, probe_gradient(batch, self.config, enrolled), self.stage)
+            after = to_uint8(batch.perturbed(to_canonical(noise)))
+            before = to_uint8(batch.regions)
+            marks = [transform_points(warp_matrix(landmarks[p.b], C.CANONICAL).numpy(), landmarks[p.b])
+                     for p in chunk]
+            protected.images.extend(after)
+            clean.images.extend(before)
+            protected.landmarks.extend(marks)
+            clean.landmarks.extend(marks)
+            quality += [ssim(face_area(a), face_area(b)) for a, b in zip(before, after, strict=True)]
+        seconds = round(time.perf_counter() - start, 2)
+        self.enrolled = Judges(self.judges).photos([p.a for p in self.pairs], landmarks)
+        for judge in self.judges:
+            untransformed = embed_images(judge, clean.images, clean.landmarks)
+            self.clean_recognised[judge] = recognised(judge, untransformed, self.enrolled[judge])
+        yield Scenario([self.config.probe, *server_models], self.judges, protected, clean,
+                       [p.a.parent.name for p in self.pairs], seconds, {"ssim": float(np.mean(quality))})
+
+    def rates(self, scenario: Scenario, judge: str, embeddings: torch.Tensor) -> dict[str, float]:
+        found = recognised(judge, embeddings, self.enrolled[judge])
+        n = len(found)
+        lost = int(self.clean_recognised[judge].sum()) - int(found.sum())
+        return {"asr": lost / n if n else 0.0, "recognised": float(found.float().mean()) if n else 0.0}
+
+    def meta(self) -> dict:
+        return {"pairs": len(self.pairs), "algorithm": self.config.algorithm, "stage": self.stage,
+                "probe": self.config.probe, "server_models": list(self.server.meta.get("server_models", [])),
+                "eps": round(self.server.eps * 255, 4), "iterations": self.config.iterations,
+                "thresholds": {j: zoo.threshold(j) for j in self.judges}, "detected": self.info.get("detected"),
+                "images": self.info.get("images")}
+
+
+def robustness_adapter(request: Request) -> tuple[ApfAdapter, dict]:
+    """The adapter of a robustness request (the method is the gradient algorithm, default m-di2-fgsm; iterations
+    default 30, §4.1), and its settings. The server model fixes the surrogates and the budget."""
+    if request.surrogates:
+        raise FaceveilError("the apf protocol's surrogates are fixed by the server model (its probe and server "
+                            "models); leave `surrogates` out")
+    if request.mode != "crops":
+        raise FaceveilError(f"`mode` {request.mode!r}: the apf protocol runs in crops mode only (it perturbs the "
+                            "aligned face)")
+    algorithm = request.method or "m-di2-fgsm"
+    if algorithm not in GRADIENT_ALGORITHMS:
+        raise FaceveilError(f"`method` {algorithm!r} is not an APF gradient algorithm; known: "
+                            f"{', '.join(GRADIENT_ALGORITHMS)}")
+    if request.stage not in STAGES:
+        raise FaceveilError(f"`stage` {request.stage!r} is not an APF stage; known: {', '.join(STAGES)}")
+    iterations = request.iters if request.iters is not None else ITERATIONS
+    adapter = ApfAdapter(request.root, load_server_model(request.checkpoint), request.judges, algorithm,
+                         request.stage, request.limit, request.batch, request.seed, iterations, request.progress)
+    resolved = {"method": algorithm, "stage": request.stage,
+                "checkpoint": str(request.checkpoint or default_checkpoint()), "batch": request.batch,
+                "dataset": str(request.root)}
+    return adapter, resolved

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,20 +46,23 @@ from tqdm import tqdm
 from faceveil.attacks.budgets import scale_paste_l2
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
-from faceveil.datasets.faces import EmbeddingTable, embed_files, landmarks_for
+from faceveil.datasets.faces import EmbeddingTable, embed_files, embed_images, landmarks_for
 from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
-from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, embed_images, surrogate_groups
+from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, surrogate_groups
+from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
 from faceveil.methods import registry
 from faceveil.methods.base import PersonLearner, PersonMaskOptions
+from faceveil.methods.opom.learners import paper_config
 from faceveil.models import zoo
 
+DEFAULT_METHOD = "opom-convex"
 MIN_IMAGES = 12
 TRAIN_IMAGES = 10
 # Methods whose one mask is universal (FI-UAP-all, §3.3.2: learned on the training images of ALL protected persons):
 # learned once per surrogate set and applied to everybody.
 UNIVERSAL_METHODS = ("fi-uap-all",)
-DISTRACTORS_LIMITED = 2000  # distractor sample when --limit is given without --distractors: quick runs stay quick
+DISTRACTORS_LIMITED = 2000  # distractor sample of a limited run that names no count: quick runs stay quick
 TEST_IMAGES = 5  # test images per person (the command's default; the paper uses a handful per person)
 # §3.2.3 combined with momentum and DFANet (Tables 4-5): "+md" after a method name. Eq. 14: "mu is usually set to 1
 # following the original paper". Eq. 15 names the Bernoulli rate p_d without a value; 0.1 is the drop rate of the
@@ -106,17 +110,17 @@ def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None =
     do not depend on the distractor sample (separate random streams), and the test images under a cap are the
     first ones of the uncapped order (the cap does not change the persons nor their training images)."""
     if train_images < 1:
-        raise FaceveilError(f"--train-images must be at least 1, got {train_images}")
+        raise FaceveilError(f"`train_images` must be at least 1, got {train_images}")
     if test_images is not None and test_images < 2:
-        raise FaceveilError(f"--test-images must be at least 2 (one in the gallery, one probe) or 'all', "
+        raise FaceveilError(f"`test_images` must be at least 2 (one in the gallery, one probe) or None (all), "
                             f"got {test_images}")
     if min_images < train_images + 2:
-        raise FaceveilError(f"--min-images ({min_images}) must be at least --train-images + 2 ({train_images + 2}): "
+        raise FaceveilError(f"`min_images` ({min_images}) must be at least `train_images` + 2 ({train_images + 2}): "
                             "a person needs two test images (one in the gallery, one probe)")
     if limit is not None and limit < 1:
-        raise FaceveilError(f"--limit must be at least 1, got {limit}")
+        raise FaceveilError(f"`limit` must be at least 1, got {limit}")
     if distractors is not None and distractors < 1:
-        raise FaceveilError(f"--distractors must be at least 1 (or 'all'), got {distractors}")
+        raise FaceveilError(f"`distractors` must be at least 1 (or None: all), got {distractors}")
     rng = np.random.default_rng([seed, 0])
     names = sorted(people)
     eligible = [n for n in names if len(people[n]) >= min_images]
@@ -340,6 +344,28 @@ def judge_row(judge: str, group: GroupResult, split: Split, clean: EmbeddingTabl
             **scores, "psnr": float(np.mean(group.psnr)), "ssim": float(np.mean(group.ssim))}
 
 
+def attack_config(seed: int = 0, mode: str = "crops", eps: float | None = None, alpha: float | None = None,
+                  iters: int | None = None, momentum: float | None = None, dropout: float = 0.0,
+                  jitter: float | None = None) -> AttackConfig:
+    """The OPOM paper's configuration (faceveil.methods.opom.learners.paper_config) with the values given: eps and
+    alpha in 0..255 units, None = the paper's; jitter None = 2 crop pixels in photos mode, 0 in crops mode."""
+    changes: dict = {"dropout": dropout, "jitter": jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)}
+    if eps is not None:
+        changes["eps"] = eps / 255
+    if alpha is not None:
+        changes["alpha"] = alpha / 255
+    if iters is not None:
+        changes["steps"] = iters
+    if momentum is not None:
+        changes["momentum"] = momentum
+    for key in ("eps", "alpha", "dropout", "jitter"):
+        if changes.get(key, 0.0) < 0:
+            raise FaceveilError(f"`{key}` must not be negative")
+    if changes.get("dropout", 0.0) >= 1:
+        raise FaceveilError("`dropout` must be below 1")
+    return dataclasses.replace(paper_config(seed), **changes)
+
+
 @dataclass(frozen=True)
 class MethodRun:
     """One method of a run: its person learner and its settings (name, attack configuration, universal or not)."""
@@ -386,7 +412,7 @@ def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
         raise ValueError("at least one method")
     first = methods[0].settings
     if len({m.settings.method for m in methods}) < len(methods):
-        raise FaceveilError("--method lists a method twice")
+        raise FaceveilError("`method` lists a method twice")
     if any(m.settings.mode != first.mode for m in methods):
         raise ValueError("the methods of one run share the mode")
     files = sorted({f for p in split.people for f in p.train + p.test} | {f for _, f in split.distractors})
@@ -410,3 +436,115 @@ def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
             "clean_embed_seconds": clean_seconds, "redetect_failures": failures, "detected": info["detected"],
             "images": info["images"], "fallback_alignment_count": len(info["fallback_alignment"])}
     return rows, meta
+
+
+# ---- robustness ------------------------------------------------------------------------------------------------
+
+class OpomAdapter:
+    """`eval robustness` on this protocol (faceveil.evaluate.robustness), M-O setting: each masked test image of a
+    person is a probe against the person's other clean test images and the distractors; Top-1 / Top-5 protection
+    success rates pooled over persons (and masks: each mask has the same tests, so the pool is the mean over masks).
+    The gallery stays clean: only the probes go through the transforms."""
+
+    protocol = "opom"
+    metric = "top1_psr"
+
+    def __init__(self, split: Split, judges: list[str], surrogates: list[str] | None, learner: PersonLearner,
+                 settings: Settings) -> None:
+        self.split, self.judges, self.surrogates = split, judges, surrogates
+        self.learner, self.settings, self.mode = learner, settings, settings.mode
+        self.info: dict = {}
+        self.clean: EmbeddingTable | None = None  # the test images and distractors, clean
+        self.photo_redetect_failures: dict[str, int] = {}
+
+    def scenarios(self) -> Iterator[Scenario]:
+        people, progress = self.split.people, self.settings.progress
+        files = sorted({f for p in people for f in p.train + p.test} | {f for _, f in self.split.distractors})
+        landmarks, self.info = landmarks_for(files, progress)
+        clean_files = sorted({f for p in people for f in p.test} | {f for _, f in self.split.distractors})
+        self.clean = embed_files(self.judges, clean_files, landmarks, progress)
+        for group, group_judges in surrogate_groups(self.judges, self.surrogates).items():
+            start = time.perf_counter()
+            protected, clean, layout, quality = self._mask_everybody(list(group), landmarks)
+            names = [people[index].name for index, rows in layout for _ in rows]
+            yield Scenario(list(group), group_judges, protected, clean, names, round(time.perf_counter() - start, 2),
+                           quality, context=layout)
+
+    def _mask_everybody(self, surrogates: list[str], landmarks: dict[Path, np.ndarray]):
+        """Every person's masks learned with these surrogates (as mask_group: same seeds, same masks) and applied
+        to its test images; the images are kept (the protocol itself keeps embeddings only)."""
+        ensemble, settings, people = Ensemble(surrogates), self.settings, self.split.people
+        detector = None
+        if settings.mode == "photos":
+            from faceveil.detect.mtcnn import default_detector
+
+            detector = default_detector()
+        universal = None
+        if settings.universal:
+            everybody = tuple(f for p in people for f in p.train)
+            universal = learn_masks(everybody, landmarks, ensemble, self.learner, settings, settings.attack)
+        protected, clean, layout = ProbeImages([], []), ProbeImages([], []), []
+        psnr, ssim, failures = [], [], 0
+        with tempfile.TemporaryDirectory(prefix="faceveil-robust-opom-") as tmp:
+            bar = tqdm(people, desc=f"masks ({'+'.join(surrogates)})", disable=not settings.progress, unit="person")
+            for index, person in enumerate(bar):
+                masks = universal if universal is not None else learn_masks(
+                    person.train, landmarks, ensemble, self.learner, settings,
+                    person_config(settings.attack, index))  # the protocol's own per-person seed
+                for mask in masks:
+                    masked = apply_mask(person.test, landmarks, mask, settings, Path(tmp), detector)
+                    first = len(protected.images)
+                    protected.images.extend(masked.images)
+                    protected.landmarks.extend(masked.landmarks)
+                    clean.images.extend(masked.clean_images)
+                    clean.landmarks.extend(masked.clean_landmarks)
+                    layout.append((index, range(first, len(protected.images))))
+                    psnr += masked.psnr
+                    ssim += masked.ssim
+                    failures += masked.redetect_failures
+        self.photo_redetect_failures["+".join(surrogates)] = failures
+        return protected, clean, layout, {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
+
+    def rates(self, scenario: Scenario, judge: str, embeddings: torch.Tensor) -> dict[str, float]:
+        if self.clean is None:
+            raise RuntimeError("scenarios() has not run yet")
+        metric, split = zoo.spec(judge).metric, self.split
+        distractors = self.clean.of(judge, [f for _, f in split.distractors])
+        names = [n for n, _ in split.distractors]
+        tally = Tally()
+        for index, rows in scenario.context:
+            person = split.people[index]
+            others = distractors[torch.tensor([i for i, n in enumerate(names) if n != person.name], dtype=torch.long)]
+            originals = self.clean.of(judge, person.test)
+            probes = embeddings[torch.tensor(list(rows), dtype=torch.long)]
+            tally.add(own_ranks(metric, probes, originals, sorted_scores(metric, probes, others)))
+        top1, top5 = tally.rates()
+        return {"top1_psr": top1, "top5_psr": top5, "tests": tally.tests}
+
+    def meta(self) -> dict:
+        return {**self.split.counts(), "detected": self.info.get("detected"), "images": self.info.get("images"),
+                "fallback_alignment_count": len(self.info.get("fallback_alignment", [])),
+                "protected_photo_redetect_failures": self.photo_redetect_failures, "setting": "M-O"}
+
+
+def robustness_adapter(request: Request) -> tuple[OpomAdapter, dict]:
+    """The adapter of a robustness request (method default opom-convex, budget default OPOM §4.1), and its
+    settings."""
+    from faceveil.datasets.lfw import identities
+
+    method = request.method or DEFAULT_METHOD
+    attack = attack_config(request.seed, request.mode, request.eps, request.alpha, request.iters, request.momentum,
+                           request.dropout, request.jitter)
+    base = Settings(mode=request.mode, attack=attack, batch=request.batch, progress=request.progress)
+    chosen = registry_method(method, request.masks, base)  # "+md": momentum 1 and DFANet dropout (§3.2.3)
+    attack = chosen.settings.attack
+    min_images = MIN_IMAGES if request.min_images is None else request.min_images
+    train_images = TRAIN_IMAGES if request.train_images is None else request.train_images
+    split = make_split(identities(request.root), request.seed, request.limit, min_images, train_images,
+                       request.distractors, request.test_images)
+    resolved = {"method": method, "masks": request.masks, "eps": round(attack.eps * 255, 4),
+                "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
+                "dropout": attack.dropout, "jitter": attack.jitter,
+                "distractors": "all" if request.distractors is None else request.distractors,
+                "batch": request.batch, "dataset": str(request.root)}
+    return OpomAdapter(split, request.judges, request.surrogates, chosen.learner, chosen.settings), resolved

@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
-from faceveil.datasets.faces import embed_files, landmarks_for
+from faceveil.datasets.faces import embed_files, embed_images, landmarks_for
 from faceveil.datasets.lfw import identities
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
 from faceveil.detect.cache import load_rgb
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
+from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
 from faceveil.methods import registry
 from faceveil.methods.base import ImageMethod, MethodOptions
 from faceveil.methods.targets import TargetIdentity, TargetSet, target_face
@@ -231,12 +232,6 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
     return out
 
 
-def embed_images(judge: str, images: list[np.ndarray], landmarks: list[np.ndarray]) -> torch.Tensor:
-    model = zoo.load(judge)
-    crops = np.stack([align(im, m, model.spec.geometry) for im, m in zip(images, landmarks, strict=True)])
-    return zoo.embed_crops(model, crops)
-
-
 def _rate(hits: list[bool]) -> float:
     return float(np.mean(hits)) if hits else 0.0
 
@@ -339,3 +334,61 @@ def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: S
             rows.append(row)
     meta = {**prepared.meta(), "protect_seconds": timings, "redetect_failures": failures}
     return rows, meta
+
+
+# ----------------------------------------------------------------------------------------------- robustness
+
+
+class TipImAdapter:
+    """`eval robustness` on this protocol (faceveil.evaluate.robustness): Rank-1-UT against the gallery."""
+
+    protocol = "tip-im"
+    metric = "rank1_ut"
+
+    def __init__(self, root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings,
+                 seed: int = 0, limit: int | None = None, extra: int | None = None) -> None:
+        self.root, self.judges, self.surrogates = root, judges, surrogates
+        self.settings, self.seed, self.limit, self.extra = settings, seed, limit, extra
+        self.mode = settings.mode
+        self.prepared: Prepared | None = None
+        self.photo_redetect_failures: dict[str, int] = {}
+
+    def scenarios(self) -> Iterator[Scenario]:
+        self.prepared = prepare(self.root, self.judges, self.settings, self.seed, self.limit, self.extra)
+        names = [n for n, _ in self.prepared.split.probes]
+        for group in protect_groups(self.prepared, self.judges, self.surrogates, self.settings):
+            p = group.protected
+            self.photo_redetect_failures["+".join(group.surrogates)] = p.redetect_failures
+            yield Scenario(group.surrogates, group.judges, ProbeImages(p.images, p.landmarks),
+                           ProbeImages(p.clean_images, p.clean_landmarks), names, group.seconds,
+                           {"psnr": float(np.mean(p.psnr)), "ssim": float(np.mean(p.ssim))})
+
+    def rates(self, scenario: Scenario, judge: str, embeddings: torch.Tensor) -> dict[str, float]:
+        split = self._prepared().split
+        scores = zoo.score_matrix(zoo.spec(judge).metric, embeddings, self._prepared().galleries[judge])
+        return rank_metrics(scores, [n for n, _ in split.gallery], [n for n, _ in split.probes],
+                            {n for n, _ in split.targets})
+
+    def meta(self) -> dict:
+        return {**self._prepared().meta(), "protected_photo_redetect_failures": self.photo_redetect_failures}
+
+    def _prepared(self) -> Prepared:
+        if self.prepared is None:
+            raise RuntimeError("scenarios() has not run yet")
+        return self.prepared
+
+
+def robustness_adapter(request: Request) -> tuple[TipImAdapter, dict]:
+    """The adapter of a robustness request (method default pgd, budget default TIP-IM §5.1), and its settings."""
+    method = request.method or "pgd"
+    registry.check_kind(method, "image")
+    given = {k: getattr(request, k) for k in ("eps", "alpha", "iters", "momentum")}
+    eps, alpha, iters, momentum = (registry.TIP_IM_PAPER[k] if v is None else v for k, v in given.items())
+    settings = settings_for(method, request.mode, eps, alpha, iters, momentum, request.jitter, request.gamma,
+                            request.batch, request.seed, request.progress)
+    adapter = TipImAdapter(request.root, request.judges, request.surrogates, settings, request.seed, request.limit,
+                           request.extra)
+    resolved = {"method": method, "eps": eps, "alpha": alpha, "iters": iters, "momentum": momentum,
+                "jitter": settings.attack.jitter, "gamma": request.gamma, "batch": request.batch,
+                "dataset": str(adapter.root)}
+    return adapter, resolved

@@ -69,7 +69,7 @@ def packaged_path(name: str) -> Path:
     path = Path(str(resources.files("faceveil").joinpath(f"data/advcloak/{PACKAGED[name]}")))
     if not path.is_file():
         raise FaceveilError(f"the packaged generator {PACKAGED[name]} is missing from faceveil/data/advcloak "
-                            "(train one with `faceveil train advcloak` and pass --generator)")
+                            "(reinstall faceveil, or train one with `faceveil train advcloak`)")
     return path
 
 

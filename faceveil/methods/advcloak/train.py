@@ -303,12 +303,12 @@ def _prepare(data: dict, s: TrainSettings, resume: bool, output: Path) -> tuple[
     if key in data and not resume:
         state = data[key]
         what = "finished" if state.get("done") else f"partial (step {state['step']})"
-        raise FaceveilError(f"{output} already holds a {what} stage {s.stage}: pass --resume to continue it, "
-                            "or choose another -o")
+        raise FaceveilError(f"{output} already holds a {what} stage {s.stage}: pass `resume` to continue it, or "
+                            "choose another `output`")
     if key in data:
         state = data[key]
         if s.stage == 2 and state.get("subspace") != s.subspace:
-            raise FaceveilError(f"{output} holds stage II with --subspace {state.get('subspace')}, "
+            raise FaceveilError(f"{output} holds stage II with `subspace` {state.get('subspace')}, "
                                 f"not {s.subspace}")
         nets = _networks_from(data, state)
         nets.make_optimisers(s.lr)
@@ -318,8 +318,8 @@ def _prepare(data: dict, s: TrainSettings, resume: bool, output: Path) -> tuple[
     if s.stage == 2:
         first = data.get("stage1")
         if not first or not first.get("done"):
-            raise FaceveilError(f"stage II starts from a finished stage I: {output} has none (train --stage 1 "
-                                "first, or pass --init STAGE1.pt)")
+            raise FaceveilError(f"stage II starts from a finished stage I: {output} has none (train stage I "
+                                "first, or start from a checkpoint with a finished stage I)")
         nets = _networks_from(data, first)  # G^II and D^II start as G^I and D^I
     else:
         torch.manual_seed(s.seed)
@@ -333,7 +333,7 @@ def train_stage(faces: FaceSet, s: TrainSettings, output: Path, data: dict, resu
     """Run (or continue) one stage, checkpointing into `output`; `data` is the checkpoint so far (updated)."""
     s = s.resolved()
     if s.subspace not in losses.SUBSPACES:
-        raise FaceveilError(f"--subspace takes {', '.join(losses.SUBSPACES)}, got {s.subspace!r}")
+        raise FaceveilError(f"`subspace` takes {', '.join(losses.SUBSPACES)}, got {s.subspace!r}")
     nets, start = _prepare(data, s, resume, output)
     per_epoch, batch_at = (stage1_batches if s.stage == 1 else stage2_batches)(faces, s)
     steps = max(1, math.ceil(s.epochs * per_epoch))

@@ -37,9 +37,9 @@ class NoiseClient:
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FaceveilError(f"--server takes an http(s)://HOST:PORT address, got {url!r}")
+            raise FaceveilError(f"`server` takes an http(s)://HOST:PORT address, got {url!r}")
         if parts.query or parts.fragment or parts.username:
-            raise FaceveilError(f"--server takes a plain http(s)://HOST:PORT[/path] address, got {url!r}")
+            raise FaceveilError(f"`server` takes a plain http(s)://HOST:PORT[/path] address, got {url!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         handlers = [urllib.request.ProxyHandler({})] if is_loopback(parts.hostname) else []

@@ -239,7 +239,7 @@ def check_host(host: str, public: bool) -> None:
     if not is_loopback(host) and not public:
         raise FaceveilError(f"refusing to listen on {host}: a face's gradient is personal data and this server has "
                             "no TLS and no authentication; serve on 127.0.0.1 behind a TLS reverse proxy, or pass "
-                            "--public if you accept that")
+                            "`public` if you accept that")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -80,7 +80,7 @@ class TrainSettings:
     def weights(self) -> list[float]:
         w = self.server_weights or [1.0] * len(self.server_models)
         if len(w) != len(self.server_models) or min(w) < 0 or sum(w) <= 0:
-            raise FaceveilError("--server-weights needs one non-negative weight per server model")
+            raise FaceveilError("`server_weights` needs one non-negative weight per server model")
         return [x / sum(w) for x in w]
 
     def validate(self) -> TrainSettings:
@@ -91,7 +91,7 @@ class TrainSettings:
         if self.client.probe in self.server_models:
             raise FaceveilError(f"the probe {self.client.probe!r} cannot also be a server model")
         if self.images < 1 or self.batch < 1 or min(self.epochs, self.transfer_epochs, self.universal_epochs) < 0:
-            raise FaceveilError("--images and --batch must be positive, epochs non-negative")
+            raise FaceveilError("`images` and `batch` must be positive, epochs non-negative")
         self.weights()
         self.client.validate()
         return self
@@ -233,14 +233,14 @@ class Trainer:
 
     def _load_resume(self) -> None:
         if not self.resume_path.is_file():
-            raise FaceveilError(f"--resume: no resume file {self.resume_path}")
+            raise FaceveilError(f"`resume`: no resume file {self.resume_path}")
         try:
             state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
             saved = json.loads(state["settings_json"])
         except Exception as exc:
             raise FaceveilError(f"{self.resume_path} is not a readable resume file ({type(exc).__name__})") from None
         if saved != json.loads(json.dumps(self._resume_settings())):
-            raise FaceveilError(f"{self.resume_path} was made with other settings; run without --resume")
+            raise FaceveilError(f"{self.resume_path} was made with other settings; run without `resume`")
         self.model = model_from_payload(state["model"], str(self.resume_path))
         self.done = {p: int(state["done"][p]) for p in PHASES}
         self.history = json.loads(state["history_json"])
