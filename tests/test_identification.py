@@ -11,13 +11,8 @@ import torch
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.datasets.lfw import identities
-from faceveil.evaluate.protocols.tip_im import (
-    GALLERY_CAP,
-    TARGET_IDENTITIES,
-    make_split,
-    rank_metrics,
-    surrogate_groups,
-)
+from faceveil.datasets.splits import GALLERY_CAP, TARGET_IDENTITIES, make_split
+from faceveil.evaluate.protocols.tip_im import rank_metrics, surrogate_groups
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 
 ROW_KEYS = {"judge", "method", "surrogates", "white_box", "mode", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut",

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from conftest import needs_weights
 
 from faceveil.attacks.core import AttackConfig, Ensemble, feature_dropout, loss_gradient, run_attack
 from faceveil.attacks.faces import from_photos
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.errors import FaceveilError
 from faceveil.io import weights
+from faceveil.io.images import read_image
 from faceveil.methods import registry
 from faceveil.methods.base import PersonMaskOptions
 from faceveil.methods.opom import learners
@@ -34,12 +34,12 @@ class Person:
         for index in (0, 2):
             found, _ = detect_file(photos[index], max_side=1024)
             face = sorted(found, key=lambda f: -f.size)[1]
-            images.append(np.array(load_rgb(photos[index])))
+            images.append(read_image(photos[index]).rgb)
             marks.append(face.landmarks)
         self.batch = from_photos(images, marks, self.ensemble.geometries, "crops")
         found, _ = detect_file(photos[1], max_side=1024)
         other = max(found, key=lambda f: f.size)
-        self.other = from_photos([np.array(load_rgb(photos[1]))], [other.landmarks], self.ensemble.geometries,
+        self.other = from_photos([read_image(photos[1]).rgb], [other.landmarks], self.ensemble.geometries,
                                  "crops")
 
 

@@ -24,9 +24,10 @@ from faceveil.attacks.core import (
 from faceveil.attacks.faces import from_photos
 from faceveil.attacks.losses import feature_distance
 from faceveil.cli import build_parser, main
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.detect.mtcnn import MTCNN
 from faceveil.io import weights
+from faceveil.io.images import read_image
 
 CFG = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=3, momentum=1.0)
 
@@ -43,7 +44,7 @@ class World:
         self.faces = {}
         for i in (0, 2):  # sample1 (3 other people), sample3 (the protected person and 3 others)
             found, _ = detect_file(photos[i], self.detector, max_side=1024)
-            image = np.array(load_rgb(photos[i]))  # writable: torch warns on read-only arrays
+            image = read_image(photos[i]).rgb  # writable: torch warns on read-only arrays
             sure = [f for f in sorted(found, key=lambda f: -f.size) if f.score >= MIN_SAMPLE_SCORE]  # real faces
             self.faces[i] = [(image, f.landmarks) for f in sure]
         image, marks = self.faces[2][0]

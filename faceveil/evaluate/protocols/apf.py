@@ -38,9 +38,9 @@ from faceveil.datasets.faces import landmarks_for
 from faceveil.datasets.lfw import Pair, identities, read_pairs
 from faceveil.detect import canonical as C
 from faceveil.detect.align import transform_points, warp_matrix
-from faceveil.detect.cache import load_rgb
 from faceveil.evaluate.protocols.tip_im import embed_images
 from faceveil.evaluate.quality import ssim
+from faceveil.io.images import read_image
 from faceveil.io.results import markdown_table, write_outputs
 from faceveil.methods.apf.networks import ApfServerModel, default_checkpoint
 from faceveil.methods.apf.probe import (
@@ -143,7 +143,7 @@ class Judges:
         return {j: embed_images(j, images, canonical) for j in self.judges}
 
     def photos(self, files: list[Path], landmarks: dict[Path, np.ndarray]) -> dict[str, torch.Tensor]:
-        photos = [np.array(load_rgb(f)) for f in files]
+        photos = [read_image(f).rgb for f in files]
         return {j: embed_images(j, photos, [landmarks[f] for f in files]) for j in self.judges}
 
 

@@ -46,9 +46,9 @@ from faceveil.attacks.budgets import scale_paste_l2
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
 from faceveil.datasets.faces import EmbeddingTable, embed_files, landmarks_for
-from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, embed_images, surrogate_groups
+from faceveil.io.images import read_image
 from faceveil.methods import registry
 from faceveil.methods.base import PersonLearner, PersonMaskOptions
 from faceveil.models import zoo
@@ -225,7 +225,7 @@ class GroupResult:
 
 
 def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarray]):
-    return [np.array(load_rgb(f)) for f in files], [landmarks[f] for f in files]
+    return [read_image(f).rgb for f in files], [landmarks[f] for f in files]
 
 
 def learn_masks(train: tuple[Path, ...], landmarks: dict[Path, np.ndarray], ensemble: Ensemble,
