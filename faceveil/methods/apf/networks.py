@@ -43,11 +43,6 @@ DEFAULT_DEPTH = 3  # down-samplings of the U-Net
 _GROUPS = 4  # GroupNorm groups: per-sample normalisation, so a request's answer never depends on its batch
 
 
-def grid_from_canonical(noise: torch.Tensor) -> torch.Tensor:
-    """Canonical-space noise [B,3,256,256] -> APF_GRID [B,3,S,S] (area average: stays within the same budget)."""
-    return F.interpolate(noise, size=(APF_GRID, APF_GRID), mode="area")
-
-
 def canonical_from_grid(noise: torch.Tensor) -> torch.Tensor:
     """APF_GRID noise [B,3,S,S] -> canonical space [B,3,256,256] (bilinear: stays within the same budget)."""
     size = C.CANONICAL_SIZE
