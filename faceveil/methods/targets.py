@@ -134,7 +134,7 @@ def _faces_in(path: Path, detector: MTCNN) -> tuple[np.ndarray, list[Face]]:
     if not faces:
         pad = round(RETRY_PAD * max(image.shape[:2]))
         padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        faces = [Face(tuple(v - pad for v in f.box), f.score, f.landmarks - pad)  # type: ignore[arg-type]
+        faces = [Face(tuple(v - pad for v in f.box), f.score, f.landmarks - pad)
                  for f in detector.detect_large(padded)]
     return image, sorted(faces, key=lambda f: -f.size)
 

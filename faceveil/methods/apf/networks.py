@@ -70,6 +70,7 @@ class TransferUNet(nn.Module):
         self.up = nn.ModuleList(_block(channels[i + 1] + channels[i], channels[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(channels[0], 3, 1)
         nn.init.zeros_(self.head.weight)
+        assert self.head.bias is not None
         nn.init.zeros_(self.head.bias)
         self.depth = depth
 
@@ -108,6 +109,8 @@ class Enhancement(nn.Module):
 
 class ApfServerModel(nn.Module):
     """T + u + E on APF_GRID: forward(g) = s = clip_eps(T(g) + E(u)) (Eq. 9); transferred(g) = g_hat = T(g)."""
+
+    universal: torch.Tensor  # u [1,3,S,S], a buffer
 
     def __init__(self, eps: float = 8 / 255, width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH,
                  meta: dict | None = None):
