@@ -139,6 +139,7 @@ def _tiny_run(stage: int, data: dict, tmp_path, name: str, epochs: float = 1, re
 
 
 @needs_weights
+@pytest.mark.slow
 def test_one_training_step_lowers_the_generator_loss():
     from faceveil.attacks.core import Ensemble
     from faceveil.methods.advcloak import train
@@ -160,6 +161,7 @@ def test_one_training_step_lowers_the_generator_loss():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_training_is_seeded_and_resumable(tmp_path):
     from faceveil.methods.advcloak import train
 
@@ -181,6 +183,7 @@ def test_training_is_seeded_and_resumable(tmp_path):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     from faceveil.methods.advcloak import train
 
@@ -198,6 +201,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 @needs_weights
 @needs_lfw
+@pytest.mark.slow
 def test_cli_trains_tiny_run_and_exports(tmp_path):
     from faceveil.cli import main
 

@@ -20,7 +20,8 @@ from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.pipeline.maskfile import load_mask
 
-pytestmark = needs_weights
+# Every test here uses the module's enroll run (the `enrolled` fixture, tens of seconds): all are slow.
+pytestmark = [needs_weights, pytest.mark.slow]
 
 
 def _person_crop(index: int, path: Path) -> Path:

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
@@ -70,6 +71,7 @@ def test_split_disjoint_and_deterministic():
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_tiny_pgd_run_crops(tmp_path):
     from faceveil.cli import main
 

@@ -143,6 +143,7 @@ def _method(world: World, **settings):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_gamma_changes_the_perturbation(world: World):
     cfg = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=2, momentum=1.0)
     plain = _method(world, method="tip-im", gamma=0.0, max_targets=2)(world.batch, world.ensemble, cfg)
@@ -153,6 +154,7 @@ def test_gamma_changes_the_perturbation(world: World):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_gain_rand_changes_target_statistics(world: World):
     cfg = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=6, momentum=1.0)
     greedy = _method(world, method="tip-im", gain="g", max_targets=3)(world.batch, world.ensemble, cfg).history[:, 0]
@@ -173,6 +175,7 @@ def _mim_at(world: World, cfg: AttackConfig, targets, position: int):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
     from faceveil.methods import baselines, tip_im
 
@@ -213,6 +216,7 @@ def test_cli_flags_reach_the_settings():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_cli_uses_targets_dir_and_reports_the_target(tmp_path: Path, world: World):
     from faceveil.methods.targets import target_face
 
