@@ -144,6 +144,7 @@ def _faces(names: list[str], geometries: list[str]):
 @needs_weights
 @needs_lfw
 @pytest.mark.parametrize("algorithm", ["fgsm", "i-fgsm", "mi-fgsm", "di2-fgsm", "m-di2-fgsm"])
+@pytest.mark.slow
 def test_probe_gradient_within_eps_and_moves_away(algorithm):
     from faceveil.attacks.core import Ensemble, clean_embeddings, ensemble_distance, perturbed_embeddings
     from faceveil.methods.apf.probe import ApfClientConfig, on_grid, probe_gradient
@@ -164,6 +165,7 @@ def test_probe_gradient_within_eps_and_moves_away(algorithm):
 
 @needs_weights
 @needs_lfw
+@pytest.mark.slow
 def test_self_protection_and_offset_seeded():
     from faceveil.attacks.core import Ensemble, clean_embeddings, ensemble_distance, perturbed_embeddings
     from faceveil.methods.apf.probe import ApfClientConfig, feature_offsets, on_grid, probe_gradient
@@ -221,6 +223,7 @@ def test_training_identities_never_in_pairs():
 
 @needs_weights
 @needs_lfw
+@pytest.mark.slow
 def test_tiny_training_lowers_loss_and_resumes(tmp_path, monkeypatch):
     from faceveil.methods.apf import train as T
     from faceveil.methods.apf.probe import ApfClientConfig
@@ -260,6 +263,7 @@ def test_packaged_checkpoint_loads():
 
 @needs_weights
 @needs_lfw
+@pytest.mark.slow
 def test_eval_verification_asr_tiny(tmp_path):
     from faceveil.cli import main
 

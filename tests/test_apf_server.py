@@ -326,6 +326,7 @@ def _split_request(raw: bytes) -> tuple[str, dict[str, str], bytes]:
 
 
 @needs_weights
+@pytest.mark.slow
 def test_protect_a_photo_through_the_server_sends_only_the_gradient(url, tmp_path: Path, capsys):
     """`faceveil protect --method apf --server URL` on a sample photo, every byte to the server recorded."""
     from faceveil.cli import main

@@ -15,11 +15,13 @@ from conftest import needs_weights
 from PIL import Image
 
 from faceveil.cli import main
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.io import weights
+from faceveil.io.images import read_image
 from faceveil.pipeline.maskfile import load_mask
 
-pytestmark = needs_weights
+# Every test here uses the module's enroll run (the `enrolled` fixture, tens of seconds): all are slow.
+pytestmark = [needs_weights, pytest.mark.slow]
 
 
 def _person_crop(index: int, path: Path) -> Path:
@@ -29,7 +31,7 @@ def _person_crop(index: int, path: Path) -> Path:
     face = sorted(found, key=lambda f: -f.size)[1]
     x1, y1, x2, y2 = face.box
     w = x2 - x1
-    image = load_rgb(photo)
+    image = read_image(photo).rgb
     box = (int(max(0, x1 - w)), int(max(0, y1 - w)), int(min(image.shape[1], x2 + w)),
            int(min(image.shape[0], y2 + w)))
     Image.fromarray(image[box[1]:box[3], box[0]:box[2]]).save(path, quality=95)
@@ -89,7 +91,7 @@ def test_apply_masks_only_the_enrolled_person(enrolled: dict, tmp_path: Path) ->
     assert without["status"] == "no_face" and without["output"] is None
     assert sorted(p.name for p in out.iterdir()) == ["sample1.png"]
 
-    before = load_rgb(samples[0]).astype(int)
+    before = read_image(samples[0]).rgb.astype(int)
     after = np.asarray(Image.open(out / "sample1.png").convert("RGB")).astype(int)
     for face in with_him["details"]["faces"]:
         x1, y1, x2, y2 = (int(v) for v in face["box"])

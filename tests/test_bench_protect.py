@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import needs_weights
 
 
 @needs_weights
+@pytest.mark.slow
 def test_floor_is_positive_and_grows_with_iterations():
     from faceveil.bench.protect import floor_seconds
 
@@ -22,6 +24,7 @@ def test_bench_protect_is_a_command():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_folder_case_batches_the_sample_photos(tmp_path):
     """The folder case runs every sample photo through one protector, faces of consecutive photos together, and
     its floor covers exactly the batches it made."""
@@ -69,6 +72,7 @@ def test_network_clock_times_forward_and_backward_inside_a_run():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_network_clock_counts_each_of_two_networks_on_one_input_once():
     """Two recognisers of one geometry read the same crops tensor: each network's backward is timed from its own
     output node to its own view of the input, so the clock never counts one network's backward twice (with hooks

@@ -67,6 +67,7 @@ def test_protect_end_to_end(tmp_path: Path, capsys):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_consecutive_photos_are_optimised_together_each_reporting_its_own_result(tmp_path: Path):
     """Faces of consecutive photos share one optimisation (--batch-faces); a broken file and a photo without a face
     between them still report their own status, every good photo is written and verified, and the same seed gives
@@ -186,6 +187,7 @@ def _twenty_faces(path: Path) -> None:
 
 
 @needs_weights
+@pytest.mark.slow
 def test_twenty_faces_all_protected(tmp_path: Path):
     src = tmp_path / "in" / "group.jpg"
     src.parent.mkdir()

@@ -271,6 +271,7 @@ def test_cache_treats_broken_entry_as_miss(tmp_path: Path) -> None:
 @needs_mtcnn
 @needs_lfw
 @pytest.mark.lfw
+@pytest.mark.slow
 def test_lfw_detection_rate(detector: MTCNN) -> None:
     images = sorted((LFW / "images").glob("*/*.jpg"))
     chosen = images[:: max(1, len(images) // 200)][:200]

@@ -7,17 +7,13 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.datasets.lfw import identities
-from faceveil.evaluate.protocols.tip_im import (
-    GALLERY_CAP,
-    TARGET_IDENTITIES,
-    make_split,
-    rank_metrics,
-    surrogate_groups,
-)
+from faceveil.datasets.splits import GALLERY_CAP, TARGET_IDENTITIES, make_split
+from faceveil.evaluate.protocols.tip_im import rank_metrics, surrogate_groups
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 
 ROW_KEYS = {"judge", "method", "surrogates", "white_box", "mode", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut",
@@ -75,6 +71,7 @@ def test_split_disjoint_and_deterministic():
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_tiny_pgd_run_crops(tmp_path):
     from faceveil.cli import main
 

@@ -30,6 +30,7 @@ def reference() -> tuple[torch.Tensor, np.ndarray]:
 
 @needs_model
 @pytest.mark.parametrize("fast", [True, False], ids=["folded-channels-last", "as-dlib"])
+@pytest.mark.slow
 def test_matches_dlib_cpp(reference: tuple[torch.Tensor, np.ndarray], fast: bool) -> None:
     inputs, expected = reference
     model = load_dlib_resnet(MODEL, fold=fast, channels_last=fast)
@@ -43,6 +44,7 @@ def test_matches_dlib_cpp(reference: tuple[torch.Tensor, np.ndarray], fast: bool
 
 
 @needs_model
+@pytest.mark.slow
 def test_batch_of_one_agrees_with_batch(reference: tuple[torch.Tensor, np.ndarray]) -> None:
     inputs, _ = reference
     model = load_dlib_resnet(MODEL)

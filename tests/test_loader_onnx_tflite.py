@@ -78,6 +78,7 @@ def test_matches_original_runtime(loaded: Loaded, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.slow
 def test_any_batch_size_and_layout(loaded: Loaded, name: str) -> None:
     """The files fix the batch (1 for mfn512, 2 for mfn192); the modules must not."""
     model, x, _ = loaded(name)
@@ -95,6 +96,7 @@ def test_any_batch_size_and_layout(loaded: Loaded, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.slow
 def test_input_gradient_matches_finite_differences(loaded: Loaded, name: str) -> None:
     model, x, _ = loaded(name)
     path, load, _ = MODELS[name]

@@ -82,6 +82,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", list(OUTPUT_NODE))
+@pytest.mark.slow
 def test_input_gradient_matches_finite_differences(name: str) -> None:
     model = load(name)
     model64 = copy.deepcopy(model).double()

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from conftest import needs_weights
 
 from faceveil.attacks.core import AttackConfig, Ensemble, feature_dropout, loss_gradient, run_attack
 from faceveil.attacks.faces import from_photos
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.errors import FaceveilError
 from faceveil.io import weights
+from faceveil.io.images import read_image
 from faceveil.methods import registry
 from faceveil.methods.base import PersonMaskOptions
 from faceveil.methods.opom import learners
@@ -34,12 +34,12 @@ class Person:
         for index in (0, 2):
             found, _ = detect_file(photos[index], max_side=1024)
             face = sorted(found, key=lambda f: -f.size)[1]
-            images.append(np.array(load_rgb(photos[index])))
+            images.append(read_image(photos[index]).rgb)
             marks.append(face.landmarks)
         self.batch = from_photos(images, marks, self.ensemble.geometries, "crops")
         found, _ = detect_file(photos[1], max_side=1024)
         other = max(found, key=lambda f: f.size)
-        self.other = from_photos([np.array(load_rgb(photos[1]))], [other.landmarks], self.ensemble.geometries,
+        self.other = from_photos([read_image(photos[1]).rgb], [other.landmarks], self.ensemble.geometries,
                                  "crops")
 
 
@@ -53,6 +53,7 @@ def _learn(person: Person, method: str, cfg: AttackConfig = CFG, **options) -> t
 
 
 @pytest.mark.parametrize("method", [e.name for e in registry.ENTRIES if e.paper == "OPOM" and e.name != "gap"])
+@pytest.mark.slow
 def test_each_method_increases_its_objective(person: Person, method: str) -> None:
     start = _learn(person, method, dataclasses.replace(CFG, steps=0))  # Delta_0 ~ U(-eps, eps), same seed
     learned = _learn(person, method)
@@ -63,6 +64,7 @@ def test_each_method_increases_its_objective(person: Person, method: str) -> Non
     assert float(learned.abs().max()) <= CFG.eps + 1e-7
 
 
+@pytest.mark.slow
 def test_gap_training_increases_its_loss(person: Person) -> None:
     untrained = _learn(person, "gap", gap_epochs=0)
     trained = _learn(person, "gap", gap_epochs=3)
@@ -95,6 +97,7 @@ def test_owner_must_cover_every_mask(person: Person) -> None:
                    owner=torch.tensor([0, 2]))
 
 
+@pytest.mark.slow
 def test_diverse_masks_differ(person: Person) -> None:
     masks = _learn(person, "opom-convex", masks=2)
     assert masks.shape == (2, 3, 256, 256)
@@ -106,6 +109,7 @@ def test_diverse_masks_differ(person: Person) -> None:
     assert not torch.equal(plain[0], plain[1])
 
 
+@pytest.mark.slow
 def test_same_seed_same_mask(person: Person) -> None:
     a = _learn(person, "opom-convex")
     b = _learn(person, "opom-convex")

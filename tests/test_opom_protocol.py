@@ -189,6 +189,7 @@ def _random_masks(batch, ensemble, cfg: AttackConfig, options=None, progress=Fal
 @needs_lfw
 @needs_weights
 @pytest.mark.parametrize("mode", ["crops", "photos"])
+@pytest.mark.slow
 def test_tiny_run_with_a_stand_in_learner(mode):
     from faceveil.datasets.lfw import identities
 
@@ -208,6 +209,7 @@ def test_tiny_run_with_a_stand_in_learner(mode):
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_several_methods_share_one_clean_pass(monkeypatch):
     """Two methods in one run: the clean faces are embedded once, one row per (method, judge), each method with its
     own configuration ("+md": momentum 1, DFANet dropout), and the single-method run gives the same row."""
@@ -241,6 +243,7 @@ def test_several_methods_share_one_clean_pass(monkeypatch):
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_universal_method_learns_once_on_everybody():
     """FI-UAP-all: one mask per surrogate set, learned on all protected persons' training images."""
     from faceveil.datasets.lfw import identities
@@ -259,6 +262,7 @@ def test_universal_method_learns_once_on_everybody():
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_cli_tiny_run(tmp_path):
     from faceveil.cli import main
 

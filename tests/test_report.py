@@ -229,6 +229,7 @@ def _assert_not_blank(pixels: np.ndarray) -> None:
 
 @needs_weights
 @needs_chromium
+@pytest.mark.slow
 def test_real_protect_and_eval_reports_in_headless_chromium(tmp_path: Path):
     sample = str(weights.sample_photos()[0])
     report = tmp_path / "protect.html"

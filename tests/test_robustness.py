@@ -165,6 +165,7 @@ def test_adaptive_probe_recovers_linear_distortion():
     assert probe.relative_lambda == min(adaptive.LAMBDA_GRID)  # exact linear data: the least shrinkage wins
 
 
+@pytest.mark.slow
 def test_adaptive_cross_fit_never_trains_on_a_test_identity():
     clean, protected = _distorted(60, 8, 1)
     identities = [f"id{i // 3}" for i in range(60)]  # 3 images each: folds must keep an identity together
@@ -185,6 +186,7 @@ def test_adaptive_cross_fit_never_trains_on_a_test_identity():
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_tiny_cli_run_on_lfw(tmp_path):
     from faceveil.cli import main
 
@@ -205,6 +207,7 @@ def test_tiny_cli_run_on_lfw(tmp_path):
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_tiny_cli_run_opom_protocol(tmp_path):
     from faceveil.cli import main
 
@@ -226,6 +229,7 @@ def test_tiny_cli_run_opom_protocol(tmp_path):
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_tiny_cli_run_apf_protocol(tmp_path):
     from faceveil.cli import main
     from faceveil.methods.apf.networks import ApfServerModel, save_server_model

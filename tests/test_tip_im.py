@@ -24,9 +24,10 @@ from faceveil.attacks.core import (
 from faceveil.attacks.faces import from_photos
 from faceveil.attacks.losses import feature_distance
 from faceveil.cli import build_parser, main
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.detect.mtcnn import MTCNN
 from faceveil.io import weights
+from faceveil.io.images import read_image
 
 CFG = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=3, momentum=1.0)
 
@@ -43,7 +44,7 @@ class World:
         self.faces = {}
         for i in (0, 2):  # sample1 (3 other people), sample3 (the protected person and 3 others)
             found, _ = detect_file(photos[i], self.detector, max_side=1024)
-            image = np.array(load_rgb(photos[i]))  # writable: torch warns on read-only arrays
+            image = read_image(photos[i]).rgb  # writable: torch warns on read-only arrays
             sure = [f for f in sorted(found, key=lambda f: -f.size) if f.score >= MIN_SAMPLE_SCORE]  # real faces
             self.faces[i] = [(image, f.landmarks) for f in sure]
         image, marks = self.faces[2][0]
@@ -141,6 +142,7 @@ def _method(world: World, method: str, **options):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_gamma_changes_the_perturbation(world: World):
     cfg = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=2, momentum=1.0)
     plain = _method(world, method="tip-im", gamma=0.0, max_targets=2)(world.batch, world.ensemble, cfg)
@@ -151,6 +153,7 @@ def test_gamma_changes_the_perturbation(world: World):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_gain_rand_changes_target_statistics(world: World):
     cfg = AttackConfig(eps=8 / 255, alpha=2 / 255, steps=6, momentum=1.0)
     greedy = _method(world, method="tip-im", gain="g", max_targets=3)(world.batch, world.ensemble, cfg).history[:, 0]
@@ -171,6 +174,7 @@ def _mim_at(world: World, cfg: AttackConfig, targets, position: int):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_best_of_targets_keeps_the_lowest_loss_and_baselines_run(world: World):
     from faceveil.methods import baselines, tip_im
 
@@ -208,6 +212,7 @@ def test_cli_flags_reach_the_settings():
 
 
 @needs_weights
+@pytest.mark.slow
 def test_cli_uses_targets_dir_and_reports_the_target(tmp_path: Path, world: World):
     from faceveil.methods.targets import target_face
 

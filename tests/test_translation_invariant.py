@@ -52,20 +52,20 @@ def test_cli_takes_the_kernel_size_and_refuses_even_ones(capsys):
 
 @needs_weights
 def test_smoothing_reaches_the_optimisation():
-    import numpy as np
 
     from faceveil.attacks.core import AttackConfig, Ensemble, clean_embeddings, loss_gradient
     from faceveil.attacks.faces import from_photos
-    from faceveil.detect.cache import detect_file, load_rgb
+    from faceveil.detect.cache import detect_file
     from faceveil.detect.mtcnn import MTCNN
     from faceveil.io import weights
+    from faceveil.io.images import read_image
     from faceveil.methods import pgd
 
     photo = weights.sample_photos()[2]
     found, _ = detect_file(photo, MTCNN(), max_side=1024)
     face = max(found, key=lambda f: f.size)
     ensemble = Ensemble(["mobileface"])
-    batch = from_photos([np.array(load_rgb(photo))], [face.landmarks], ensemble.geometries, "crops")
+    batch = from_photos([read_image(photo).rgb], [face.landmarks], ensemble.geometries, "crops")
     original = clean_embeddings(batch, ensemble)
 
     def objective(emb, _step):

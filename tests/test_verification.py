@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.datasets.lfw import read_pairs
@@ -39,6 +40,7 @@ def test_pairs_file_and_stratified_slice():
 
 @needs_lfw
 @needs_weights
+@pytest.mark.slow
 def test_every_model_recognises_on_lfw_slice(tmp_path):
     from faceveil.cli import main
 

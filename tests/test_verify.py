@@ -76,6 +76,7 @@ def test_verify_no_face_in_original(tmp_path: Path, capsys):
 
 
 @needs_weights
+@pytest.mark.slow
 def test_verify_photo_against_itself_and_a_protected_copy(tmp_path: Path, capsys):
     photo = _small_sample(tmp_path)
     out = tmp_path / "self.json"

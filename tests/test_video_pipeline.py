@@ -87,6 +87,7 @@ def test_paste_matches_the_original_implementation() -> None:
         assert np.array_equal(image, before)  # paste returns a copy
 
 
+@pytest.mark.slow
 def test_paste_matches_the_original_on_random_faces() -> None:
     """Any size (canonical space shrunk 10x to grown 5x), angle, place (also partly or wholly outside the picture),
     perturbation strength (up to 1.0) and mask, on random and on saturated pictures."""

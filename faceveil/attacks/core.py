@@ -59,25 +59,42 @@ class Ensemble:
 L2_SCALE = 0.6
 
 
+def on_cosine_scale(distance: torch.Tensor, metric: str) -> torch.Tensor:
+    """A model's distance on the scale of a cosine distance (1 - cos): an L2 model's (dlib's) over L2_SCALE."""
+    return distance / L2_SCALE if metric == "l2" else distance
+
+
+def weighted_sum(ensemble: Ensemble, term: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Sum over the ensemble's models of weight x term(model name): how every ensemble loss is combined."""
+    total: torch.Tensor | float = 0
+    for name, weight in ensemble.weights.items():
+        total = total + weight * term(name)
+    assert isinstance(total, torch.Tensor)  # an ensemble has at least one model
+    return total
+
+
+def weighted_distance(ensemble: Ensemble, distance: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """The ensemble's weighted distance: sum of weight x distance(model name, its metric), each model's distance put
+    on the cosine scale (`on_cosine_scale`), so that models of both metrics are comparable."""
+    return weighted_sum(ensemble, lambda name: on_cosine_scale(distance(name, ensemble.metric(name)),
+                                                               ensemble.metric(name)))
+
+
 def ensemble_distance(ensemble: Ensemble, emb: Embeddings, reference: Embeddings) -> torch.Tensor:
     """Weighted feature distance D_f [B] between two sets of ensemble embeddings, comparable across metrics."""
-    total = 0
-    for name, w in ensemble.weights.items():
-        metric = ensemble.metric(name)
-        d = feature_distance(emb[name], reference[name], "l2" if metric == "l2" else "cosine")
-        total = total + w * (d / L2_SCALE if metric == "l2" else d)
-    return total
+    return weighted_distance(ensemble, lambda name, metric: feature_distance(
+        emb[name], reference[name], "l2" if metric == "l2" else "cosine"))
 
 
 def pairwise_ensemble_distance(ensemble: Ensemble, emb: Embeddings, reference: Embeddings) -> torch.Tensor:
     """All-pairs weighted feature distance [B, R] between two sets of ensemble embeddings, on the scale of
     `ensemble_distance` (1 - cos; dlib's L2 over L2_SCALE)."""
-    total = 0
-    for name, w in ensemble.weights.items():
-        metric = ensemble.metric(name)
-        score = zoo.score_matrix(metric, emb[name], reference[name])
-        total = total + w * (-score / L2_SCALE if metric == "l2" else 1 - score)
-    return total
+
+    def distance(name: str, metric: str) -> torch.Tensor:
+        score = zoo.score_matrix(metric, emb[name], reference[name])  # L2 models score -distance
+        return -score if metric == "l2" else 1 - score
+
+    return weighted_distance(ensemble, distance)
 
 
 @contextlib.contextmanager

@@ -127,14 +127,14 @@ class FaceBatch:
             pasted = self.regions + delta * self.mask
             return C.clip_quantise_ste(pasted) if self.quantise else pasted.clamp(0, 1)
         warps = self.region_warps
-        pasted = warps(delta * self.mask)
+        pasted_windows = warps(delta * self.mask)
         faces = []
         for i, (u0, v0, u1, v1) in enumerate(warps.windows):
             region = self.regions[i:i + 1]
             if u1 <= u0 or v1 <= v0:  # the face lies outside its region: nothing to paste
                 faces.append(region)
                 continue
-            window = region[:, :, v0:v1, u0:u1] + pasted[i]
+            window = region[:, :, v0:v1, u0:u1] + pasted_windows[i]
             window = C.clip_quantise_ste(window) if self.quantise else window.clamp(0, 1)
             faces.append(_with_window(region, window, u0, v0))
         return torch.cat(faces)
@@ -237,7 +237,8 @@ def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
 def from_photos(photos: list[np.ndarray], landmarks: list[np.ndarray], geometries: list[str],
                 mode: str = "photos") -> FaceBatch:
     """One FaceBatch entry per (photo, face landmarks) pair; photos uint8 HxWx3."""
-    regions, c2r, crops = [], [], {g: [] for g in geometries}
+    regions, c2r = [], []
+    crops: dict[str, list[torch.Tensor]] = {g: [] for g in geometries}
     for photo, marks in zip(photos, landmarks, strict=True):
         region, to_region, marks_in_region = _face_region(photo, np.asarray(marks, dtype=np.float64), mode)
         regions.append(region)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +29,6 @@ def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, sigmas: tuple[float, ...] = (
     z = torch.cat([xf, yf])
     d2 = torch.cdist(z, z).square()
     base = d2.detach()[d2.detach() > 0].median().clamp_min(1e-12) if (d2 > 0).any() else d2.new_tensor(1.0)
-    k = sum(torch.exp(-d2 / (2 * s * base)) for s in sigmas)
+    k = functools.reduce(operator.add, (torch.exp(-d2 / (2 * s * base)) for s in sigmas))
     n = len(xf)
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()

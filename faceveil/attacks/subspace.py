@@ -18,9 +18,7 @@ batched that way (the class centre does change).
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -78,6 +76,17 @@ def project_onto_simplex(values: torch.Tensor) -> torch.Tensor:
     support_size = (ordered - excess / ranks > 0).sum(-1, keepdim=True).clamp_min(1)
     threshold = excess.gather(-1, support_size - 1) / support_size
     return (values - threshold).clamp_min(0)
+
+
+# ----------------------------------------------------------------------------------------------- one point
+
+
+def point_distance(a: torch.Tensor, b: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """||a - b|| over the last dim (the distance to a single member: FI-UAP's objective, OPOM Eq. 17-18), after L2
+    normalisation when `normalise`; shapes broadcast. A 0 gradient (not NaN) where a == b."""
+    if normalise:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    return _length(a - b, squared=False)
 
 
 # ----------------------------------------------------------------------------------------------- class centre
@@ -310,57 +319,29 @@ def convex_hull_distance(queries: torch.Tensor, members: torch.Tensor, *,
     return HullDistance(_length(residual, squared).to(queries.dtype), alpha.to(queries.dtype))
 
 
-# ----------------------------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------------------------- by name
+
+# The subspaces of an identity that OPOM (§3.2.1) and AdvCloak (Eq. 17-19) push features away from.
+SUBSPACES = ("affine", "center", "convex")
 
 
-def _time_ms(call, repeats: int) -> float:
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+class SubspaceDistance(NamedTuple):
+    """Result of `subspace_distance`: distances [..., B], and for the convex hull its optimal weights [..., B, n]
+    (the warm start of the next call; None for the other subspaces)."""
+
+    distance: torch.Tensor
+    alpha: torch.Tensor | None = None
 
 
-def _cvxpy_ms_per_query(members: torch.Tensor, queries: torch.Tensor, repeats: int) -> float | None:
-    """One parametrised cvxpy problem (compiled once), re-solved per query: its best case."""
-    try:
-        import cvxpy as cp
-    except ImportError:
-        return None
-    matrix = members.double().numpy().T
-    weights = cp.Variable(matrix.shape[1])
-    target = cp.Parameter(matrix.shape[0])
-    constraints = [weights >= 0, cp.sum(weights) == 1]
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(matrix @ weights - target)), constraints)
-    rows = queries.double().numpy()
-
-    def solve_all() -> None:
-        for row in rows:
-            target.value = row
-            problem.solve()
-
-    return _time_ms(solve_all, repeats) / len(rows)
-
-
-def bench_convex_hull(batch_sizes: Sequence[int] = (1, 16, 64), n_members: int = 10, dim: int = 512,
-                      repeats: int = 10, fista_iters: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Milliseconds per `convex_hull_distance` call (best of `repeats`) on random unit features, for each
-    batch size, cold and warm-started from the previous alpha after a small move of the queries, plus cvxpy's
-    time per query when it is installed. Not a test: run it by hand."""
-    generator = torch.Generator().manual_seed(seed)
-    members = F.normalize(torch.randn(n_members, dim, generator=generator), dim=-1)
-    results: dict[str, float] = {}
-    for batch in batch_sizes:
-        queries = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1)
-        moved = F.normalize(queries + 0.01 * torch.randn(batch, dim, generator=generator), dim=-1)
-        _, alpha = convex_hull_distance(queries, members, fista_iters=fista_iters)
-        results[f"B={batch}"] = _time_ms(
-            lambda q=queries: convex_hull_distance(q, members, fista_iters=fista_iters), repeats)
-        results[f"B={batch} warm"] = _time_ms(
-            lambda q=moved, a=alpha: convex_hull_distance(q, members, alpha_init=a), repeats)
-    cvxpy_ms = _cvxpy_ms_per_query(members, queries[: min(len(queries), 8)], max(1, repeats // 5))
-    if cvxpy_ms is not None:
-        results["cvxpy per query"] = cvxpy_ms
-    return results
+def subspace_distance(queries: torch.Tensor, members: torch.Tensor, subspace: str, *, squared: bool = False,
+                      normalise: bool = True, alpha_init: torch.Tensor | None = None) -> SubspaceDistance:
+    """Distance of each query to the named subspace of the members: 'center' (`class_centre_distance`), 'affine'
+    (`affine_hull_distance`) or 'convex' (`convex_hull_distance`, warm-started from `alpha_init`)."""
+    if subspace == "center":
+        return SubspaceDistance(class_centre_distance(queries, members, squared=squared, normalise=normalise))
+    if subspace == "affine":
+        return SubspaceDistance(affine_hull_distance(queries, members, squared=squared, normalise=normalise))
+    if subspace == "convex":
+        hull = convex_hull_distance(queries, members, alpha_init=alpha_init, squared=squared, normalise=normalise)
+        return SubspaceDistance(hull.distance, hull.alpha)
+    raise ValueError(f"unknown subspace {subspace!r}; known: {', '.join(SUBSPACES)}")

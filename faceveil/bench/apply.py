@@ -74,8 +74,7 @@ def bench_enroll(count: int, iters: int, progress: bool) -> tuple[PersonMask, di
 
 def bench_photo(mask: PersonMask, repeats: int, detector: MTCNN) -> list[dict]:
     """Median seconds of detection + matching + paste on sample1 upscaled to 12 MP, and with a JPEG write."""
-    with Image.open(weights.sample_photos()[0]) as im:
-        big = np.asarray(im.convert("RGB").resize(TWELVE_MP, Image.BICUBIC))
+    big = np.asarray(Image.fromarray(read_image(weights.sample_photos()[0]).rgb).resize(TWELVE_MP, Image.BICUBIC))
     faces = sorted(detector.detect_large(big), key=lambda f: -f.size)
     applier = MaskApplier(_with_references(mask, big, faces[:1]), ApplySettings(), detector=detector)
     applier.apply_to_pixels(big)  # warm-up: weights loaded, caches filled

@@ -30,8 +30,7 @@ def bench_detect_12mp(repeats: int = 5) -> list[dict]:
     detector = MTCNN()
     rows = []
     for path in weights.sample_photos()[:3]:
-        with Image.open(path) as im:
-            big = np.asarray(im.convert("RGB").resize(TWELVE_MP, Image.BICUBIC))
+        big = np.asarray(Image.fromarray(read_image(path).rgb).resize(TWELVE_MP, Image.BICUBIC))
         detector.detect_large(big)  # warm-up
         times = []
         for _ in range(repeats):

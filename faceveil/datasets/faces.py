@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from faceveil.datasets.lfw_faces import detect_lfw_faces
 from faceveil.detect.align import align
-from faceveil.detect.cache import load_rgb
+from faceveil.io.images import read_image
 from faceveil.models import zoo
 
 EMBED_CHUNK = 64  # distractor images read, aligned and embedded at once (memory stays flat over all of LFW)
@@ -35,8 +34,7 @@ def aligned_crops(files: list[Path], geometries: list[str],
     landmarks, info = landmarks_for(files, progress)
     crops: dict[str, dict[Path, np.ndarray]] = {g: {} for g in geometries}
     for f in tqdm(files, desc="align", disable=not progress, unit="img"):
-        with Image.open(f) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        rgb = read_image(f).rgb
         for g in geometries:
             crops[g][f] = align(rgb, landmarks[f], g)
     return crops, {**info, "fallback_alignment_count": len(info["fallback_alignment"])}
@@ -66,7 +64,7 @@ def embed_files(judges: list[str], files: list[Path], landmarks: dict[Path, np.n
     bar = tqdm(total=len(files), desc="clean faces", disable=not progress, unit="img")
     for start in range(0, len(files), EMBED_CHUNK):
         chunk = files[start:start + EMBED_CHUNK]
-        photos = [load_rgb(f) for f in chunk]
+        photos = [read_image(f).rgb for f in chunk]
         for geometry in geometries:
             crops = np.stack([align(p, landmarks[f], geometry) for p, f in zip(photos, chunk, strict=True)])
             for judge in judges:

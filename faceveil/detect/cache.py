@@ -1,25 +1,20 @@
 """Detection cache: the faces in an image file, keyed by the sha256 of its bytes and the detector settings.
 
-Layout: <home>/cache/detections/<settings-hash>/<sha[:2]>/<sha>.json with the image size and the faces. Writes
-go to a temp file in the same folder and are renamed into place (os.replace), so concurrent processes at worst
-compute the same entry twice and readers never see a partial file. An unreadable entry counts as a miss.
+Layout: <home>/cache/detections/<settings-hash>/<sha[:2]>/<sha>.json with the image size and the faces. Entries are
+written atomically (faceveil.io.atomic), so concurrent processes at worst compute the same entry twice and readers
+never see a partial file. An unreadable entry counts as a miss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import os
-import tempfile
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageOps
 
 from faceveil.detect.mtcnn import MTCNN, Face, default_detector
 from faceveil.io import weights
+from faceveil.io.atomic import atomic_path
+from faceveil.io.images import read_image
 
 FORMAT_VERSION = 1
 
@@ -30,12 +25,6 @@ def default_root() -> Path:
 
 def file_sha256(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def load_rgb(source: Path | str | bytes) -> np.ndarray:
-    """A file (path or bytes) as HxWx3 uint8 RGB, EXIF orientation applied (cached faces refer to this)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 class DetectionCache:
@@ -63,23 +52,13 @@ class DetectionCache:
         target = self.path_for(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         data = {"settings": self.settings, "image_size": list(size), "faces": [f.to_dict() for f in faces]}
-        _write_atomic(target, json.dumps(data))
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+        with atomic_path(target) as temp:
+            temp.write_text(json.dumps(data))
 
 
 def cache_for(detector: MTCNN, mode: str = "detect", root: Path | str | None = None) -> DetectionCache:
-    """The cache of a detector used via `detect` or `detect_large:<max_side>` on images from load_rgb."""
+    """The cache of a detector used via `detect` or `detect_large:<max_side>` on images decoded by
+    faceveil.io.images.read_image (EXIF orientation applied, 8-bit RGB; the "loader" key names that decoding)."""
     return DetectionCache({**detector.settings, "mode": mode, "loader": "exif-rgb"}, root)
 
 
@@ -97,7 +76,7 @@ def detect_file(path: Path | str, detector: MTCNN | None = None, cache: Detectio
     hit = cache.get(digest)
     if hit is not None:
         return hit
-    image = load_rgb(data)
+    image = read_image(path, data=data).rgb
     faces = detector.detect(image) if max_side is None else detector.detect_large(image, max_side)
     size = (image.shape[1], image.shape[0])
     cache.put(digest, faces, size)

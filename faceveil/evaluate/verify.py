@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from faceveil.detect.align import align
-from faceveil.detect.cache import cache_for, detect_file, load_rgb
+from faceveil.detect.cache import cache_for, detect_file
 from faceveil.detect.mtcnn import MTCNN, Face, match_face
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import transforms
@@ -64,7 +64,7 @@ def sample_gallery(models: list[str], detector: MTCNN) -> Gallery:
     for path in weights.sample_photos():
         faces, _ = detect_file(path, detector, cache, max_side=SAMPLE_MAX_SIDE)
         if faces:
-            parts.append(embed_faces(load_rgb(path), faces, models))
+            parts.append(embed_faces(read_image(path).rgb, faces, models))
             labels += [f"{path.stem}#{i}" for i in range(len(faces))]
     return Gallery("samples", labels, _stack(parts, models))
 
@@ -85,7 +85,7 @@ def lfw_gallery(root: Path, models: list[str], detector: MTCNN, seed: int = 0,
         path = files[int(rng.integers(len(files)))]
         face = detect_lfw_face(path, detector)
         if face is not None:
-            parts.append(embed_faces(load_rgb(path), [face], models))
+            parts.append(embed_faces(read_image(path).rgb, [face], models))
             labels.append(path.stem)
     return Gallery(f"lfw:{root}", labels, _stack(parts, models))
 

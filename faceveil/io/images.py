@@ -119,14 +119,21 @@ def _check_alpha(alpha: np.ndarray, shape: tuple[int, ...]) -> None:
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
-    """Decode a still image into a Photo; any problem is a one-line FaceveilError."""
+def read_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> Photo:
+    """Decode a still image into a Photo; any problem is a one-line FaceveilError. The one image reader of faceveil:
+    protection, evaluation and training all see the same pixels of a file.
+
+    data: the file's bytes when the caller has read them already (e.g. to hash them): they are decoded instead of
+    the file, so that the digest describes exactly these pixels."""
     path = Path(path)
-    _check_file(path)
-    with _pil_pixel_limit(max_pixels), _open(path) as im:
+    if data is None:
+        _check_file(path)
+    elif not data:
+        raise FaceveilError(f"{path}: empty file (0 bytes)")
+    with _pil_pixel_limit(max_pixels), _open(path, data) as im:
         _refuse_too_large(im.size, max_pixels, path)
         frame_note = _check_frames(im, path)
-        notes, lossless = _depth_notes(im), _webp_is_lossless(path, im.format)
+        notes, lossless = _depth_notes(im), _webp_is_lossless(path, im.format, data)
         _decode(im, path)
         exif, icc = _original_exif(im), im.info.get("icc_profile") or None
         ImageOps.exif_transpose(im, in_place=True)
@@ -165,9 +172,9 @@ def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[Image.Image]:
+def _open(path: Path, data: bytes | None = None) -> Iterator[Image.Image]:
     try:
-        im = Image.open(path, formats=READ_FORMATS)
+        im = Image.open(path if data is None else io.BytesIO(data), formats=READ_FORMATS)
     except Image.DecompressionBombError as exc:
         raise FaceveilError(
             f"{path}: image header claims over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels "
@@ -222,11 +229,11 @@ def _depth_notes(im: Image.Image) -> list[str]:
     return [SIXTEEN_BIT_NOTE] if sixteen else []
 
 
-def _webp_is_lossless(path: Path, fmt: str | None) -> bool:
+def _webp_is_lossless(path: Path, fmt: str | None, data: bytes | None = None) -> bool:
     """True for a WebP whose first image chunk is VP8L (lossless)."""
     if fmt != "WEBP":
         return False
-    with open(path, "rb") as handle:
+    with open(path, "rb") if data is None else io.BytesIO(data) as handle:
         handle.seek(12)  # RIFF, size, WEBP
         while len(header := handle.read(8)) == 8:
             kind, size = header[:4], int.from_bytes(header[4:], "little")

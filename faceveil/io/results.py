@@ -5,10 +5,10 @@ Pure functions: the command line (faceveil.cli.common.emit) prints and writes th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from faceveil.io.atomic import atomic_path
 
 # Rates are fractions in [0, 1]; these keys are printed with 4 decimals, times with 2.
 _RATE_KEYS = {"accuracy", "rank1_t", "rank5_t", "rank1_ut", "rank5_ut", "top1_psr", "top5_psr", "asr", "ssim",
@@ -48,9 +48,5 @@ def markdown_table(rows: list[dict]) -> str:
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_path(path) as temp, open(temp, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -13,7 +13,7 @@ import contextlib
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +26,7 @@ from faceveil.io import atomic
 from faceveil.io.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
-    "VideoInfo", "VideoWriter", "ffmpeg_exe", "iter_frames", "probe_video", "process_video", "write_video",
+    "VideoInfo", "VideoWriter", "ffmpeg_exe", "iter_frames", "probe_video", "process_video",
 ]
 
 COPYABLE_AUDIO = frozenset({"aac", "mp3", "alac", "ac3", "eac3"})
@@ -241,7 +241,6 @@ class VideoWriter:
         self.fps = Fraction(fps).limit_denominator(100_000)
         self.audio_from, self.crf, self.preset, self.tune = audio_from, crf, preset, tune
         self.keep_metadata = keep_metadata
-        self.frames_written = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._temp: Path | None = None
         self._log: IO[bytes] | None = None
@@ -267,7 +266,6 @@ class VideoWriter:
             self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
         except (BrokenPipeError, OSError) as exc:
             raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}") from exc
-        self.frames_written += 1
 
     def close(self) -> Path:
         """Finish encoding and move the file into place; returns the output path."""
@@ -370,17 +368,3 @@ def process_video(
             if on_frame is not None:
                 on_frame(index)
     return info
-
-
-def write_video(
-    frames: Iterable[np.ndarray],
-    dst: Path | str,
-    fps: Fraction | float | int,
-    *,
-    audio_from: VideoInfo | None = None,
-) -> Path:
-    """Write an iterable of RGB frames to dst (atomically)."""
-    with VideoWriter(dst, fps, audio_from=audio_from) as out:
-        for frame in frames:
-            out.write(frame)
-    return Path(dst)

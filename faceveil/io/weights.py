@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faceveil.errors import FaceveilError
+from faceveil.io.atomic import atomic_path
 
 
 class FetchError(FaceveilError):
@@ -153,18 +154,17 @@ def _download(source: Source, workdir: Path) -> Path:
 
 
 def _extract(archive: Path, member: str, target: Path) -> None:
-    tmp = target.with_name(target.name + ".part")
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    else:
-        with tarfile.open(archive, "r:gz") as tf:
-            src = tf.extractfile(member)
-            if src is None:
-                raise FetchError(f"{archive.name} has no file {member}")
-            with src, open(tmp, "wb") as dst:
+    with atomic_path(target) as tmp:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    os.replace(tmp, target)
+        else:
+            with tarfile.open(archive, "r:gz") as tf:
+                src = tf.extractfile(member)
+                if src is None:
+                    raise FetchError(f"{archive.name} has no file {member}")
+                with src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
 
 
 def fetch_all(log=print) -> None:

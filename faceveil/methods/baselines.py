@@ -86,13 +86,16 @@ def best_of_targets(run: Run, batch: FaceBatch, ensemble: Ensemble, original: Em
         results.append(result)
         scores.append(relative_identity_loss(ensemble, emb, original, chosen))
     best = torch.stack(scores, dim=1).argmin(dim=1)
-    faces = range(len(batch))
-    return Perturbation(
-        delta=torch.stack([results[int(best[b])].delta[b] for b in faces]),
-        target_index=[results[int(best[b])].target_index[b] for b in faces],
-        targets=[results[int(best[b])].targets[b] for b in faces],
-        history=torch.stack([results[int(best[b])].history[:, b] for b in faces], dim=1),
-    )
+    deltas, target_index, names, history = [], [], [], []
+    for b in range(len(batch)):
+        kept = results[int(best[b])]
+        assert kept.target_index is not None and kept.targets is not None and kept.history is not None
+        deltas.append(kept.delta[b])
+        target_index.append(kept.target_index[b])
+        names.append(kept.targets[b])
+        history.append(kept.history[:, b])
+    return Perturbation(delta=torch.stack(deltas), target_index=target_index, targets=names,
+                        history=torch.stack(history, dim=1))
 
 
 def single_target(batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig, target_set: TargetSet,

@@ -30,10 +30,11 @@ if TYPE_CHECKING:
 
 # The papers' own settings (L-inf eps / step alpha in 0..255 units; AdvCloak's budget is an L2 norm on 0..255
 # pixels of the 112x112x3 face).
-TIP_IM_PAPER = MappingProxyType({"eps": 12.0, "alpha": 1.5, "iters": 50, "momentum": 1.0, "max_targets": 10})
-OPOM_PAPER = MappingProxyType({"norm": "linf", "eps": 8.0, "alpha": 1.0, "iters": 16, "random_start": True})
-ADVCLOAK_PAPER = MappingProxyType({"norm": "l2", "eps": 1200.0})
-APF_PAPER = MappingProxyType({"eps": 8.0, "alpha": 2.0, "iters": 30, "momentum": 1.0, "diversity": 0.5})
+Preset = Mapping[str, float | str | bool]
+TIP_IM_PAPER: Preset = MappingProxyType({"eps": 12.0, "alpha": 1.5, "iters": 50, "momentum": 1.0, "max_targets": 10})
+OPOM_PAPER: Preset = MappingProxyType({"norm": "linf", "eps": 8.0, "alpha": 1.0, "iters": 16, "random_start": True})
+ADVCLOAK_PAPER: Preset = MappingProxyType({"norm": "l2", "eps": 1200.0})
+APF_PAPER: Preset = MappingProxyType({"eps": 8.0, "alpha": 2.0, "iters": 30, "momentum": 1.0, "diversity": 0.5})
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class MethodEntry:
     summary: str  # one line for help texts
     builder: str  # "module:function", imported on first use
     targeted: bool = False  # steers faces towards target identities (needs a target set)
-    preset: Mapping[str, float | str | bool] = field(default_factory=dict)  # the paper's settings
+    preset: Preset = field(default_factory=dict)  # the paper's settings
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -21,9 +21,10 @@ from faceveil.attacks.core import Embeddings, Ensemble, clean_embeddings
 from faceveil.attacks.faces import from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import inverse_matrix, warp_matrix
-from faceveil.detect.cache import detect_file, load_rgb
+from faceveil.detect.cache import detect_file
 from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.errors import FaceveilError
+from faceveil.io.images import read_image
 from faceveil.io.paths import is_image_path
 from faceveil.models import zoo
 
@@ -129,11 +130,11 @@ def target_face(photo: np.ndarray, landmarks: np.ndarray, source: str) -> Target
 def _faces_in(path: Path, detector: MTCNN) -> tuple[np.ndarray, list[Face]]:
     """The image (EXIF-oriented RGB) and its faces, largest first; retried with a border for tight crops."""
     faces, _ = detect_file(path, detector, max_side=1024)
-    image = load_rgb(path)
+    image = read_image(path).rgb
     if not faces:
         pad = round(RETRY_PAD * max(image.shape[:2]))
         padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        faces = [Face(tuple(v - pad for v in f.box), f.score, f.landmarks - pad)  # type: ignore[arg-type]
+        faces = [Face(tuple(v - pad for v in f.box), f.score, f.landmarks - pad)
                  for f in detector.detect_large(padded)]
     return image, sorted(faces, key=lambda f: -f.size)
 

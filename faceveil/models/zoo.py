@@ -64,13 +64,6 @@ SPECS: dict[str, ModelSpec] = {
 # face (measured), so it recognises nobody. `faceapi-dlib` is a quantised copy of dlib (cosine 0.999): not a judge.
 
 
-def families() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for spec in SPECS.values():
-        out.setdefault(spec.family, []).append(spec.name)
-    return out
-
-
 def spec(name: str) -> ModelSpec:
     if name not in SPECS:
         raise FaceveilError(f"unknown model {name!r}; known: {', '.join(SPECS)}")

@@ -82,7 +82,6 @@ table.data td.wide { min-width: 16em; }
 @media (max-width: 760px) { .face { grid-template-columns: 1fr; } }
 """
 
-TONES = ("ok", "bad", "part", "none")
 
 
 def esc(value: Any) -> str:

@@ -39,11 +39,11 @@ from faceveil.datasets.faces import embed_images, landmarks_for
 from faceveil.datasets.lfw import Pair, identities, read_pairs
 from faceveil.detect import canonical as C
 from faceveil.detect.align import transform_points, warp_matrix
-from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols.tip_im import face_area, to_uint8
 from faceveil.evaluate.quality import ssim
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
+from faceveil.io.images import read_image
 from faceveil.methods.apf.networks import ApfServerModel, default_checkpoint, load_server_model
 from faceveil.methods.apf.probe import (
     GRADIENT_ALGORITHMS,
@@ -141,7 +141,7 @@ class Judges:
         return {j: embed_images(j, images, canonical) for j in self.judges}
 
     def photos(self, files: list[Path], landmarks: dict[Path, np.ndarray]) -> dict[str, torch.Tensor]:
-        photos = [np.array(load_rgb(f)) for f in files]
+        photos = [read_image(f).rgb for f in files]
         return {j: embed_images(j, photos, [landmarks[f] for f in files]) for j in self.judges}
 
 

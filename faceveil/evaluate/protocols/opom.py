@@ -47,10 +47,10 @@ from faceveil.attacks.budgets import scale_paste_l2
 from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
 from faceveil.datasets.faces import EmbeddingTable, embed_files, embed_images, landmarks_for
-from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, surrogate_groups
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
+from faceveil.io.images import read_image
 from faceveil.methods import registry
 from faceveil.methods.base import PersonLearner, PersonMaskOptions
 from faceveil.methods.opom.learners import paper_config
@@ -229,7 +229,7 @@ class GroupResult:
 
 
 def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarray]):
-    return [np.array(load_rgb(f)) for f in files], [landmarks[f] for f in files]
+    return [read_image(f).rgb for f in files], [landmarks[f] for f in files]
 
 
 def learn_masks(train: tuple[Path, ...], landmarks: dict[Path, np.ndarray], ensemble: Ensemble,

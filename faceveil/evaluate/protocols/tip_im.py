@@ -1,9 +1,9 @@
 """Face identification under protection: the TIP-IM protocol (Yang et al., ICCV 2021, §5.1) on LFW.
 
-Split (seeded, deterministic): protected identities (LFW identities with at least 2 images, up to 500) give one
-probe image each and their other images to the gallery; 10 disjoint target identities (at least 2 images) give one
-image each to the target set and the rest to the gallery; further disjoint identities (500, or 50 with --limit)
-add all their images; every identity gives at most GALLERY_CAP (20) images to the gallery. Every probe is
+The split (seeded, deterministic; faceveil.datasets.splits): protected identities (LFW identities with at least 2
+images, up to 500) give one probe image each and their other images to the gallery; 10 disjoint target identities
+(at least 2 images) give one image each to the target set and the rest to the gallery; further disjoint identities
+(500, or 50 with --limit) add all their images; every identity gives at most 20 images to the gallery. Every probe is
 protected by the method against the surrogates, then each judge ranks the gallery by its score to the protected
 probe:
 
@@ -33,68 +33,21 @@ from faceveil.attacks.core import AttackConfig, Ensemble
 from faceveil.attacks.faces import from_photos
 from faceveil.datasets.faces import embed_files, embed_images, landmarks_for
 from faceveil.datasets.lfw import identities
+from faceveil.datasets.splits import Labelled, Split, make_split
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
-from faceveil.detect.cache import load_rgb
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
+from faceveil.io.images import read_image
 from faceveil.methods import registry
 from faceveil.methods.base import ImageMethod, MethodOptions
 from faceveil.methods.targets import TargetIdentity, TargetSet, target_face
 from faceveil.models import zoo
 
-MAX_PROTECTED = 500
-TARGET_IDENTITIES = 10
-EXTRA_IDENTITIES = 500
-EXTRA_IDENTITIES_LIMITED = 50  # with --limit: quick runs stay quick
 BATCH = 8
-# At most this many gallery images per identity: LFW is skewed (George_W_Bush has 530 images), and one such target
-# identity would fill the gallery's top ranks by sheer number (the paper's gallery: ~10 images per identity).
-GALLERY_CAP = 20
 # The face area in canonical space: the perturbation mask's square.
 _LO = round(C.CANONICAL_SIZE / 2 - C.MASK_HALF_SIDE)
 _HI = round(C.CANONICAL_SIZE / 2 + C.MASK_HALF_SIDE)
-
-Labelled = tuple[str, Path]  # (identity, image file)
-
-
-@dataclass(frozen=True)
-class Split:
-    probes: list[Labelled]
-    targets: list[Labelled]
-    gallery: list[Labelled]
-    extra_identities: int
-    gallery_cap: int = GALLERY_CAP
-
-    def counts(self) -> dict:
-        return {"gallery_cap": self.gallery_cap, "protected_identities": len(self.probes),
-                "target_identities": len(self.targets), "extra_identities": self.extra_identities,
-                "gallery_images": len(self.gallery),
-                "gallery_identities": len({name for name, _ in self.gallery})}
-
-
-def make_split(people: dict[str, list[Path]], seed: int = 0, limit: int | None = None,
-               extra: int | None = None, cap: int = GALLERY_CAP) -> Split:
-    """The seeded protocol split (see the module docstring); identities are disjoint between the three roles, and
-    every identity gives at most `cap` images to the gallery."""
-    rng = np.random.default_rng(seed)
-    order = [sorted(people)[i] for i in rng.permutation(len(people))]
-    eligible = [n for n in order if len(people[n]) >= 2]
-    n_protected = min(MAX_PROTECTED, limit or MAX_PROTECTED)
-    protected = eligible[:n_protected]
-    targets = eligible[n_protected:n_protected + TARGET_IDENTITIES]
-    used = set(protected) | set(targets)
-    n_extra = extra if extra is not None else (EXTRA_IDENTITIES if limit is None else EXTRA_IDENTITIES_LIMITED)
-    extras = [n for n in order if n not in used][:n_extra]
-    probes, gallery = [], []
-    for name in protected:
-        images = people[name]
-        pick = int(rng.integers(len(images)))
-        probes.append((name, images[pick]))
-        gallery += [(name, p) for i, p in enumerate(images) if i != pick][:cap]
-    gallery += [(name, p) for name in targets for p in people[name][1:1 + cap]]
-    gallery += [(name, p) for name in extras for p in people[name][:cap]]
-    return Split(probes, [(name, people[name][0]) for name in targets], gallery, len(extras), cap)
 
 
 def surrogate_groups(judges: list[str], surrogates: list[str] | None) -> dict[tuple[str, ...], list[str]]:
@@ -184,7 +137,7 @@ def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor
     for photo, d, m in zip(photos, delta, marks, strict=True):
         path = folder / f"probe{len(out.images):05d}.png"
         Image.fromarray(C.paste(photo, m, d)).save(path)
-        again = load_rgb(path)
+        again = read_image(path).rgb
         face = nearest_to_center(detector.detect_large(again), again.shape[1], again.shape[0])
         out.redetect_failures += face is None
         out.images.append(again)
@@ -195,7 +148,7 @@ def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor
 
 
 def _target_set(split: Split, landmarks: dict[Path, np.ndarray], ensemble: Ensemble) -> TargetSet:
-    faces = [TargetIdentity(name, (target_face(load_rgb(p), landmarks[p], str(p)),)) for name, p in split.targets]
+    faces = [TargetIdentity(name, (target_face(read_image(p).rgb, landmarks[p], str(p)),)) for name, p in split.targets]
     return TargetSet(faces, ensemble)
 
 
@@ -222,7 +175,7 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
         starts = range(0, len(split.probes), settings.batch)
         for start in tqdm(starts, desc="protect", disable=not settings.progress, unit="batch"):
             files = [p for _, p in split.probes[start:start + settings.batch]]
-            photos, marks = [np.array(load_rgb(p)) for p in files], [landmarks[p] for p in files]
+            photos, marks = [read_image(p).rgb for p in files], [landmarks[p] for p in files]
             batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
             delta = method(batch, ensemble, settings.attack).delta
             if settings.mode == "crops":
@@ -256,7 +209,7 @@ def _gallery_embeddings(judges: list[str], gallery: list[Labelled], landmarks: d
 
 def _clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
     """Identification accuracy of the judge on the unprotected probes (sanity of the gallery)."""
-    emb = embed_images(judge, [load_rgb(p) for _, p in split.probes], [landmarks[p] for _, p in split.probes])
+    emb = embed_images(judge, [read_image(p).rgb for _, p in split.probes], [landmarks[p] for _, p in split.probes])
     scores = zoo.score_matrix(zoo.spec(judge).metric, emb, gallery)
     labels = [n for n, _ in split.gallery]
     return 1.0 - rank_metrics(scores, labels, [n for n, _ in split.probes], set())["rank1_ut"]

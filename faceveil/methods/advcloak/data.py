@@ -5,7 +5,7 @@ both come from LFW, so the training identities must be disjoint from every evalu
 
 - the OPOM protocol (faceveil.evaluate.protocols.opom) evaluates identities with >= 12 images: training takes
   identities with at most 11 images;
-- the TIP-IM protocol (faceveil.evaluate.protocols.tip_im.make_split, seed 0) uses up to 500 protected and 10 target
+- the TIP-IM protocol (its split: faceveil.datasets.splits.make_split, seed 0) uses up to 500 protected and 10 target
   identities and up to 500 gallery-only identities, all drawn from one seeded permutation; a limited split
   (--limit) draws from the front of the same permutation, so it is inside the full one: training excludes every
   identity of the full seed-0 split (other seeds of that protocol are not excluded).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from faceveil.datasets.splits import make_split
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align
-from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.io import weights
+from faceveil.io.atomic import atomic_path
+from faceveil.io.images import read_image
 
 MIN_IMAGES = 2
 # The OPOM protocol's identities have at least this many images; training stays strictly below.
@@ -47,8 +48,6 @@ CACHE_VERSION = 1
 def training_identities(people: dict[str, list[Path]], limit: int | None = None,
                         seed: int = 0) -> dict[str, list[Path]]:
     """The identities AdvCloak trains on (see the module docstring), in a seeded order, the first `limit`."""
-    from faceveil.evaluate.protocols.tip_im import make_split
-
     split = make_split(people, TIP_IM_SPLIT_SEED)
     evaluated = {name for name, _ in split.probes + split.targets + split.gallery}
     names = sorted(n for n, files in people.items()
@@ -112,17 +111,12 @@ def load_faces(people: dict[str, list[Path]], progress: bool = True, folder: Pat
 
 
 def _write_faces(path: Path, files: list[Path], landmarks: dict[Path, np.ndarray], progress: bool) -> None:
-    """Align every file into a temp .npy beside `path`, then rename it into place (readers never see half)."""
+    """Align every file into a .npy written atomically (readers never see half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.part")
     size = C.CANONICAL_SIZE
-    try:
+    with atomic_path(path) as temp:
         out = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
         for i, f in enumerate(tqdm(files, desc="align", disable=not progress, unit="img")):
-            out[i] = align(load_rgb(f), landmarks[f], C.CANONICAL)
+            out[i] = align(read_image(f).rgb, landmarks[f], C.CANONICAL)
         out.flush()
         del out
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

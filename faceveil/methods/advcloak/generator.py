@@ -1,5 +1,5 @@
 """Trained AdvCloak generators at the user end (§3.2.4): the slim generator file, the ones shipped in
-faceveil/data/advcloak/, and the person mask of one forward pass (Eq. 2) scaled to a norm budget.
+faceveil/data/advcloak/, and the mean of one forward pass over a person's faces (Eq. 2).
 
 Slim file (torch.save): {"format": "faceveil-advcloak-generator", "version", "generator_config", "generator"
 (state_dict), "stage" (1: image-specific G^I, 2: person-specific G^II), "subspace", "surrogates", "eps", "steps"}.
@@ -14,15 +14,12 @@ from pathlib import Path
 
 import torch
 
-from faceveil.attacks.budgets import scale_to_budget
 from faceveil.errors import FaceveilError
 from faceveil.io.atomic import atomic_path
-from faceveil.methods.advcloak.networks import GRID, Generator, from_canonical, to_canonical
+from faceveil.methods.advcloak.networks import GRID, Generator, from_canonical
 
 GENERATOR_FORMAT = "faceveil-advcloak-generator"
 VERSION = 1
-# The paper's comparison budget (§4.1.4): L2 1200 on 0..255 pixels of a 112x112x3 face; in [0, 1] units:
-PAPER_L2 = 1200 / 255
 # Method name -> the generator shipped for it (AdvFaces+ averages the image-specific stage I generator).
 PACKAGED = {
     "advcloak": "advcloak-plain.pt",
@@ -105,15 +102,6 @@ def _load_cached(path: str) -> TrainedGenerator:
 # ------------------------------------------------------------------------------------------------ masks
 
 
-def grid_budget(norm: str, eps: float | None) -> float:
-    """The budget on the generator grid in [0, 1] units: L2 default = the paper's 1200 (0..255, 112x112x3)."""
-    if eps is not None:
-        return eps
-    if norm == "l2":
-        return PAPER_L2
-    raise FaceveilError("an L-inf budget needs an explicit eps")
-
-
 @torch.no_grad()
 def person_mask_grid(generator: Generator, canonical_faces: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """Eq. 2: the mean of G over a person's faces [n,3,256,256] (canonical, [0,1]) -> [3,112,112]."""
@@ -121,12 +109,3 @@ def person_mask_grid(generator: Generator, canonical_faces: torch.Tensor, chunk:
     for start in range(0, canonical_faces.shape[0], chunk):
         total += generator(from_canonical(canonical_faces[start:start + chunk])).sum(0)
     return total / canonical_faces.shape[0]
-
-
-def person_mask(generator: Generator, canonical_faces: torch.Tensor, norm: str = "l2",
-                eps: float | None = None) -> torch.Tensor:
-    """One person's canonical mask [3,256,256]: Eq. 2 on the grid, scaled to the budget there (default: L2
-    1200 on 0..255 at 112x112x3), then taken to canonical space."""
-    grid = person_mask_grid(generator, canonical_faces)
-    scaled = scale_to_budget(grid[None], norm, grid_budget(norm, eps))
-    return to_canonical(scaled)[0]

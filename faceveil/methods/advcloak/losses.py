@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from faceveil.attacks.core import L2_SCALE, Embeddings, Ensemble, ensemble_distance
-from faceveil.attacks.subspace import affine_hull_distance, class_centre_distance, convex_hull_distance
+from faceveil.attacks import subspace as S
+from faceveil.attacks.core import Embeddings, Ensemble, ensemble_distance, weighted_distance
 
-SUBSPACES = ("none", "affine", "center", "convex")
+SUBSPACES = ("none", *S.SUBSPACES)
 
 
 def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -49,17 +49,6 @@ def image_adversarial_distance(ensemble: Ensemble, adversarial: Embeddings, clea
     return ensemble_distance(ensemble, adversarial, clean)
 
 
-def _subspace_distance(queries: torch.Tensor, members: torch.Tensor, subspace: str, unit: bool) -> torch.Tensor:
-    """Squared distance [P, n] of queries [P, n, D] to the subspace of members [P, n, D]."""
-    if subspace == "center":
-        return class_centre_distance(queries, members, squared=True, normalise=unit)
-    if subspace == "affine":
-        return affine_hull_distance(queries, members, squared=True, normalise=unit)
-    if subspace == "convex":
-        return convex_hull_distance(queries, members, squared=True, normalise=unit).distance
-    raise ValueError(f"unknown subspace {subspace!r}; known: {', '.join(SUBSPACES)}")
-
-
 def class_adversarial_distance(ensemble: Ensemble, adversarial: Embeddings, clean: Embeddings, persons: int,
                                subspace: str = "none") -> torch.Tensor:
     """Distances [P, n] of each adversarial face X_i^k + Delta^k to its person's features: to its own clean
@@ -67,16 +56,15 @@ def class_adversarial_distance(ensemble: Ensemble, adversarial: Embeddings, clea
     hull (Eq. 19) of the clean features of the n faces. Embeddings hold P*n faces, person-major."""
     if subspace == "none":
         return image_adversarial_distance(ensemble, adversarial, clean).view(persons, -1)
-    total = 0
-    for name, weight in ensemble.weights.items():
+
+    def distance(name: str, metric: str) -> torch.Tensor:
         queries = adversarial[name].view(persons, -1, adversarial[name].shape[-1])
         members = clean[name].detach().view(persons, -1, clean[name].shape[-1])
-        if ensemble.metric(name) == "l2":  # dlib: raw features, L2 distance on the decision scale
-            d = _subspace_distance(queries, members, subspace, unit=False).clamp_min(1e-12).sqrt() / L2_SCALE
-        else:
-            d = 0.5 * _subspace_distance(queries, members, subspace, unit=True)
-        total = total + weight * d
-    return total
+        square = S.subspace_distance(queries, members, subspace, squared=True, normalise=metric != "l2").distance
+        # dlib: raw features and the L2 distance (the core puts it on the decision scale); else 1/2 ||q - h||^2
+        return square.clamp_min(1e-12).sqrt() if metric == "l2" else 0.5 * square
+
+    return weighted_distance(ensemble, distance)
 
 
 def generator_loss(gan: torch.Tensor, norm: torch.Tensor, adversarial_distance: torch.Tensor,

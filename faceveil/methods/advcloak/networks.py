@@ -79,9 +79,11 @@ class Generator(nn.Module):
             nn.Upsample(scale_factor=2, mode="nearest"), *_conv(2 * k, k, 3),
             nn.Conv2d(k, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh())
 
+        head = self.net[-2]
+        assert isinstance(head, nn.Conv2d) and head.bias is not None
         with torch.no_grad():
-            self.net[-2].weight.mul_(OUTPUT_INIT_SCALE)
-            self.net[-2].bias.zero_()
+            head.weight.mul_(OUTPUT_INIT_SCALE)
+            head.bias.zero_()
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         # the AdvFaces input range [-1, 1]; the output is a perturbation in the faces' own [0, 1] units

@@ -188,6 +188,7 @@ def forward(nets: Networks, ensemble: Ensemble, clean: CleanFeatures, faces: Fac
         distance = losses.image_adversarial_distance(ensemble, emb, reference)
     gan = losses.gan_generator_loss(nets.discriminator(adversarial_view))
     norm = losses.norm_loss(masks, s.eps)
+    assert s.lambda_norm is not None and s.lambda_adv is not None, "settings not resolved()"
     loss_g = losses.generator_loss(gan, norm, distance, s.lambda_norm, s.lambda_adv)
     terms = {"loss_g": loss_g.item(), "loss_d": loss_d, "gan_g": gan.item(), "norm_loss": norm.item(),
              "adv_distance": distance.mean().item(), "mask_l2": float(losses.l2_norms(masks.detach()).mean())}
@@ -299,6 +300,7 @@ class TrainResult:
 
 def _prepare(data: dict, s: TrainSettings, resume: bool, output: Path) -> tuple[Networks, int]:
     """Networks for the stage (fresh, from stage I, or resumed) and the step to start at."""
+    assert s.lr is not None, "settings not resolved()"
     key = s.key()
     if key in data and not resume:
         state = data[key]

@@ -43,11 +43,6 @@ DEFAULT_DEPTH = 3  # down-samplings of the U-Net
 _GROUPS = 4  # GroupNorm groups: per-sample normalisation, so a request's answer never depends on its batch
 
 
-def grid_from_canonical(noise: torch.Tensor) -> torch.Tensor:
-    """Canonical-space noise [B,3,256,256] -> APF_GRID [B,3,S,S] (area average: stays within the same budget)."""
-    return F.interpolate(noise, size=(APF_GRID, APF_GRID), mode="area")
-
-
 def canonical_from_grid(noise: torch.Tensor) -> torch.Tensor:
     """APF_GRID noise [B,3,S,S] -> canonical space [B,3,256,256] (bilinear: stays within the same budget)."""
     size = C.CANONICAL_SIZE
@@ -75,6 +70,7 @@ class TransferUNet(nn.Module):
         self.up = nn.ModuleList(_block(channels[i + 1] + channels[i], channels[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(channels[0], 3, 1)
         nn.init.zeros_(self.head.weight)
+        assert self.head.bias is not None
         nn.init.zeros_(self.head.bias)
         self.depth = depth
 
@@ -113,6 +109,8 @@ class Enhancement(nn.Module):
 
 class ApfServerModel(nn.Module):
     """T + u + E on APF_GRID: forward(g) = s = clip_eps(T(g) + E(u)) (Eq. 9); transferred(g) = g_hat = T(g)."""
+
+    universal: torch.Tensor  # u [1,3,S,S], a buffer
 
     def __init__(self, eps: float = 8 / 255, width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH,
                  meta: dict | None = None):

@@ -27,13 +27,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from torch import nn
 
 from faceveil import __version__
 from faceveil.errors import FaceveilError
 from faceveil.methods.apf import wire
 from faceveil.methods.apf.client import is_loopback
-from faceveil.methods.apf.networks import APF_GRID
+from faceveil.methods.apf.networks import APF_GRID, ApfServerModel
 
 log = logging.getLogger("faceveil.serve")
 
@@ -120,7 +119,7 @@ def check_media_type(request: Request) -> None:
 class ModelRunner:
     """Runs the model off the event loop: at most `workers` forwards at once, at most `max_pending` admitted."""
 
-    def __init__(self, model: nn.Module, limits: Limits, workers: int, max_pending: int):
+    def __init__(self, model: ApfServerModel, limits: Limits, workers: int, max_pending: int):
         self.model = model.eval()
         self.limits = limits
         self.slots = threading.BoundedSemaphore(workers)
@@ -177,7 +176,7 @@ def _json_safe(value) -> dict:
     return json.loads(json.dumps(value or {}, default=str))
 
 
-def create_app(model: nn.Module, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1,
+def create_app(model: ApfServerModel, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1,
                max_pending: int = DEFAULT_MAX_PENDING) -> FastAPI:
     """The APF noise service around a server model (ApfServerModel: eps, meta, forward(g) -> s, transferred)."""
     if max_batch < 1 or workers < 1 or max_pending < 1:

@@ -45,10 +45,10 @@ from faceveil.attacks.core import (
 from faceveil.attacks.faces import FaceBatch, from_photos
 from faceveil.datasets.faces import landmarks_for
 from faceveil.datasets.lfw import identities, read_pairs
-from faceveil.detect.cache import load_rgb
 from faceveil.errors import FaceveilError
 from faceveil.io import weights
 from faceveil.io.atomic import atomic_path
+from faceveil.io.images import read_image
 from faceveil.methods.apf.networks import (
     APF_GRID,
     ApfServerModel,
@@ -127,7 +127,7 @@ def training_files(root: Path, count: int, seed: int, progress: bool = True) -> 
 
 def face_batch(files: list[Path], landmarks: dict[Path, np.ndarray], geometries: list[str]) -> FaceBatch:
     """The aligned faces (crops mode: the canonical face images) of dataset files."""
-    photos = [np.array(load_rgb(f)) for f in files]
+    photos = [read_image(f).rgb for f in files]
     return from_photos(photos, [landmarks[f] for f in files], geometries, "crops")
 
 

@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from faceveil.attacks.core import L2_SCALE, Embeddings, Ensemble, is_conv
+from faceveil.attacks.core import Embeddings, Ensemble, is_conv, on_cosine_scale, weighted_sum
 from faceveil.attacks.faces import FaceBatch
-from faceveil.attacks.subspace import affine_hull_distance, class_centre_distance, convex_hull_distance
+from faceveil.attacks.subspace import convex_hull_distance, point_distance, subspace_distance
 
 # Eq. 19 puts the subspace distances and the mask-to-mask distance against one threshold: equal weights.
 DEFAULT_DIVERSITY_WEIGHT = 1.0
@@ -41,17 +40,9 @@ class Layout:
         return batch if self.masks == 1 else batch.take(self.face_index)
 
 
-# The subspace models of §3.2.1 and the FI-UAP family of §3.3.2: (queries [E, D], clean members [n, D],
-# face index of each query [E], normalise, warm start) -> distances [E] and the new warm start (convex hull only).
-SUBSPACE_METHODS = ("opom-convex", "opom-affine", "opom-center", "fi-uap", "fi-uap-plus", "fi-uap-all")
-
-
-def point_distance(a: torch.Tensor, b: torch.Tensor, normalise: bool) -> torch.Tensor:
-    """||a - b|| over the last dim, after L2 normalisation when `normalise`; a 0 gradient (not NaN) at 0."""
-    if normalise:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    square = (a - b).square().sum(-1)
-    return square.clamp_min(torch.finfo(square.dtype).tiny).sqrt()
+# The subspace models of §3.2.1 (method -> faceveil.attacks.subspace's name) and the FI-UAP family of §3.3.2.
+SUBSPACE_OF = {"opom-convex": "convex", "opom-affine": "affine", "opom-center": "center"}
+SUBSPACE_METHODS = (*SUBSPACE_OF, "fi-uap", "fi-uap-plus", "fi-uap-all")
 
 
 class PersonLoss:
@@ -76,47 +67,50 @@ class PersonLoss:
             _warm_up_hull_solver()
 
     def __call__(self, emb: Embeddings, _step: int = 0) -> torch.Tensor:
-        total = 0
-        for name, weight in self.ensemble.weights.items():
-            l2 = self.ensemble.metric(name) == "l2"
-            term = self.identity_term(name, emb[name], l2) if self.method != "gd-uap" else self.activation_term(name)
-            if self.layout.masks > 1 and self.diversity_weight > 0:
-                term = term + self.diversity_weight * self.diversity_term(emb[name], l2)
-            total = total + weight * term
-        return total
+        return weighted_sum(self.ensemble, lambda name: self.model_term(name, emb[name]))
+
+    def model_term(self, name: str, queries: torch.Tensor) -> torch.Tensor:
+        """J of one surrogate: its identity (or GD-UAP activation) term, plus the masks' diversity term."""
+        metric = self.ensemble.metric(name)
+        term = self.identity_term(name, queries, metric) if self.method != "gd-uap" else self.activation_term(name)
+        if self.layout.masks > 1 and self.diversity_weight > 0:
+            term = term + self.diversity_weight * self.diversity_term(queries, metric)
+        return term
 
     def objective(self, emb: Embeddings, step: int) -> torch.Tensor:
         """What the core minimises: -J per entry."""
         return -self(emb, step)
 
-    def identity_term(self, name: str, queries: torch.Tensor, l2: bool) -> torch.Tensor:
-        members = self.clean[name]
-        face = self.layout.face_index
-        if self.method == "opom-convex":
-            start = time.perf_counter()
-            hull = convex_hull_distance(queries, members, alpha_init=self.alpha.get(name), normalise=not l2)
+    def identity_term(self, name: str, queries: torch.Tensor, metric: str) -> torch.Tensor:
+        """Distance of each masked face from the person (on the cosine scale): raw features for an L2 model, whose
+        embeddings are not centred, normalised ones otherwise."""
+        members, unit = self.clean[name], metric != "l2"
+        if self.method in SUBSPACE_OF:
+            distance = self.subspace_term(name, queries, members, unit)
+        elif self.method == "fi-uap-plus":
+            distance = point_distance(queries[:, None], members[None], unit).mean(-1)
+        else:  # fi-uap, fi-uap-all: each masked image against its own clean feature
+            distance = point_distance(queries, members[self.layout.face_index], unit)
+        return on_cosine_scale(distance, metric)
+
+    def subspace_term(self, name: str, queries: torch.Tensor, members: torch.Tensor, unit: bool) -> torch.Tensor:
+        """Distance to the person's subspace; the convex hull is warm-started from its last solution and timed."""
+        subspace = SUBSPACE_OF[self.method]
+        start = time.perf_counter()
+        found = subspace_distance(queries, members, subspace, normalise=unit, alpha_init=self.alpha.get(name))
+        if found.alpha is not None:
             self.hull_seconds += time.perf_counter() - start
             self.hull_calls += 1
-            self.alpha[name] = hull.alpha
-            distance = hull.distance
-        elif self.method == "opom-affine":
-            distance = affine_hull_distance(queries, members, normalise=not l2)
-        elif self.method == "opom-center":
-            distance = class_centre_distance(queries, members, normalise=not l2)
-        elif self.method == "fi-uap-plus":
-            distance = point_distance(queries[:, None], members[None], not l2).mean(-1)
-        else:  # fi-uap, fi-uap-all: each masked image against its own clean feature
-            distance = point_distance(queries, members[face], not l2)
-        return distance / L2_SCALE if l2 else distance
+            self.alpha[name] = found.alpha
+        return found.distance
 
-    def diversity_term(self, queries: torch.Tensor, l2: bool) -> torch.Tensor:
+    def diversity_term(self, queries: torch.Tensor, metric: str) -> torch.Tensor:
         """Per entry (m, i): mean over the other masks m' of ||f(X_i + Delta_m) - f(X_i + Delta_m')|| (Eq. 19)."""
         n_m, n_k = self.layout.masks, self.layout.faces
         per_mask = queries.reshape(n_m, n_k, -1)
-        pairwise = point_distance(per_mask[:, None], per_mask[None], not l2)  # [n_M, n_M, n_k]
+        pairwise = point_distance(per_mask[:, None], per_mask[None], metric != "l2")  # [n_M, n_M, n_k]
         spread = pairwise.sum(1) / (n_m - 1)  # the diagonal is 0
-        spread = spread / L2_SCALE if l2 else spread
-        return spread.reshape(-1)
+        return on_cosine_scale(spread, metric).reshape(-1)
 
     def activation_term(self, name: str) -> torch.Tensor:
         """GD-UAP (Eq. 16): sum over layers of log ||l_j(X_i + Delta)|| per entry, from the recorded forward pass."""
