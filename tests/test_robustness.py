@@ -253,7 +253,7 @@ def test_bad_requests_are_one_line_errors(capsys):
     from faceveil.cli import main
 
     with pytest.raises(FaceveilError, match="unknown protocol"):
-        robustness.require_protocol("lowkey")
+        require_protocol("lowkey")
     assert main(["eval", "robustness", "--protocol", "apf", "--surrogates", "mobileface", "--quiet"]) == 2
     assert main(["eval", "robustness", "--transforms", "jpeg75,sharpen", "--quiet"]) == 2
     assert main(["eval", "robustness", "--adaptive", "--adaptive-folds", "1", "--quiet"]) == 2

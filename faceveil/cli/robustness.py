@@ -8,7 +8,7 @@ import time
 
 from faceveil.cli.common import Groups, LazyHelp, add_report_flag, dataset_root, threads, write_outputs
 from faceveil.errors import FaceveilError
-from faceveil.evaluate.protocols import ROBUSTNESS
+from faceveil.evaluate.protocols import ROBUSTNESS, adapter_for, require_protocol
 
 
 def _dataset(text: str | None):
@@ -44,7 +44,7 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     from faceveil.io.results import markdown_table
     from faceveil.models import zoo
 
-    robustness.require_protocol(args.protocol)
+    require_protocol(args.protocol)
     folds = DEFAULT_FOLDS if args.adaptive_folds is None else args.adaptive_folds
     if folds < 2:
         raise FaceveilError("--adaptive-folds must be at least 2 (train and test identities apart)")
@@ -53,7 +53,7 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     names = transforms.parse_names(args.transforms)
-    adapter, resolved = robustness.adapter_for(args.protocol, _request(args, judges, surrogates))
+    adapter, resolved = adapter_for(args.protocol, _request(args, judges, surrogates))
     options = robustness.Options(names, args.seed, args.adaptive, folds, progress=not args.quiet)
     start = time.perf_counter()
     rows, meta = robustness.evaluate(adapter, options)

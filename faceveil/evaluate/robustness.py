@@ -38,10 +38,8 @@ import torch
 from tqdm import tqdm
 
 from faceveil.datasets.faces import embed_images
-from faceveil.errors import FaceveilError
 from faceveil.evaluate import adaptive, transforms
 from faceveil.evaluate.adaptive import DEFAULT_FOLDS
-from faceveil.evaluate.protocols import ROBUSTNESS, robustness_module
 from faceveil.models import zoo
 
 NONE = "none"  # the untransformed protected probes: the reference of `retained`
@@ -127,17 +125,6 @@ class Request:
     min_images: int | None = None  # opom: identities with this many images are protected (None: the protocol's 12)
     checkpoint: str | None = None  # apf: the server networks (None = the packaged ones)
     stage: str = "s"  # apf: g, g_hat or s
-
-
-def require_protocol(protocol: str) -> None:
-    if protocol not in ROBUSTNESS:
-        raise FaceveilError(f"unknown protocol {protocol!r}; known: {', '.join(ROBUSTNESS)}")
-
-
-def adapter_for(protocol: str, request: Request) -> tuple[Adapter, dict]:
-    """The protocol's adapter for this request, and the settings it resolved (for the results document)."""
-    require_protocol(protocol)
-    return robustness_module(protocol).robustness_adapter(request)
 
 
 # ----------------------------------------------------------------------------------------------- transforms

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+from faceveil.errors import FaceveilError
+
+if TYPE_CHECKING:
+    from faceveil.evaluate.robustness import Adapter, Request
 
 # protocol name -> its module in this package, for the protocols with a robustness adapter
 ROBUSTNESS = {"tip-im": "tip_im", "opom": "opom", "apf": "apf"}
@@ -18,3 +24,14 @@ ROBUSTNESS = {"tip-im": "tip_im", "opom": "opom", "apf": "apf"}
 def robustness_module(protocol: str) -> ModuleType:
     """The module holding `protocol`'s robustness adapter (imported on first use: it loads torch)."""
     return importlib.import_module(f"{__name__}.{ROBUSTNESS[protocol]}")
+
+
+def require_protocol(protocol: str) -> None:
+    if protocol not in ROBUSTNESS:
+        raise FaceveilError(f"unknown protocol {protocol!r}; known: {', '.join(ROBUSTNESS)}")
+
+
+def adapter_for(protocol: str, request: Request) -> tuple[Adapter, dict]:
+    """The protocol's robustness adapter for this request, and the settings it resolved (for the results)."""
+    require_protocol(protocol)
+    return robustness_module(protocol).robustness_adapter(request)
