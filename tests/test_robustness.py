@@ -13,6 +13,7 @@ from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import adaptive, robustness, transforms
+from faceveil.evaluate.protocols import require_protocol
 from faceveil.evaluate.robustness import ADAPTIVE, NONE, PLAIN, Measured, ProbeImages, Scenario
 
 
