@@ -96,6 +96,7 @@ register(CropGeometry("arcface112", 112, ARCFACE_112))
 # 1/1.2 measured best for faceres/faceres-deep on LFW folds 0-1 (1/1.0 .. 1/1.4 tried; the docs said 1/1.4)
 register(CropGeometry("loose224", 224, resize_template(ARCFACE_112, 112, 224), scale=1 / 1.2))
 register(CropGeometry("dlib150", 150, dlib_chip_template(150, 0.25)))
+register(CropGeometry("facenet160", 160, resize_template(ARCFACE_112, 112, 160), scale=1 / 1.3))
 
 
 def get_geometry(geometry: str | CropGeometry) -> CropGeometry:
