@@ -76,10 +76,11 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
             length, pos = _varint(buf, pos)
             value, pos = buf[pos:pos + length], pos + length
         elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos:pos + (8 if wire == 1 else 4)], pos + (8 if wire == 1 else 4)
         else:
             raise GraphDefError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise GraphDefError(f"protobuf field {number} runs past the end of its message")
         yield number, wire, value
 
 
@@ -192,7 +193,7 @@ def read_graphdef(path: str | Path) -> list[dict]:
     try:
         data = memoryview(Path(path).read_bytes())
         nodes = [_node(value) for number, _, value in _fields(data) if number == 1]  # type: ignore[arg-type]
-    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+    except (GraphDefError, IndexError, struct.error, UnicodeDecodeError) as exc:
         raise GraphDefError(f"{path} is not a readable TensorFlow GraphDef ({exc})") from exc
     if not nodes or any("name" not in n or "op" not in n for n in nodes):
         raise GraphDefError(f"{path} is not a readable TensorFlow GraphDef (no nodes)")
@@ -416,6 +417,9 @@ def load_graphdef(path: str | Path, output_node: str, *, input_node: str | None 
     tfjs._rewrite(parsed, {})
     outputs = [tfjs._resolve(parsed, tfjs._clean(output))]
     order = tfjs._topo_order(parsed, outputs)
+    training = [n for n in order if parsed[n].op.startswith("FusedBatchNorm") and parsed[n].flag("is_training")]
+    if training:  # batch statistics of the batch itself: not what a recogniser computes at inference
+        raise GraphDefError(f"{training[0]!r} normalises in training mode: feed the inference branch")
     consts = {name: _tensor(parsed[name].attr["value"]["tensor"]) for name in order if parsed[name].op == "Const"}
     compiler = _Compiler(parsed, consts, order, outputs, fuse=True)
     compiler.compile(order)
