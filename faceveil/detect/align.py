@@ -99,8 +99,11 @@ register(CropGeometry("arcface112", 112, ARCFACE_112))
 register(CropGeometry("loose224", 224, resize_template(ARCFACE_112, 112, 224), scale=1 / 1.2))
 register(CropGeometry("dlib150", 150, dlib_chip_template(150, 0.25)))
 # FaceNet's own crop is the MTCNN box + 32 px margin (LFW pixels) stretched to 160x160 (boxes are 0.75 as wide as
-# tall); this template is where the 5 landmarks land in it on average (the 7,701 images of LFW's pairs). Measured
-# against the box crop itself, 182/44-centre-160, looser / tighter templates and prewhitened inputs: README.
+# tall); this template is where the 5 landmarks land in it on average (the 7,701 images of LFW's pairs). LFW, 600
+# pairs, 10-fold accuracy (d'): facenet-vgg this template 0.995 (5.60), looser x1/0.9 0.995 (5.54), the box crop
+# 0.990 (5.77), box + 44 at 182 centre 160 0.995 (5.83), prewhitened 0.982 (4.26); facenet-casia this template
+# 0.978 (4.61), the box crop 0.988 (5.26), prewhitened 0.968 (3.66). The box crop's stretch is what a similarity
+# warp cannot give: casia would gain from an anisotropic geometry.
 register(CropGeometry("facenet160", 160, FACENET_160))
 
 
