@@ -249,5 +249,32 @@ def test_enroll_advcloak_convex_writes_a_loadable_mask(tmp_path):
                  "--norm", "l2", "--mode", "crops", "--quiet"]) == 0
     mask = load_mask(out)
     assert mask.method == "advcloak-convex" and mask.norm == "l2" and mask.masks.shape == (1, 3, 256, 256)
-    assert float(mask.masks.flatten(1).norm(dim=1).max()) <= mask.eps * (1 + 1e-5)
+    assert float((mask.masks * C.face_mask()).flatten(1).norm(dim=1).max()) <= mask.eps * (1 + 1e-5)
     assert abs(mask.eps - 1200 / 255 * C.CANONICAL_ZOOM) < 1e-6
+
+
+@needs_weights
+def test_enroll_writes_advcloak_masks_on_the_budget_its_settings_say(tmp_path):
+    """What enroll writes is what apply pastes, so the budget is measured there (the mask times the face mask, at
+    the 112-crop scale, as the protocol's paste_l2): by default the paper's L2 1200, else the eps asked for, within
+    2 %. An L-inf budget is used everywhere on the face, not only by the mask's largest value."""
+    from faceveil.cli import main
+    from faceveil.io import weights
+    from faceveil.pipeline.maskfile import load_mask
+
+    photos = [str(p) for p in weights.sample_photos()][:2]
+
+    def enrolled(*flags: str):
+        out = tmp_path / "me.fvmask"
+        assert main(["enroll", "--name", "me", *photos, "-o", str(out), "--method", "advcloak-convex",
+                     "--mode", "crops", "--quiet", *flags]) == 0
+        return load_mask(out)
+
+    default = enrolled()
+    assert default.norm == "l2"
+    assert abs(float(paste_l2(default.masks)[0]) * 255 - 1200) / 1200 < 0.02
+    assert abs(float(paste_l2(enrolled("--norm", "l2", "--eps", "600").masks)[0]) * 255 - 600) / 600 < 0.02
+    linf = enrolled("--norm", "linf", "--eps", "8")
+    face = linf.masks[0][:, C.face_mask()[0] > 0.5]
+    assert linf.norm == "linf" and float(face.abs().max()) * 255 <= 8 + 1e-3
+    assert float(face.abs().mean()) * 255 > 0.98 * 8

@@ -75,6 +75,20 @@ def test_enroll_warns_and_names_skipped_images(enrolled: dict, tmp_path: Path, c
     assert "blank.png" in err and "warning: only 1 usable image" in err
 
 
+def test_enroll_l2_mask_is_on_its_budget(tmp_path: Path) -> None:
+    """An optimiser's L2 mask is used at its budget, measured on what is pasted (the protocol's measure), also when
+    its steps are too small to reach it: the projection only bounds the norm (of the whole canonical square, whose
+    random start outside the face is never pasted)."""
+    from faceveil.attacks.budgets import paste_l2
+
+    crop = _person_crop(0, tmp_path / "man.jpg")
+    out = tmp_path / "l2.fvmask"
+    assert main(["enroll", "--name", "x", str(crop), "-o", str(out), "--norm", "l2", "--eps", "1200", "--iters", "2",
+                 "--alpha", "100", "--mode", "crops", "--quiet"]) == 0
+    mask = load_mask(out)
+    assert mask.norm == "l2" and abs(float(paste_l2(mask.masks)[0]) * 255 - 1200) / 1200 < 0.02
+
+
 def test_apply_masks_only_the_enrolled_person(enrolled: dict, tmp_path: Path) -> None:
     samples = weights.sample_photos()
     out, report, html = tmp_path / "out", tmp_path / "apply.json", tmp_path / "apply.html"

@@ -187,3 +187,30 @@ def test_l2_masks_are_checked_against_their_l2_budget(tmp_path: Path) -> None:
     assert load_mask(tmp_path / "l2.fvmask").norm == "l2"
     with pytest.raises(FaceveilError, match="budget"):
         save_mask(dataclasses.replace(l2, eps=l2.eps / 2), tmp_path / "l2b.fvmask")
+
+
+def _header_version(path: Path) -> int:
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read(maskfile.HEADER))["version"]
+
+
+def test_an_l2_budget_bounds_what_is_pasted(tmp_path: Path) -> None:
+    """Version 2: an L2 eps bounds the mask times the face mask (outside it nothing is pasted); such files say
+    version 2, so an older reader, which measured the whole square, asks for an upgrade instead of refusing them as
+    over budget. L-inf files are still version 1; a version 1 L2 file (whole square within eps) still loads."""
+    from faceveil.detect.canonical import face_mask
+
+    mask = _mask()
+    pasted = float((mask.masks * face_mask()).flatten(1).norm(dim=1).max())
+    assert pasted < 0.8 * float(mask.masks.flatten(1).norm(dim=1).max())  # noise outside the face is not pasted
+    l2 = dataclasses.replace(mask, norm="l2", eps=pasted * 1.0000001)
+    save_mask(l2, tmp_path / "l2.fvmask")
+    assert load_mask(tmp_path / "l2.fvmask").eps == l2.eps and _header_version(tmp_path / "l2.fvmask") == 2
+    with pytest.raises(FaceveilError, match="budget"):
+        save_mask(dataclasses.replace(l2, eps=pasted * 0.99), tmp_path / "over.fvmask")
+    save_mask(mask, tmp_path / "linf.fvmask")
+    assert _header_version(tmp_path / "linf.fvmask") == 1
+    whole = dataclasses.replace(mask, norm="l2", eps=float(mask.masks.flatten(1).norm(dim=1).max()) * 1.0000001)
+    save_mask(whole, tmp_path / "whole.fvmask")
+    _rewrite((tmp_path / "whole.fvmask").read_bytes(), tmp_path / "v1.fvmask", header_edit={"version": 1})
+    assert load_mask(tmp_path / "v1.fvmask").norm == "l2"

@@ -31,12 +31,25 @@ def scale_to_budget(masks: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     return rescale(masks, budget_size(masks, norm), eps)
 
 
+def pasted_l2(masks: torch.Tensor) -> torch.Tensor:
+    """[n] L2 norm of what each canonical mask [n,3,256,256] pastes onto a face (the mask times the face mask), in
+    canonical units: an L2 person mask's budget is measured on this, not on the whole canonical square."""
+    return (masks * C.face_mask()).flatten(1).norm(dim=1)
+
+
+def onto_pasted_l2(masks: torch.Tensor, eps: float) -> torch.Tensor:
+    """Masks scaled so that `pasted_l2` equals eps (a zero mask stays zero). An L2 person mask is used at its
+    budget: an optimiser's projection only bounds the norm of the whole square (part of which, its random start
+    outside the face, is never pasted), and a generator's mean mask has whatever norm its faces give it."""
+    return rescale(masks, pasted_l2(masks), eps)
+
+
 def paste_l2(masks: torch.Tensor) -> torch.Tensor:
-    """[n] L2 norm of what each canonical mask [n,3,256,256] pastes (times the face mask), in [0, 1] units of the
-    112x112x3 face (canonical pixels are 1/CANONICAL_ZOOM of a 112-crop pixel per side): AdvCloak's measure (§4.3.1)."""
-    return (masks * C.face_mask()).flatten(1).norm(dim=1) / C.CANONICAL_ZOOM
+    """`pasted_l2` in [0, 1] units of the 112x112x3 face (canonical pixels are 1/CANONICAL_ZOOM of a 112-crop pixel
+    per side): AdvCloak's measure (§4.3.1)."""
+    return pasted_l2(masks) / C.CANONICAL_ZOOM
 
 
 def scale_paste_l2(masks: torch.Tensor, l2_255: float) -> torch.Tensor:
     """Masks scaled so that `paste_l2` equals l2_255 / 255 (AdvCloak's normalisation of every method, §4.3.1)."""
-    return rescale(masks, paste_l2(masks), l2_255 / 255)
+    return onto_pasted_l2(masks, l2_255 / 255 * C.CANONICAL_ZOOM)

@@ -37,8 +37,9 @@ def _add_enroll(root) -> None:
     p.add_argument("--eps", type=float, default=None,
                    help="budget in 0..255 units: L-inf (default 8, OPOM), or with --norm l2 the L2 norm of the "
                         "112x112x3 face (default 1200, AdvCloak)")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"],
-                   help="budget norm (l2: canonical masks are measured at the 112-crop scale)")
+    p.add_argument("--norm", default=None, choices=["linf", "l2"],
+                   help="budget norm, default each method's paper's: l2 for the AdvCloak methods (1200), linf for "
+                        "the others (8); l2 is measured on what is pasted, at the 112-crop scale")
     p.add_argument("--iters", type=int, default=ENROLL_DEFAULTS["iters"], help="iterations (paper: 16)")
     p.add_argument("--alpha", type=float, default=None,
                    help="step size, 0..255 units (paper: 1, the sign step of Algorithms 1-2)")

@@ -149,7 +149,9 @@ def person_learner(name: str) -> PersonLearner:
 
 def learn_person_masks(name: str, batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig,
                        options: PersonMaskOptions | None = None, progress: bool = False) -> MaskResult:
-    """All faces in `batch` are ONE person: their n_M masks [n_M,3,256,256] and the run's figures (seconds, ...)."""
+    """All faces in `batch` are ONE person: their n_M masks [n_M,3,256,256] and the run's figures (seconds, ...).
+    Under an L2 budget the masks are scaled onto it, measured on what is pasted."""
+    from faceveil.attacks.budgets import onto_pasted_l2
     from faceveil.detect.canonical import CANONICAL_SIZE
 
     options = options or PersonMaskOptions()
@@ -163,6 +165,8 @@ def learn_person_masks(name: str, batch: FaceBatch, ensemble: Ensemble, cfg: Att
     masks = masks.detach().float()
     if tuple(masks.shape) != (options.masks, 3, CANONICAL_SIZE, CANONICAL_SIZE):
         raise RuntimeError(f"method {name} returned masks of shape {tuple(masks.shape)}")
+    if cfg.norm == "l2":  # every method's masks used at their budget, measured on what is pasted
+        masks = onto_pasted_l2(masks, cfg.eps)
     figures = {"method": name, "faces": len(batch), "masks": options.masks, "seconds": time.perf_counter() - start,
                **info}
     return MaskResult(masks, figures)

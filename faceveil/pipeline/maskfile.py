@@ -3,7 +3,7 @@
 Container: a zip archive holding only JSON and plain float32 .npy arrays (read back with allow_pickle=False, so
 loading never runs code from the file):
 
-    faceveil-mask.json      {"format": "faceveil-mask", "version": 1, "sha256": ..., "payload": [entry names]}
+    faceveil-mask.json      {"format": "faceveil-mask", "version": 1 or 2, "sha256": ..., "payload": [entry names]}
     meta.json               name, geometry, method, surrogates, eps, norm, reference model names, meta
     masks.npy               [n_M, 3, 256, 256] float32 (canonical space, [0, 1] pixel units)
     references/<model>.npy  [n, D] float32 enrolled embeddings of the person per model
@@ -11,6 +11,10 @@ loading never runs code from the file):
 sha256 is over the payload entries in the listed order (each as name, length, bytes), so a changed byte anywhere
 in them, a truncated file, a file of another kind and a file from a newer faceveil all fail to load with one
 clear line. meta must not hold paths of the user's photos (the file is meant to be shared between devices).
+
+Version 2 (L2 masks only): an L2 eps bounds the norm of what is pasted (the mask times the face mask); in version 1
+it bounded the whole canonical square, which holds at least as much, so version 1 files pass the same check. L-inf
+files did not change and are still written as version 1, which older readers read.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from faceveil.errors import FaceveilError
 from faceveil.io import atomic
 
 FORMAT = "faceveil-mask"
-VERSION = 1
+VERSION = 2  # the newest format this faceveil reads
+L2_PASTED_VERSION = 2  # from this version on an L2 budget is measured on what is pasted
 HEADER = "faceveil-mask.json"
 META = "meta.json"
 MASKS = "masks.npy"
@@ -75,7 +80,8 @@ def save_mask(mask: PersonMask, path: Path | str) -> None:
     entries = {META: _meta_bytes(mask), MASKS: _npy_bytes(mask.masks)}
     for model, embeddings in sorted(mask.references.items()):
         entries[f"{REFERENCE_DIR}{model}.npy"] = _npy_bytes(embeddings)
-    header = {"format": FORMAT, "version": VERSION, "payload": list(entries), "sha256": _digest(entries)}
+    version = L2_PASTED_VERSION if mask.norm == "l2" else 1
+    header = {"format": FORMAT, "version": version, "payload": list(entries), "sha256": _digest(entries)}
     with atomic.atomic_path(Path(path)) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(HEADER, json.dumps(header, indent=1))
         for name, data in entries.items():
@@ -203,6 +209,7 @@ def _short(exc: BaseException) -> str:
 
 def _check(mask: PersonMask, where: str) -> None:
     """The invariants every reader relies on; FaceveilError naming the first broken one."""
+    from faceveil.attacks.budgets import pasted_l2
     from faceveil.detect.canonical import CANONICAL, CANONICAL_SIZE
 
     def bad(message: str) -> FaceveilError:
@@ -223,7 +230,8 @@ def _check(mask: PersonMask, where: str) -> None:
     largest = 1.0 if mask.norm == "linf" else math.sqrt(masks[0].numel())
     if not (math.isfinite(mask.eps) and 0 < mask.eps <= largest):
         raise bad(f"{mask.norm} eps {mask.eps} is not in (0, {largest:g}] (pixel units of [0, 1])")
-    size = masks.flatten(1).abs().amax(1) if mask.norm == "linf" else masks.flatten(1).norm(dim=1)
+    # an L2 budget is measured on what is pasted (the mask times the face mask): outside it nothing reaches a photo
+    size = masks.flatten(1).abs().amax(1) if mask.norm == "linf" else pasted_l2(masks)
     if float(size.max()) > mask.eps * (1 + BUDGET_TOLERANCE) + 1e-7:
         raise bad(f"a mask exceeds its {mask.norm} budget {mask.eps:.5f} ({float(size.max()):.5f})")
     for model, embeddings in mask.references.items():

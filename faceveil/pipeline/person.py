@@ -68,12 +68,16 @@ class EnrollSettings:
 
 
 def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, surrogates: str | None = None,
-                    eps: float | None = None, norm: str = "linf", iters: int | None = None, alpha: float | None = None,
+                    eps: float | None = None, norm: str | None = None, iters: int | None = None,
+                    alpha: float | None = None,
                     momentum: float = 0.0, dropout: float = 0.0, masks: int = 1,
                     diversity_weight: float | None = None, mode: str = "photos",
                     jitter: float | None = None) -> EnrollSettings:
     """enroll's settings from a user's values (None = the preset's): eps and alpha in 0..255 units, L-inf (default
-    8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's)."""
+    8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's). The norm defaults to
+    the method's paper's: L2 for AdvCloak (its generators were trained under an L2 norm; their mean mask scaled to
+    an L-inf eps is peaky and mostly rounds away), L-inf for OPOM and its baselines."""
+    norm = norm or str(registry.check_kind(method, "person").preset.get("norm", "linf"))
     iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
     eps, alpha = _user_budget(norm, eps, alpha, iters)
     if eps <= 0 or (norm == "linf" and eps > 255) or alpha <= 0 or iters < 0:
