@@ -85,6 +85,8 @@ class Settings:
     gamma: float = 0.0
     batch: int = BATCH
     progress: bool = True
+    save_as: str = "png"  # photos mode: how each protected photo is saved before it is re-read (png, or jpg)
+    jpeg_quality: int = 95  # with save_as "jpg" (protect's default quality)
 
 
 def settings_for(method: str, mode: str, eps: float, alpha: float, iters: int, momentum: float,
@@ -130,13 +132,20 @@ def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.nda
 
 
 def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
-                   folder: Path, detector) -> None:
-    """Paste, save as PNG, re-read, re-detect (nearest the centre), keep the re-read photo and its landmarks."""
+                   folder: Path, detector, save_as: str = "png", jpeg_quality: int = 95) -> None:
+    """Paste, save (PNG, or JPEG at `jpeg_quality`: what `protect` writes for a JPEG photo), re-read, re-detect
+    (nearest the centre), keep the re-read photo and its landmarks."""
     from faceveil.detect.mtcnn import nearest_to_center
 
+    if save_as not in ("png", "jpg"):
+        raise ValueError(f"save_as takes png or jpg, got {save_as!r}")
     for photo, d, m in zip(photos, delta, marks, strict=True):
-        path = folder / f"probe{len(out.images):05d}.png"
-        Image.fromarray(C.paste(photo, m, d)).save(path)
+        path = folder / f"probe{len(out.images):05d}.{save_as}"
+        image = Image.fromarray(C.paste(photo, m, d))
+        if save_as == "jpg":  # as faceveil.io.images writes a JPEG: no chroma subsampling
+            image.save(path, quality=jpeg_quality, subsampling=0)
+        else:
+            image.save(path)
         again = read_image(path).rgb
         face = nearest_to_center(detector.detect_large(again), again.shape[1], again.shape[0])
         out.redetect_failures += face is None
@@ -181,7 +190,8 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
             if settings.mode == "crops":
                 collect_crops(out, batch, delta, marks)
             else:
-                collect_photos(out, photos, delta, marks, Path(tmp), detector)
+                collect_photos(out, photos, delta, marks, Path(tmp), detector, settings.save_as,
+                               settings.jpeg_quality)
     return out
 
 
@@ -207,7 +217,7 @@ def _gallery_embeddings(judges: list[str], gallery: list[Labelled], landmarks: d
     return embed_files(judges, [p for _, p in gallery], landmarks, progress).rows
 
 
-def _clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
+def clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
     """Identification accuracy of the judge on the unprotected probes (sanity of the gallery)."""
     emb = embed_images(judge, [read_image(p).rgb for _, p in split.probes], [landmarks[p] for _, p in split.probes])
     scores = zoo.score_matrix(zoo.spec(judge).metric, emb, gallery)
@@ -283,7 +293,7 @@ def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: S
         failures["+".join(run_.surrogates)] = run_.protected.redetect_failures
         for judge in run_.judges:
             row = judge_row(judge, run_.surrogates, run_.protected, split, prepared.galleries[judge], settings)
-            row["clean_rank1"] = _clean_rank1(judge, split, landmarks, prepared.galleries[judge])
+            row["clean_rank1"] = clean_rank1(judge, split, landmarks, prepared.galleries[judge])
             rows.append(row)
     meta = {**prepared.meta(), "protect_seconds": timings, "redetect_failures": failures}
     return rows, meta
