@@ -69,15 +69,6 @@ class Ensemble:
         order = torch.randperm(len(self.names), generator=generator)[:count].tolist()
         return [self.names[i] for i in sorted(order)]
 
-    def weights_of(self, names: Iterable[str] | None = None) -> dict[str, float]:
-        """The weights of the surrogates `names` (None: all), renormalised to sum 1 when they are a part."""
-        if names is None:
-            return self.weights
-        names = [n for n in self.names if n in set(names)]
-        if len(names) == len(self.weights):
-            return self.weights
-        total = sum(self.weights[n] for n in names)
-        return {n: self.weights[n] / total for n in names}
 
 
 # measured on branch person (64 LFW faces, docs/research/person-masks.md)
@@ -93,12 +84,24 @@ def on_cosine_scale(distance: torch.Tensor, metric: str) -> torch.Tensor:
     return distance / L2_SCALE if metric == "l2" else distance
 
 
+def part_weights(weights: dict[str, float], names: Iterable[str] | None = None) -> dict[str, float]:
+    """The weights of the surrogates `names` (None: all), renormalised to sum 1 when they are a part of the ensemble
+    (a stochastic ensemble's draw)."""
+    if names is None:
+        return weights
+    chosen = set(names)
+    if chosen >= set(weights):
+        return weights
+    total = sum(w for n, w in weights.items() if n in chosen)
+    return {n: w / total for n, w in weights.items() if n in chosen}
+
+
 def weighted_sum(ensemble: Ensemble, term: Callable[[str], torch.Tensor],
                  names: Iterable[str] | None = None) -> torch.Tensor:
     """Sum over the ensemble's models of weight x term(model name): how every ensemble loss is combined; with
     `names` (a stochastic ensemble's draw: the embeddings at hand), over those, their weights renormalised."""
     total: torch.Tensor | float = 0
-    for name, weight in ensemble.weights_of(names).items():
+    for name, weight in part_weights(ensemble.weights, names).items():
         total = total + weight * term(name)
     assert isinstance(total, torch.Tensor)  # an ensemble has at least one model
     return total
