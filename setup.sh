@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   # torch first and alone, so that nothing can make pip resolve a newer (CUDA) build.
   .venv/bin/python -m pip install -q "torch==2.13.0" \
     || { echo "setup: could not install torch==2.13.0 (the CPU wheel must be on the local wheel path)" >&2; exit 1; }
-  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,ray]"
   touch "$stamp"
 fi
 .venv/bin/faceveil models fetch

@@ -82,6 +82,14 @@ def add_protect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
     add_report_flag(p)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: a pool of Ray actors, one Protector each (needs the "
+                        "extra faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)")
+    p.add_argument("--address", metavar="ADDR", default=None,
+                   help="ray: join the cluster of `ray start --head` at HOST:PORT (or auto); default: a local Ray "
+                        "instance started for the run")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                   help="ray: actors in the pool, one CPU and one copy of the models each (default 2)")
 
 
 def protect_settings(args: argparse.Namespace):
@@ -110,9 +118,17 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     from faceveil.report import batch_header
 
     settings = protect_settings(args)
-    report = Protector.from_settings(settings).protect_files(
-        inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
-        header=batch_header("protect", settings))
+    header = batch_header("protect", settings)
+    if getattr(args, "engine", "local") == "ray":
+        from faceveil.distributed.ray_engine import protect_files_ray
+
+        report = protect_files_ray(settings, inputs, out_dir, recursive=args.recursive, report_path=args.json,
+                                   progress=not args.quiet, header=header, address=args.address,
+                                   workers=args.workers)
+    else:
+        report = Protector.from_settings(settings).protect_files(
+            inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
+            header=header)
     _print_table(report.results, settings.judges)
     return finish_batch(report, "protect", args)
 
