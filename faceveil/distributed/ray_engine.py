@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 # photos); small enough that two actors share a short run and that rows stream while the run goes on.
 PHOTOS_PER_CALL = 4
 CPUS_PER_ACTOR = 1
+# numba's thread pool, once started, sets the intra-op thread count of torch's OpenMP runtime to its own: an actor
+# that uses one CPU starts it with one thread.
+ACTOR_ENV = {"OMP_NUM_THREADS": str(CPUS_PER_ACTOR), "NUMBA_NUM_THREADS": str(CPUS_PER_ACTOR)}
 # The object store holds only paths and report rows: a small one spares the machine's shared memory.
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 EXTRA_MESSAGE = "--engine ray needs Ray, which is not installed: pip install 'faceveil[ray]'"
@@ -72,7 +76,7 @@ class ProtectActor:
         import torch
 
         # One intra-op thread per actor CPU: torch's float sums depend on the thread count, so an actor's masks
-        # equal those of a local run with the same count (OMP_NUM_THREADS=1), bit for bit.
+        # equal those of a local run with the same count (OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1), bit for bit.
         torch.set_num_threads(CPUS_PER_ACTOR)
         self.protector = Protector.from_settings(settings)
         self.out_dir = out_dir
@@ -118,6 +122,9 @@ def connect(ray: Any, address: str | None, workers: int) -> bool:
         if address:
             ray.init(address=address, **quiet)
             return True  # this driver's connection, dropped after the run (the cluster keeps running)
+        # The actors are the job here: Ray's default lowers its workers' priority by 15 (to keep its own daemons
+        # responsive), which on a busy machine made them ten times slower than the same work in this process.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
@@ -137,7 +144,7 @@ def _protected_rows(ray: Any, settings: ProtectSettings, items: list[BatchItem],
     protected = dataset.map_batches(
         ProtectActor, fn_constructor_kwargs={"settings": settings, "out_dir": str(out_dir)},
         batch_size=PHOTOS_PER_CALL, batch_format="numpy", num_cpus=CPUS_PER_ACTOR,
-        compute=ray.data.ActorPoolStrategy(size=workers))
+        compute=ray.data.ActorPoolStrategy(size=workers), runtime_env={"env_vars": ACTOR_ENV})
     return protected.iter_rows()
 
 
