@@ -42,6 +42,15 @@ def register(groups: Groups) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_roundtrip)
+    p = bench.add_parser("scale", help="photos/s and s/face: the local engine vs Ray with 1, 2, ... workers "
+                         "(needs faceveil[ray])")
+    p.add_argument("--workers", default="1,2", help="comma list of Ray actor counts")
+    p.add_argument("--photos", type=int, default=6, help="how many of the sample photos")
+    p.add_argument("--iters", type=int, default=5, help="iterations per face (protect's other flags at defaults)")
+    p.add_argument("--judges", default="mobileface", help="models that check each saved photo")
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_scale)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -94,4 +103,19 @@ def _cmd_roundtrip(args: argparse.Namespace) -> int:
     surrogates, judges = zoo.parse_models(args.surrogates), zoo.parse_models(args.judges)
     rows = pipeline.roundtrip_drift(surrogates, judges, args.iters)
     emit("bench roundtrip", {"surrogates": surrogates, "iters": args.iters, "jpeg_quality": 95}, rows, args.json)
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from faceveil.cli.protect import settings_from_flags
+    from faceveil.distributed import scale
+    from faceveil.io import weights
+
+    flags = ["--iters", str(args.iters), "--judges", args.judges]
+    photos = weights.sample_photos()[: args.photos]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not photos or not workers or min(workers) < 1:
+        raise FaceveilError("--photos and --workers take positive numbers")
+    rows, info = scale.run(settings_from_flags(flags), photos, workers, progress=not args.quiet)
+    emit("bench scale", {"protect_flags": flags, **info}, rows, args.json)
     return 0
