@@ -108,7 +108,8 @@ def protect_files_ray(settings: ProtectSettings, inputs: Iterable[str | Path], o
         sweep_temp_files(items, out_dir, settings.fmt)
         if started_here:
             ray.shutdown()
-    report.results.sort(key=lambda r: _position(items)[r.file])  # the final report in input order, as locally
+    position = {str(item.path): i for i, item in enumerate(items)}
+    report.results.sort(key=lambda r: position[r.file])  # the final report in input order, as locally
     _write_report(report, final=True)
     return report
 
@@ -138,6 +139,7 @@ def _protected_rows(ray: Any, settings: ProtectSettings, items: list[BatchItem],
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts photos
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notes would break into the table
     paths = [{"index": i, "path": str(item.path.resolve()), "kind": item.kind,
               "root": str(item.root.resolve()) if item.root is not None else ""} for i, item in enumerate(items)]
     dataset = ray.data.from_items(paths, override_num_blocks=max(1, -(-len(paths) // PHOTOS_PER_CALL)))
@@ -199,10 +201,6 @@ def _write_report(report: BatchReport, *, final: bool, added: ItemResult | None 
     elif added is not None:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(added.to_dict()) + "\n")
-
-
-def _position(items: list[BatchItem]) -> dict[str, int]:
-    return {str(item.path): i for i, item in enumerate(items)}
 
 
 def sweep_temp_files(items: list[BatchItem], out_dir: Path, fmt: str) -> list[Path]:
