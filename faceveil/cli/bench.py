@@ -46,6 +46,7 @@ def register(groups: Groups) -> None:
                          "(needs faceveil[ray])")
     p.add_argument("--workers", default="1,2", help="comma list of Ray actor counts")
     p.add_argument("--photos", type=int, default=6, help="how many of the sample photos")
+    p.add_argument("--copies", type=int, default=2, help="each photo this many times (a longer run)")
     p.add_argument("--iters", type=int, default=5, help="iterations per face (protect's other flags at defaults)")
     p.add_argument("--judges", default="mobileface", help="models that check each saved photo")
     p.add_argument("--json", metavar="OUT")
@@ -114,8 +115,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     flags = ["--iters", str(args.iters), "--judges", args.judges]
     photos = weights.sample_photos()[: args.photos]
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    if not photos or not workers or min(workers) < 1:
-        raise FaceveilError("--photos and --workers take positive numbers")
-    rows, info = scale.run(settings_from_flags(flags), photos, workers, progress=not args.quiet)
+    if not photos or not workers or min(workers) < 1 or args.copies < 1:
+        raise FaceveilError("--photos, --copies and --workers take positive numbers")
+    rows, info = scale.run(settings_from_flags(flags), photos, workers, args.copies, progress=not args.quiet)
+    info["copies"] = args.copies
     emit("bench scale", {"protect_flags": flags, **info}, rows, args.json)
     return 0

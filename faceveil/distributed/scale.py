@@ -10,6 +10,7 @@ model loading, spread over the photos of the run."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +22,10 @@ if TYPE_CHECKING:
     from faceveil.pipeline.protect import ProtectSettings
 
 
-def run(settings: ProtectSettings, photos: list[Path], workers: list[int],
+def run(settings: ProtectSettings, photos: list[Path], workers: list[int], copies: int = 1,
         progress: bool = False) -> tuple[list[dict], dict]:
-    """Rows: one per engine run (local on all cores, local on one thread, Ray per worker count) and the overhead
-    row; info: threads, CPUs, load average before and after, Ray's start seconds."""
+    """Rows: one per engine run (local on all cores, local on one thread, Ray per worker count) over `copies` copies
+    of the photos, and the overhead row; info: CPUs, load average before and after, Ray's start seconds."""
     import torch
 
     ray = ray_engine.import_ray()
@@ -32,6 +33,7 @@ def run(settings: ProtectSettings, photos: list[Path], workers: list[int],
     rows: list[dict] = []
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="faceveil-scale-") as tmp:
+        photos = _copies(photos, copies, Path(tmp) / "photos")
         previous = torch.get_num_threads()
         for threads in sorted({cores, 1}, reverse=True):
             torch.set_num_threads(threads)
@@ -49,6 +51,17 @@ def run(settings: ProtectSettings, photos: list[Path], workers: list[int],
     info = {"cpus": cores, "photos": len(photos), "ray_start_s": ray_start, "ray_version": ray.__version__,
             "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     return rows, info
+
+
+def _copies(photos: list[Path], copies: int, folder: Path) -> list[Path]:
+    """The photos `copies` times under distinct names (a longer run spreads each actor's start over more photos)."""
+    folder.mkdir(parents=True)
+    made = []
+    for copy in range(copies):
+        for photo in photos:
+            made.append(folder / f"{copy}-{photo.name}")
+            shutil.copyfile(photo, made[-1])
+    return made
 
 
 def _local(settings: ProtectSettings, photos: list[Path], out: Path, threads: int, progress: bool) -> dict:
@@ -70,8 +83,7 @@ def _row(engine: str, workers: int, threads: int, report, wall: float) -> dict:
     done = sum(r.status == "ok" for r in report.results)
     return {"engine": engine, "workers": workers, "threads_per_worker": threads, "photos": len(report.results),
             "protected": done, "faces": faces, "wall_s": round(wall, 2),
-            "photos_per_s": round(len(report.results) / wall, 4), "s_per_face": round(wall / max(faces, 1), 3),
-            "photo_s_median": _median([r.seconds for r in report.results])}
+            "photos_per_s": round(len(report.results) / wall, 4), "s_per_face": round(wall / max(faces, 1), 3)}
 
 
 def _overhead(rows: list[dict]) -> dict:
@@ -80,8 +92,3 @@ def _overhead(rows: list[dict]) -> dict:
     single = next((r for r in rows if r["engine"] == "ray" and r["workers"] == 1), None)
     per_photo = None if single is None else round(1000 * (single["wall_s"] - local["wall_s"]) / local["photos"], 1)
     return {"engine": "ray overhead (1 worker vs local, 1 thread)", "ray_overhead_ms_per_photo": per_photo}
-
-
-def _median(values: list[float]) -> float | None:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else None
