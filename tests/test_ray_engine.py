@@ -43,6 +43,21 @@ def test_engine_ray_without_ray_is_one_line_naming_the_extra(tmp_path: Path, mon
     assert len(err.splitlines()) == 1 and "faceveil[ray]" in err, err
 
 
+def test_temp_files_a_dead_actor_left_are_swept_and_nothing_else(tmp_path: Path):
+    from faceveil.distributed.ray_engine import sweep_temp_files
+    from faceveil.pipeline.batch import BatchItem
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    item = BatchItem(tmp_path / "in" / "sub" / "a.jpg", tmp_path / "in")
+    out = tmp_path / "out" / "sub"
+    out.mkdir(parents=True)
+    left = [out / ".a.jpg.x1y2.part", out / ".b.jpg.x1y2.part", out / "a.jpg"]  # a's temp file, another's, a's output
+    for path in left:
+        path.write_bytes(b"x")
+    assert sweep_temp_files([item], tmp_path / "out", "same") == [left[0]]
+    assert sorted(p.name for p in out.iterdir()) == [".b.jpg.x1y2.part", "a.jpg"]
+
+
 # ----------------------------------------------------------------------------------------------- the cluster
 
 
