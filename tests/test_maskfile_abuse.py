@@ -165,11 +165,12 @@ def _npy_shaped_bomb(tmp: Path, name: str, shape: tuple[int, ...]) -> Path:
     header = _npy_header(shape)
     size = len(header) + 4 * int(np.prod(shape))
     payload = _entries(_mask(), tmp)
-    payload[name] = b""
+    payload[name] = header + bytes(size - len(header))  # honest sizes, CRC and checksum: only the shape is foreign
     entries = [_header(payload)]
     for n, value in payload.items():
         if n == name:
-            entries.append(RawEntry(n, _deflated_zeros(header, size - len(header)), size, 0))
+            crc = zlib.crc32(value)
+            entries.append(RawEntry(n, _deflated_zeros(header, size - len(header)), size, crc))
         else:
             entries.append(_raw(n, value))
     path = tmp / f"shaped-{len(shape)}.fvmask"
@@ -198,9 +199,9 @@ def test_a_bomb_of_zeros_is_refused_before_anything_is_decompressed(tmp_path: Pa
 
 
 def test_a_deflate_stream_that_outgrows_its_declared_size_costs_one_mask_not_2_gb(tmp_path: Path) -> None:
-    """zipfile stops at the declared size (a CRC that matches what was declared passes): what is read is one mask
-    of zeros, which protects nothing and is refused for that."""
-    _refused_within(_lying_stream(tmp_path), "mask 0 changes no pixel")
+    """zipfile would stop at the declared size and accept the rest unread: the reader refuses the stream on its first
+    byte past the declared size, having inflated at most one mask."""
+    _refused_within(_lying_stream(tmp_path), "masks.npy's deflate stream holds more than the 786560 bytes it declares")
 
 
 def test_an_entry_whose_declared_size_disagrees_with_its_shape_is_refused_before_it_is_read(tmp_path: Path) -> None:
@@ -215,7 +216,8 @@ def test_an_entry_shorter_than_it_declares_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("entry", "shape", "message"), [
     (maskfile.MASKS, (33, 3, 256, 256), r"masks.npy has shape \[33, 3, 256, 256\], not \[1..32"),
-    (maskfile.MASKS, (1, 3, 512, 512), r"masks.npy has shape \[1, 3, 512, 512\]"),
+    (maskfile.MASKS, (1, 3, 80, 96), r"masks.npy has shape \[1, 3, 80, 96\]"),
+    (maskfile.MASKS, (1, 3, 512, 512), r"masks.npy has shape \[1, 3, 512, 512\], not \[1..32, 3, 256, 256\]"),
     ("references/mobileface.npy", (10, 8192), r"has shape \[10, 8192\], not \[n, 1..4096\]"),
 ])
 def test_an_array_of_a_shape_no_faceveil_file_holds_is_refused_from_its_header(tmp_path: Path, entry, shape,
@@ -326,7 +328,7 @@ def _photo(tmp: Path) -> Path:
 
 CRAFTED = {  # file maker -> the message apply prints
     "zeros": (_bomb_of_zeros, "refused: its arrays would take 2000 MB"),
-    "lying": (_lying_stream, "mask 0 changes no pixel"),
+    "lying": (_lying_stream, "deflate stream holds more than the 786560 bytes it declares"),
     "deep": (lambda tmp: _retampered(tmp, "deep.fvmask", **{maskfile.META: _deep_json(200_000)}),
              "refused: meta.json nests 200000 levels deep"),
     "grid": (lambda tmp: _retampered(tmp, "grid.fvmask", **{

@@ -58,6 +58,7 @@ MAX_JSON_DEPTH = 32  # a real meta.json nests 3 deep: deeper is refused before i
 MAX_EMBEDDING_DIM = 4096  # the zoo's embeddings have 128-1024 values
 NPY_HEADER_BYTES = 4096  # np.save writes 128
 READ_CHUNK = 2**20
+COMPRESSED_CHUNK = 2**16  # compressed bytes read at a time: zeros inflate ~1000x, and max_length bounds that
 _COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # zipfile decompresses the others without a size cap
 _REFERENCE_ENTRY = re.compile(r"^references/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.npy$")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -287,7 +288,7 @@ class _Inflated:
             return self._compressed(size)
         while not self.inflater.eof:
             if not self.pending:
-                self.pending = self._compressed(READ_CHUNK)
+                self.pending = self._compressed(COMPRESSED_CHUNK)
                 if not self.pending:  # the archive's bytes are used up: only what zlib still holds is left
                     return self.inflater.decompress(b"", size)
             data = self.inflater.decompress(self.pending, size)
@@ -317,11 +318,10 @@ class _Counted:
         return data
 
 
-def _npy_shape(stream: _Counted, name: str) -> tuple[int, ...]:
+def _npy_shape(stream: _Counted, name: str, side: int | None = None) -> tuple[int, ...]:
     """The shape in a .npy header, which must be a C-order little-endian float32 array of the entry's kind:
-    masks [1..ENROLL_MAX_MASKS, 3, S, S], references [n >= 1, 1..MAX_EMBEDDING_DIM]."""
-    from faceveil.detect.canonical import CANONICAL_SIZE
-
+    masks [1..ENROLL_MAX_MASKS, 3, S, S] (S = `side` when given: the canonical size is known once torch is imported,
+    which a file refused for its sizes never costs), references [n >= 1, 1..MAX_EMBEDDING_DIM]."""
     version = np.lib.format.read_magic(stream)
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"{name} has an unsupported .npy version {version}")
@@ -330,10 +330,10 @@ def _npy_shape(stream: _Counted, name: str) -> tuple[int, ...]:
     if dtype != np.dtype("<f4") or fortran_order:
         raise ValueError(f"{name} is {dtype}{' (Fortran order)' if fortran_order else ''}, not float32")
     if name == MASKS:
-        if len(shape) != 4 or tuple(shape[1:]) != (3, CANONICAL_SIZE, CANONICAL_SIZE) \
-                or not 1 <= shape[0] <= ENROLL_MAX_MASKS:
-            raise ValueError(f"{name} has shape {list(shape)}, not [1..{ENROLL_MAX_MASKS}, 3, {CANONICAL_SIZE}, "
-                             f"{CANONICAL_SIZE}]")
+        square = len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3] and (side is None or shape[2] == side)
+        if not square or not 1 <= shape[0] <= ENROLL_MAX_MASKS:
+            raise ValueError(f"{name} has shape {list(shape)}, not [1..{ENROLL_MAX_MASKS}, 3, {side or 'S'}, "
+                             f"{side or 'S'}]")
     elif len(shape) != 2 or shape[0] < 1 or not 1 <= shape[1] <= MAX_EMBEDDING_DIM:
         raise ValueError(f"{name} has shape {list(shape)}, not [n, 1..{MAX_EMBEDDING_DIM}]")
     if 4 * math.prod(shape) > MAX_ARRAY_BYTES:
@@ -363,8 +363,10 @@ def _array(data: bytearray, name: str) -> torch.Tensor:
     """The float32 array of a checked .npy entry, over the entry's own bytes (no copy)."""
     import torch
 
+    from faceveil.detect.canonical import CANONICAL_SIZE
+
     counted = _Counted(io.BytesIO(data), NPY_HEADER_BYTES)
-    shape = _npy_shape(counted, name)
+    shape = _npy_shape(counted, name, side=CANONICAL_SIZE)
     return torch.from_numpy(np.frombuffer(data, np.float32, offset=len(counted.taken)).reshape(shape))
 
 
