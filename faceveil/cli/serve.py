@@ -51,12 +51,13 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from faceveil.bench import serve as bench_serve
     from faceveil.errors import FaceveilError
 
-    if args.requests < 1 or args.clients < 1 or args.batch < 1:
-        raise FaceveilError("--requests, --clients and --batch must be at least 1")
+    if args.requests < 1 or args.clients < 1 or args.batch < 1 or args.stalled < 0:
+        raise FaceveilError("--requests, --clients and --batch must be at least 1, --stalled at least 0")
     rows, info = bench_serve.run(args.requests, args.clients, batch=args.batch, checkpoint=args.checkpoint,
-                                 workers=args.workers, seed=args.seed, progress=not args.quiet,
+                                 workers=args.workers, seed=args.seed, progress=not args.quiet, stalled=args.stalled,
                                  **_limits(args, "max_batch"))
     settings = {"requests": args.requests, "clients": args.clients, "batch": args.batch, "workers": args.workers,
+                "stalled": args.stalled,
                 "seed": args.seed, "load_average_1min": load_average(), **info}
     emit("bench serve", settings, rows, args.json)
     return 0 if rows[0]["all_answered"] else 1
@@ -93,6 +94,8 @@ def register(groups: Groups) -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--batch", type=int, default=1, help="faces per request")
+    p.add_argument("--stalled", type=int, default=0, metavar="N",
+                   help="slow clients holding connections during the load (headers and 1 KB of a body, then nothing)")
     _add_server_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic gradients")
     p.add_argument("--json", metavar="OUT")
