@@ -505,3 +505,13 @@ def test_a_stalled_body_gets_408_a_hang_up_is_logged_as_one_and_per_client_limit
     assert "client closed the request after 1024 bytes of the body" in lines
     assert not [line for line in lines if "internal error" in line or " 500 " in line], lines
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--per-client", "0"), ("--body-grace", "nan"), ("--min-body-rate", "-1"),
+                                             ("--max-connections", "0")])
+def test_serve_refuses_a_client_policy_that_admits_nothing_in_one_line(capsys, flag: str, value: str):
+    from faceveil.cli import main
+
+    assert main(["serve", "--port", "0", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "per-client and connection limits at least 1" in err and "\n" not in err
