@@ -90,16 +90,18 @@ def make(models: list[str], out_dir: Path) -> None:
         for name in models:
             rel, nodes, side = MODELS[name]
             inputs[name] = fixed_inputs(side, seed=1000 + list(MODELS).index(name))  # a model's inputs never change
-            src = Path(tmp) / f"{name}.in.f32"
-            feed(name, inputs[name]).astype("<f4").tofile(src)
-            jobs += [{"model": str(weights.path(rel)), "output": node, "input": str(src),
-                      "shape": list(inputs[name].shape), "result": str(Path(tmp) / f"{name}.{k}.out.f32")}
-                     for k, node in enumerate(nodes)]
+            for i, image in enumerate(feed(name, inputs[name])):  # one image a job: BlazeFace's graph has batch 1
+                src = Path(tmp) / f"{name}.{i}.in.f32"
+                image[None].astype("<f4").tofile(src)
+                jobs += [{"model": str(weights.path(rel)), "output": node, "input": str(src),
+                          "shape": [1, *image.shape], "result": str(Path(tmp) / f"{name}.{i}.{k}.out.f32")}
+                         for k, node in enumerate(nodes)]
         run_node(jobs)
         for name in models:
             nodes = MODELS[name][1]
-            results = [job["result"] for job in jobs if job["input"].endswith(f"/{name}.in.f32")]
-            out = joined(name, [read_result(Path(r)).astype(np.float32) for r in results])
+            per_image = [joined(name, [read_result(Path(tmp) / f"{name}.{i}.{k}.out.f32").astype(np.float32)
+                                       for k in range(len(nodes))]) for i in range(len(inputs[name]))]
+            out = np.concatenate(per_image)
             dest = out_dir / f"ref_{name}.npz"
             np.savez_compressed(dest, inputs=inputs[name], outputs=out, node=np.array(",".join(nodes)),
                                 model=np.array(name), runtime=np.array(RUNTIME))
