@@ -61,11 +61,12 @@ class BlazeFace:
             weights.path(rel)
         self.net = load_graph_model(weights.path(FILES[0]), OUTPUT_NODES).eval().requires_grad_(False)
         self.anchors = anchor_centres()
+        self.input_size = INPUT_SIZE
 
     @staticmethod
     def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 NHWC [N,256,256,3] -> the float32 NCHW values the graph is fed (Human: x / 127.5 - 1)."""
-        pixels = torch.as_tensor(np.asarray(images))
+        pixels = torch.as_tensor(np.array(images))  # a copy: PIL's arrays are read-only
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (INPUT_SIZE, INPUT_SIZE, 3):
             raise ValueError(f"BlazeFace takes [N, {INPUT_SIZE}, {INPUT_SIZE}, 3] images, got {tuple(pixels.shape)}")
         return (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
