@@ -155,3 +155,17 @@ def test_confirmation_is_deterministic(sample3) -> None:
     first = [c.score for c in FaceConfirmer(_blazeface()).check(rgb, detected)]
     again = [c.score for c in FaceConfirmer(_blazeface()).check(rgb, list(reversed(detected)))][::-1]
     assert first == again
+
+
+def test_tracker_starts_no_track_on_a_refused_detection() -> None:
+    from faceveil.detect.track import FaceTracker
+
+    class _Detector:
+        def detect_large(self, image: np.ndarray, max_side: int = 1024) -> list[Face]:
+            return [_face((10, 10, 60, 70))]
+
+    frame = np.zeros((100, 100, 3), dtype=np.uint8)
+    refusing = FaceTracker(_Detector(), confirm=lambda rgb, faces: [])  # type: ignore[arg-type]
+    assert refusing.update(frame) == [] and refusing.not_faces == 1
+    accepting = FaceTracker(_Detector(), confirm=lambda rgb, faces: list(faces))  # type: ignore[arg-type]
+    assert len(accepting.update(frame)) == 1 and accepting.not_faces == 0

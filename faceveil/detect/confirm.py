@@ -82,6 +82,10 @@ class FaceConfirmer:
             checks.append(FaceConfirmation(face, score, score >= self.min_score))
         return checks
 
+    def faces(self, rgb: np.ndarray, faces: Sequence[Face]) -> list[Face]:
+        """The confirmed faces, in their order."""
+        return self.split(rgb, faces)[0]
+
     def split(self, rgb: np.ndarray, faces: Sequence[Face]) -> tuple[list[Face], list[FaceConfirmation]]:
         """(confirmed faces in their order, the checks of the skipped ones)."""
         checks = self.check(rgb, faces)
