@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from faceveil.detect.confirm import FaceConfirmation, FaceConfirmer, box_iou, face_crop
 from faceveil.detect.mtcnn import Face
 from faceveil.pipeline.job import select_faces, with_skipped
 from tests.conftest import needs_weights
-
-FIXTURE = Path(__file__).parents[1] / "faceveil" / "data" / "references" / "ref_blazeface-back.npz"
 
 
 def _face(box: tuple[float, float, float, float], score: float = 0.9) -> Face:
@@ -88,15 +84,10 @@ def _blazeface():
 @needs_weights
 def test_blazeface_matches_tfjs() -> None:
     """Our graph equals TF.js 4.22 on the committed reference (tools/make_references/make_tfjs_references.py)."""
-    ref = np.load(FIXTURE)
-    model = _blazeface()
-    outs = [model.raw(model.normalise(ref["inputs"][i:i + 1])) for i in range(len(ref["inputs"]))]
-    ours = np.concatenate([torch.cat([torch.cat([o[0], o[2]], 2), torch.cat([o[1], o[3]], 2)], 1).numpy()
-                           for o in outs])
-    expected = ref["outputs"]
-    assert ours.shape == expected.shape == (2, 896, 17)
-    scale = float(np.abs(expected).max())
-    assert float(np.abs(ours - expected).max()) <= 1e-4 * scale
+    from faceveil.models.references import compare_blazeface
+
+    result = compare_blazeface()
+    assert result["ok"], result
 
 
 def test_anchor_decoding() -> None:
