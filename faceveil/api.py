@@ -210,7 +210,7 @@ def apply(mask: PersonMask | str | Path, image: Any, *, all_faces: bool = False,
         mask = PersonMask.load(mask)
     rgb = load_pixels(image)
     applier = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index))
-    faces = applier.select(rgb, applier.detector.detect_large(rgb))
+    faces = applier.select(rgb, applier.find_faces(rgb)[0])
     out = applier.apply_faces(rgb, faces)
     checks = verify_arrays(rgb, out, faces, list(judges or zoo.SPECS), applier.detector) if verify else []
     return ImageResult(out, checks)
@@ -241,10 +241,11 @@ def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None
     prepare_process()
     from faceveil.detect.mtcnn import MTCNN
     from faceveil.models import zoo
+    from faceveil.pipeline.faces import default_confirmer
     from faceveil.pipeline.job import select_faces
     from faceveil.pipeline.verify import verify_arrays
 
     before, after = load_pixels(original), load_pixels(protected)
     detector = MTCNN()
-    chosen = select_faces(detector.detect_large(before), faces)
+    chosen = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
     return verify_arrays(before, after, chosen, list(judges or zoo.SPECS), detector)

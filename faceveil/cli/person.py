@@ -151,6 +151,8 @@ def _print_apply_table(results) -> None:
         masked = d.get("masked", d.get("masked_tracks", ""))
         skipped = d.get("skipped", d.get("skipped_tracks", ""))
         lines.append(f"| {Path(r.file).name} | {r.status} | {found} | {masked} | {skipped} | {r.message} |")
+        for other in d.get("not_faces", []):  # detections the face check refused: left alone
+            lines.append(f"| {Path(r.file).name} | - | | | | {other['reason']} |")
     print("\n".join(lines))
     print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people")
 

@@ -144,6 +144,8 @@ def _print_table(results, judges: list[str]) -> None:
                 v = face.get(j)
                 cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
             lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
+        for other in (r.details or {}).get("not_faces", []):  # detections the face check refused: left alone
+            lines.append(f"| {Path(r.file).name} | - | {other['reason']} |" + " |" * len(judges))
     print("\n".join(lines))
     print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")
 

@@ -25,6 +25,7 @@ from faceveil.evaluate import transforms
 from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
+from faceveil.pipeline.faces import default_confirmer
 from faceveil.pipeline.job import select_faces
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
@@ -133,7 +134,7 @@ def run(original: Path, protected: Path, models: list[str], dataset: Path | None
     """Rows (face x transform x model) and the settings of one verification."""
     before, after = _read_rgb(Path(original), "original"), _read_rgb(Path(protected), "protected")
     detector = detector or MTCNN()
-    originals = select_faces(detector.detect_large(before), faces)
+    originals = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
     if not originals:
         raise FaceveilError(f"{original}: no face found in the original photo")
     reference = embed_faces(before, originals, models)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from faceveil.detect import canonical as C
+from faceveil.detect.confirm import FaceConfirmation, FaceConfirmer
 from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.detect.track import Track
 from faceveil.errors import FaceveilError
@@ -48,6 +49,13 @@ def select_faces(faces: list[Face], which: str) -> list[Face]:
     if which.isdigit() and int(which) > 0:
         return ordered[: int(which)]
     raise FaceveilError(f"faces takes all, largest or a positive number, got {which!r}")
+
+
+def with_skipped(details: dict | None, skipped: list[FaceConfirmation]) -> dict | None:
+    """A photo's details with its skipped detections (not a face) under "not_faces" (unchanged when none)."""
+    if not skipped:
+        return details
+    return {**(details or {}), "not_faces": [{**c.to_dict(), "reason": c.describe()} for c in skipped]}
 
 
 def paste_faces(rgb: np.ndarray, faces: list[Face], deltas) -> np.ndarray:
@@ -85,6 +93,7 @@ class PreparedPhoto:
     photo: Photo
     faces: list[Face]
     out_path: Path
+    skipped: list[FaceConfirmation] = field(default_factory=list)  # detections that are not faces
 
 
 class PhotoJob:
@@ -94,6 +103,7 @@ class PhotoJob:
         self.output = output
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.detector = detector or MTCNN()
+        self.confirmer: FaceConfirmer | None = None  # None: the default (BlazeFace), loaded on first use
         self.stages = StageSeconds()
 
     def __call__(self, item: BatchItem) -> dict:
@@ -111,13 +121,20 @@ class PhotoJob:
     def select(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
         raise NotImplementedError
 
+    def find_faces(self, rgb: np.ndarray) -> tuple[list[Face], list[FaceConfirmation]]:
+        """The detections confirmed as faces, and the skipped ones (not a face)."""
+        from faceveil.pipeline.faces import default_confirmer
+
+        return (self.confirmer or default_confirmer()).split(rgb, self.detector.detect_large(rgb))
+
     def prepare(self, item: BatchItem) -> PreparedPhoto:
-        """Read the photo, detect its faces, select those the job protects."""
+        """Read the photo, detect its faces, select those the job protects (among the confirmed ones)."""
         with self.stages.timing("read"):
             photo = read_image(item.path)
         with self.stages.timing("detect"):
-            faces = self.select(photo.rgb, self.detector.detect_large(photo.rgb))
-        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt))
+            found, skipped = self.find_faces(photo.rgb)
+            faces = self.select(photo.rgb, found)
+        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt), skipped)
 
     def write(self, prepared: PreparedPhoto, deltas) -> np.ndarray:
         """Paste the faces' perturbations and write the protected photo atomically; returns its pixels."""
@@ -129,6 +146,7 @@ class PhotoJob:
 
     def unprotected(self, prepared: PreparedPhoto, what: str, details: dict | None = None) -> dict:
         """The outcome of a photo with no face to protect: written unchanged only when copy_unprotected asks."""
+        details = with_skipped(details, prepared.skipped)
         outcome: dict = {"status": "no_face", "details": details} if details is not None else {"status": "no_face"}
         if self.output.copy_unprotected:
             self._write(prepared.photo, prepared.out_path)

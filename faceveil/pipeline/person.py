@@ -38,7 +38,8 @@ from faceveil.methods.opom.learners import paper_config
 from faceveil.methods.opom.loss import DEFAULT_DIVERSITY_WEIGHT
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces
+from faceveil.pipeline.faces import default_confirmer
+from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces, with_skipped
 from faceveil.pipeline.maskfile import PersonMask
 from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_MAX_EPS, ENROLL_MAX_MASKS, L2_DEFAULT_EPS
 
@@ -140,9 +141,10 @@ def largest_faces(paths: list[Path], detector: MTCNN, progress: bool = False) ->
         except FaceveilError as exc:
             rows.append({**row, "status": "unreadable", "message": str(exc)})
             continue
-        faces = detector.detect_large(rgb)
+        faces, skipped = default_confirmer().split(rgb, detector.detect_large(rgb))
         if not faces:
-            rows.append({**row, "status": "no_face", "message": "no face found"})
+            why = "; ".join(c.describe() for c in skipped)
+            rows.append({**row, "status": "no_face", "message": f"no face found ({why})" if why else "no face found"})
             continue
         face = max(faces, key=lambda f: f.size)
         found.append(FoundFace(rgb, face))
@@ -314,7 +316,7 @@ class MaskApplier(PhotoJob):
 
     def apply_to_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         """Detection + matching + paste on one photo in memory: (protected copy, one row per detected face)."""
-        chosen = self.select(rgb, self.detector.detect_large(rgb))
+        chosen = self.select(rgb, self.find_faces(rgb)[0])
         return self.apply_faces(rgb, chosen), self._rows
 
     def photo(self, item: BatchItem) -> dict:
@@ -328,7 +330,8 @@ class MaskApplier(PhotoJob):
             what = "no face found" if not rows else f"no face of {self.mask.name} ({len(rows)} other face(s) left)"
             return self.unprotected(prepared, what, details)
         self.write(prepared, [self.delta] * masked)
-        return {"status": "ok", "faces": masked, "output": prepared.out_path, "details": details}
+        return {"status": "ok", "faces": masked, "output": prepared.out_path,
+                "details": with_skipped(details, prepared.skipped)}
 
     def delta_for_track_function(self):
         """A video_pipeline `delta_for_track` with its own per-track state: the mask for tracks of the person,

@@ -20,7 +20,7 @@ from faceveil.methods.base import MethodOptions, Perturbation
 from faceveil.methods.targets import DEFAULT_MAX_TARGETS, load_targets
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.job import OutputSettings, PhotoJob, PreparedPhoto, paste_faces, select_faces
+from faceveil.pipeline.job import OutputSettings, PhotoJob, PreparedPhoto, paste_faces, select_faces, with_skipped
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_arrays
 
@@ -169,11 +169,12 @@ class PhotoProtector(PhotoJob):
             details["faces"] = [check.to_dict() for check in checks]
         elif targets is not None:
             details["faces"] = [{"face": i, "target": t} for i, t in enumerate(targets)]
-        return {"status": "ok", "faces": len(prepared.faces), "output": prepared.out_path, "details": details}
+        return {"status": "ok", "faces": len(prepared.faces), "output": prepared.out_path,
+                "details": with_skipped(details, prepared.skipped)}
 
     def protect_array(self, rgb: np.ndarray) -> ArrayProtection:
         """One photo's pixels protected in memory (no file written): every selected face optimised together."""
-        faces = self.select(rgb, self.detector.detect_large(rgb))
+        faces = self.select(rgb, self.find_faces(rgb)[0])
         if not faces:
             return ArrayProtection(rgb.copy(), [], None)
         batch = from_photos([rgb] * len(faces), [f.landmarks for f in faces], self.ensemble.geometries, "photos")

@@ -35,6 +35,7 @@ from faceveil.io.video import (
     iter_frames,
     probe_video,
 )
+from faceveil.pipeline.faces import default_confirmer
 
 DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]
 
@@ -89,7 +90,7 @@ def protect_video(
     """
     started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu()
     info = probe_video(src)
-    tracker = tracker or FaceTracker(fps=float(info.fps))
+    tracker = tracker or FaceTracker(fps=float(info.fps), confirm=default_confirmer().faces)
     tracker.reset()
     stats = _Stats()
     writer = VideoWriter(dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune,
@@ -195,6 +196,7 @@ def _summary(stats: _Stats, tracker: FaceTracker, info: VideoInfo, seconds: floa
         "backfilled": stats.backfilled,
         "detection_calls": tracker.detections,
         "onet_crops": tracker.onet_crops,
+        "not_faces_skipped": tracker.not_faces,
         "split_seconds": {  # wall; decode/encode: waiting for ffmpeg's pipes (ffmpeg itself runs beside us)
             "decode": stats.decode.wall,
             "detection": tracker.detect_time.wall,
