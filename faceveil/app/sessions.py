@@ -40,8 +40,8 @@ def display_name(client_name: str, fmt: str) -> str:
     if not dot or not stem:
         stem, ext = base, ""
     wanted = FORMAT_EXTENSIONS.get(fmt, ".jpg")
-    kept = "." + ext.lower()
-    return stem[:96] + (kept if kept in ({".jpg", ".jpeg", ".jpe"} if wanted == ".jpg" else {wanted}) else wanted)
+    same = {".jpg", ".jpeg", ".jpe"} if wanted == ".jpg" else {wanted}
+    return stem[:96] + ("." + ext if "." + ext.lower() in same else wanted)  # the user's own spelling kept
 
 
 @dataclass
