@@ -49,9 +49,12 @@ def face_verdict(row: dict[str, Any]) -> dict[str, Any]:
         return {**out, "checked": False, "recognised_by": [],
                 "words": f"Face {number}: not found again in the result, so it could not be checked"}
     still = [name for name, matches in judged.items() if matches]
-    words = f"Face {number}: not recognised by {len(judged) - len(still)} of {len(judged)} face-recognition models"
-    if still:
-        words += f" (still recognised by {', '.join(still)})"
+    if len(still) == len(judged):
+        words = (f"Face {number}: still recognised by all {len(judged)} face-recognition models "
+                 f"({', '.join(still)}): not protected")
+    else:
+        words = f"Face {number}: not recognised by {len(judged) - len(still)} of {len(judged)} face-recognition models"
+        words += f" (still recognised by {', '.join(still)})" if still else ""
     return {**out, "checked": True, "recognised_by": still, "protected": not still, "words": words}
 
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import time
 import zipfile
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -217,6 +218,7 @@ async def _event_stream(session: Session, request: Request, index: int) -> Async
     yield "retry: 1000\n\n"
     quiet = 0.0
     while not session.ended and not await request.is_disconnected():
+        session.last_seen = time.monotonic()  # an open page keeps its session
         fresh = session.events_from(index)
         for event in fresh:
             yield f"id: {index}\ndata: {json.dumps(event)}\n\n"

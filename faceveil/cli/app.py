@@ -11,13 +11,18 @@ DEFAULT_PORT = 8766
 
 def _cmd_app(args: argparse.Namespace) -> int:
     from faceveil.app import AppSettings, run
+    from faceveil.errors import FaceveilError
 
     def ready(url: str) -> None:
         print(f"faceveil app: open {url} in your browser (photos stay on this computer); Ctrl-C stops and deletes "
               "this session's uploads", flush=True)
 
-    run(args.host, args.port, public=args.public, open_browser=not args.no_browser,
-        settings=AppSettings(judges=args.judges), on_ready=ready)
+    try:
+        run(args.host, args.port, public=args.public, open_browser=not args.no_browser,
+            settings=AppSettings(judges=args.judges), on_ready=ready)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise FaceveilError(f"port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); try another "
+                            "`port`") from None
     return 0
 
 
