@@ -76,6 +76,10 @@ def test_loopback_only_unless_public():
     check_host("0.0.0.0", True)
     with pytest.raises(FaceveilError, match="not a loopback"):
         check_host("0.0.0.0", False)
+
+
+@pytest.mark.slow
+def test_the_command_refuses_other_hosts():
     run = subprocess.run([sys.executable, "-m", "faceveil.cli", "app", "--host", "0.0.0.0", "--no-browser"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
@@ -120,6 +124,20 @@ def test_bad_uploads_get_one_line_and_the_server_keeps_answering(served):
     assert not [p for p in root.rglob("*") if p.is_file()]  # nothing refused was kept
 
 
+def test_job_requests_are_checked_before_any_work(served):
+    app, _ = served
+    _, opened = _request(app.url + "api/session", b"")
+    base = app.url + f"api/session/{opened['session']}/"
+    json_header = {"Content-Type": "application/json"}
+    assert _request(base + "protect", b'{"photos": []}', json_header) == (400, {"error": "add photos first"})
+    assert _request(base + "protect", b'{"photos": [99]}', json_header)[0] == 404
+    assert _request(base + "protect", b"not json", json_header)[0] == 400
+    assert _request(base + "protect", b"[" * 70000, json_header)[0] == 413
+    assert _request(base + "apply", b'{"photos": [1]}', json_header)[0] == 404
+    assert _request(app.url + "api/session/nope/protect", b"{}", json_header)[0] == 404
+    assert _request(base + "results.zip")[0] == 404
+
+
 def test_other_hosts_are_refused(served):
     app, _ = served
     status, body = _request(app.url + "api/health", headers={"Host": "evil.example:8766"})
@@ -136,6 +154,25 @@ def test_a_session_folder_lives_as_long_as_its_page(served):
     assert _request(app.url + f"api/session/{sid}/end", b"")[1] == {"ended": True}
     assert not list(root.glob("session-*"))
     assert _request(app.url + f"api/session/{sid}/photos", b"x", {"X-File-Name": "a.jpg"})[0] == 404
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_cleans_up_on_ctrl_c(tmp_path):
+    import signal
+
+    env = {**os.environ, "FACEVEIL_APP_HOME": str(tmp_path / "home")}
+    app = subprocess.Popen([sys.executable, "-m", "faceveil.cli", "app", "--port", "0", "--no-browser"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = app.stdout.readline()
+        assert line.startswith("faceveil app: open http://127.0.0.1:"), line + app.stderr.read()
+        url = line.split("open ", 1)[1].split(" ", 1)[0]
+        _, opened = _request(url + "api/session", b"")
+        assert opened["session"] and len(list((tmp_path / "home").glob("session-*"))) == 1
+    finally:
+        app.send_signal(signal.SIGINT)
+        app.wait(timeout=30)
+    assert not list((tmp_path / "home").glob("session-*"))
 
 
 # ------------------------------------------------------------------------------------------------ the real page

@@ -237,8 +237,13 @@ async def _event_stream(session: Session, request: Request, index: int) -> Async
 
 
 async def _json(request: Request) -> dict[str, Any]:
+    raw = b""
+    async for chunk in request.stream():  # bounded whatever Content-Length said (or did not say)
+        raw += chunk
+        if len(raw) > request.app.state.limits.max_json_bytes:
+            raise HTTPException(413, "request too large")
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError:
         raise HTTPException(400, "expected a JSON body") from None
     if not isinstance(body, dict):
