@@ -175,7 +175,21 @@ function setProgress(job, value, status) {
   const box = $(`progress-${job}`);
   box.querySelector("progress").value = value;
   box.querySelector(".percent").textContent = `${value} %`;
-  if (status !== undefined) box.querySelector(".status").textContent = status;
+  if (status !== undefined) {
+    box.querySelector(".status").textContent = status;
+    box.dataset.since = String(Date.now());
+    box.dataset.status = status;
+  }
+}
+
+function tick() {
+  // While a photo is being worked on, the seconds it has taken so far (a photo takes a while: the bar moves per photo).
+  for (const job of ["protect", "apply"]) {
+    const box = $(`progress-${job}`);
+    if (!state.busy || box.hidden || !box.dataset.since) continue;
+    const seconds = Math.round((Date.now() - Number(box.dataset.since)) / 1000);
+    box.querySelector(".status").textContent = `${box.dataset.status} · ${seconds} s`;
+  }
 }
 
 function photoById(id) {
@@ -323,6 +337,7 @@ async function main() {
   const events = new EventSource(`/api/session/${state.session}/events`);
   events.onmessage = (e) => onEvent(JSON.parse(e.data));
   window.addEventListener("pagehide", () => navigator.sendBeacon(`/api/session/${state.session}/end`));
+  setInterval(tick, 1000);
   document.body.dataset.ready = "true";
   refreshButtons();
 }
