@@ -138,6 +138,23 @@ def test_job_requests_are_checked_before_any_work(served):
     assert _request(base + "results.zip")[0] == 404
 
 
+def test_a_photo_is_stored_under_a_name_the_server_makes(served):
+    import io
+
+    from PIL import Image
+
+    app, root = served
+    _, opened = _request(app.url + "api/session", b"")
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(png, format="PNG")
+    status, body = _request(app.url + f"api/session/{opened['session']}/photos", png.getvalue(),
+                            {"X-File-Name": "..%2F..%2F..%2Fevil.png"})
+    assert status == 200 and body["name"] == "evil.png" and (body["width"], body["height"]) == (40, 30)
+    stored = [p.relative_to(root) for p in root.rglob("*") if p.is_file()]
+    assert len(stored) == 1 and stored[0].parts[1:] == ("uploads", f"{body['id']:04d}.png")
+    assert not list(root.parent.glob("evil*")) and not list(root.glob("evil*"))
+
+
 def test_other_hosts_are_refused(served):
     app, _ = served
     status, body = _request(app.url + "api/health", headers={"Host": "evil.example:8766"})
@@ -259,8 +276,12 @@ def test_protect_in_the_browser_matches_the_cli(served, browser, tmp_path):
         page.click("#zip-protect")
     archive = tmp_path / "protected.zip"
     downloaded.value.save_as(archive)
+    with page.expect_download() as one:
+        page.click("#results-protect .result:first-of-type a.button")
     cli_out = tmp_path / "cli"
     _cli_protect(photos, cli_out)
+    assert one.value.suggested_filename == photos[0].name
+    assert Path(one.value.path()).read_bytes() == (cli_out / photos[0].name).read_bytes()
     with zipfile.ZipFile(archive) as zipped:
         assert sorted(zipped.namelist()) == sorted(p.name for p in photos)
         for photo in photos:
