@@ -45,6 +45,25 @@ def sample_photos() -> list[Path]:
     return installed()
 
 
+def strengths() -> list[dict[str, Any]]:
+    """The strength presets of `protect`, weakest first: name, L-inf eps (0..255), iterations, whether it is the
+    default, and what it measured (face-area SSIM / PSNR, per judge the share of people no longer ranked first; None
+    where not measured)."""
+    from faceveil.pipeline import presets
+
+    default = presets.ProtectChoices().strength
+    return [{"name": name, "eps": eps, "iters": iters, "default": name == default,
+             "measured": presets.STRENGTH_MEASURED.get(name)}
+            for name, (eps, iters) in presets.STRENGTHS.items()]
+
+
+def judge_names() -> list[str]:
+    """The face-recognition models that check results by default (every model of the zoo)."""
+    from faceveil.models import zoo
+
+    return list(zoo.SPECS)
+
+
 def load_pixels(image: Any) -> np.ndarray:
     """H x W x 3 uint8 RGB from a path (read as the product reads photos: orientation applied), a PIL image or an
     array."""

@@ -19,6 +19,18 @@ STRENGTHS = {  # L-inf eps (0..255 units), iterations
     "mid": (8.0, 50),
     "high": (12.0, 50),
 }
+# What each strength measured (README, "What the strength presets trade": default method and surrogates, 20 LFW
+# probes of the identification protocol, photos saved and re-detected): the face area's SSIM and PSNR against the
+# original, and per judge the share of probes no longer ranked first (Rank-1-UT). Re-measure when STRENGTHS change;
+# the web app shows these to people choosing a strength.
+STRENGTH_MEASURED = {
+    "low": {"face_ssim": 0.968, "face_psnr_db": 39.1, "not_ranked_first": {
+        "mobileface": 0.15, "mfn512": 0.35, "faceres": 0.15, "faceres-deep": 0.35, "dlib": 0.25, "mfn192": 0.00}},
+    "mid": {"face_ssim": 0.899, "face_psnr_db": 33.2, "not_ranked_first": {
+        "mobileface": 0.55, "mfn512": 0.90, "faceres": 0.45, "faceres-deep": 0.60, "dlib": 0.55, "mfn192": 0.35}},
+    "high": {"face_ssim": 0.819, "face_psnr_db": 29.8, "not_ranked_first": {
+        "mobileface": 0.85, "mfn512": 1.00, "faceres": 0.60, "faceres-deep": 0.70, "dlib": 0.85, "mfn192": 0.80}},
+}
 # What protect optimises against, and how, unless told otherwise; THOROUGH: what carried protection furthest to
 # unseen model families at the default's visibility (README, "Towards the project's goal": black-box Rank-1-UT
 # 0.67 against 0.48 at face-area SSIM 0.896 / 0.898, photos mode), in about 3.5 times the time.
