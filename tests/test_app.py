@@ -361,3 +361,49 @@ def test_person_mask_in_the_browser(tmp_path, browser):
     finally:
         app.stop()
     assert not list((tmp_path / "sessions").glob("session-*"))  # the app's stop removed the page's folder
+
+
+# ------------------------------------------------------------------------------------------------ face selection
+
+
+def test_a_selection_of_face_indices_takes_those_faces_largest_first():
+    import numpy as np
+
+    from faceveil.detect.mtcnn import Face
+    from faceveil.pipeline.job import select_faces
+
+    faces = [Face((0, 0, w, w), 0.99, np.zeros((5, 2), np.float32)) for w in (10, 30, 20)]  # sizes 10, 30, 20
+    assert [f.size for f in select_faces(faces, [2, 0])] == [30, 10]  # indices into largest first: 30, 20, 10
+    assert [f.size for f in select_faces(faces, (1, 1))] == [20]
+    assert select_faces(faces, []) == []
+    assert select_faces(faces, "all") == select_faces(faces, [0, 1, 2])  # today's choices unchanged
+    assert [f.size for f in select_faces(faces, "2")] == [30, 20]
+    with pytest.raises(FaceveilError, match="no face 3 in this photo: 3 face"):
+        select_faces(faces, [3])
+    with pytest.raises(FaceveilError, match="whole numbers"):
+        select_faces(faces, [True])
+
+
+def _box_pixels(rgb, box) -> object:
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return rgb[max(y1, 0):y2, max(x1, 0):x2]
+
+
+@pytest.mark.slow
+@needs_weights
+def test_protect_only_the_chosen_faces():
+    import numpy as np
+
+    import faceveil
+
+    photo = next(p for p in faceveil.sample_photos() if p.name == "sample2.jpg")  # two people
+    found = faceveil.detect_faces(photo)
+    assert [f.index for f in found if f.confirmed] == [0, 1] and all(f.face_score >= 0.5 for f in found)
+    original = faceveil.load_pixels(photo)
+    protector = faceveil.Protector(strength="low", iters=2, judges=JUDGES, verify=False)
+    second_only = protector.protect(photo, faces=[1]).image
+    assert np.array_equal(_box_pixels(second_only, found[0].box), _box_pixels(original, found[0].box))
+    assert not np.array_equal(_box_pixels(second_only, found[1].box), _box_pixels(original, found[1].box))
+    both = protector.protect(photo, faces=[0, 1]).image
+    assert np.array_equal(both, protector.protect(photo).image)  # every index chosen = today's "all"
+    assert protector.settings.faces == "all"  # the call's selection did not stay
