@@ -86,7 +86,8 @@ def check_video(path: Path, name: str, limits: Limits) -> tuple[str, int, int, d
     except FaceveilError:
         raise RejectedUpload(f"{name} is not a video the app can read") from None
     if info["width"] * info["height"] > limits.max_video_pixels:
-        raise RejectedUpload(f"{name} is too large: {info['width']} x {info['height']} frames (the most is 1920 x 1080)")
+        raise RejectedUpload(f"{name} is too large: {info['width']} x {info['height']} frames "
+                             "(the most is 1920 x 1080)")
     if info["seconds"] > limits.max_video_seconds:
         raise RejectedUpload(f"{name} is too long: {info['seconds']:.0f} s (the most is {limits.max_video_seconds} s)")
     ext = "." + name.rsplit(".", 1)[-1].lower()
