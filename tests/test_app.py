@@ -195,6 +195,23 @@ def test_the_command_serves_and_cleans_up_on_ctrl_c(tmp_path):
 # ------------------------------------------------------------------------------------------------ the real page
 
 
+def tiny_video(photo: Path, out: Path, frames: int) -> Path:
+    """A short synthetic clip made of one sample photo drifting a few pixels a frame (6 fps, 960 pixels wide)."""
+    from PIL import Image
+
+    from faceveil.io.video import VideoWriter
+
+    still = Image.open(photo).convert("RGB")
+    still = still.resize((960, round(still.height * 960 / still.width / 2) * 2))
+    import numpy as np
+
+    pixels = np.asarray(still)
+    with VideoWriter(out, 6) as writer:
+        for i in range(frames):
+            writer.write(np.ascontiguousarray(np.roll(pixels, 3 * i, axis=1)))
+    return out
+
+
 def _screenshots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("FACEVEIL_APP_SCREENSHOTS") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
@@ -348,12 +365,28 @@ def test_person_mask_in_the_browser(tmp_path, browser):
         page.click("#enroll-button")
         page.wait_for_selector("#mask-download:not([hidden])", timeout=900000)
         assert "The mask of Ada is ready" in page.inner_text("#enroll-status")
-        drop_files(page, "drop-apply", [photos[0]])
+        clip = tiny_video(photos[0], tmp_path / "party clip.mp4", frames=8)
+        drop_files(page, "drop-apply", [photos[0], clip])
+        page.wait_for_function("document.querySelectorAll('#photos-apply li').length === 2", timeout=60000)
+        assert page.inner_text("#photos-apply .video-thumb").startswith("video")
         page.wait_for_function("!document.getElementById('apply-button').disabled", timeout=30000)
+        page.evaluate("""() => {  // every status line the bar shows, to see the video's frames counted
+            const status = document.querySelector('#progress-apply .status');
+            window.seen = [];
+            new MutationObserver(() => window.seen.push(status.textContent))
+                .observe(status, { childList: true, characterData: true, subtree: true });
+        }""")
         page.click("#apply-button")
         page.wait_for_selector("#progress-apply .percent:text('100 %')", timeout=900000)
-        page.wait_for_selector("#results-apply .result", timeout=60000)
+        page.wait_for_function("document.querySelectorAll('#results-apply .result').length === 2", timeout=60000)
+        assert any("frame 8 of 8" in line for line in page.evaluate("window.seen")), page.evaluate("window.seen")
         page.screenshot(path=str(_screenshots(tmp_path) / "person-done.png"), full_page=True)
+        with page.expect_download() as zipped:
+            page.click("#zip-apply")
+        with zipfile.ZipFile(zipped.value.path()) as archive:
+            assert sorted(archive.namelist()) == sorted([photos[0].name, clip.name])
+            (tmp_path / "masked.mp4").write_bytes(archive.read(clip.name))
+        assert faceveil.video_info(tmp_path / "masked.mp4")["frames"] == 8
         with page.expect_download() as downloaded:
             page.click("#mask-download")
         assert downloaded.value.suggested_filename == "Ada.fvmask"
@@ -407,3 +440,44 @@ def test_protect_only_the_chosen_faces():
     both = protector.protect(photo, faces=[0, 1]).image
     assert np.array_equal(both, protector.protect(photo).image)  # every index chosen = today's "all"
     assert protector.settings.faces == "all"  # the call's selection did not stay
+
+
+@pytest.mark.slow
+@needs_browser
+@needs_weights
+def test_untick_a_face_in_the_browser(served, browser, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import faceveil
+
+    app, _ = served
+    shots = _screenshots(tmp_path)
+    sample = next(p for p in faceveil.sample_photos() if p.name == "sample2.jpg")  # two people
+    photo = tmp_path / "two people.png"  # lossless: the unticked face must come back pixel for pixel
+    Image.fromarray(faceveil.load_pixels(sample)).save(photo)
+    page = _open_page(browser, app.url)
+    drop_files(page, "drop-protect", [photo])
+    page.wait_for_function("document.querySelectorAll('#pickers-protect input.face-pick').length === 2",
+                           timeout=300000)
+    page.wait_for_function("document.querySelector('#pickers-protect img').complete")
+    page.uncheck("#pickers-protect input.face-pick[data-index='0']")
+    assert page.locator("#pickers-protect .outline.off").count() == 1
+    page.locator("#pickers-protect .picker").screenshot(path=str(shots / "face-picker.png"))
+    page.check("#strength-low")
+    page.click(".advanced summary")
+    page.fill("#iters-protect", str(CHEAP["iters"]))
+    page.click("#protect-button")
+    page.wait_for_selector("#progress-protect .percent:text('100 %')", timeout=900000)
+    page.wait_for_selector("#results-protect .result .verdicts li", timeout=60000)
+    verdicts = page.locator("#results-protect .verdicts li").all_inner_texts()
+    assert verdicts and all(v.startswith("Face 2") for v in verdicts), verdicts  # the picker's numbers
+    with page.expect_download() as one:
+        page.click("#results-protect .result a.button")
+    protected = np.asarray(Image.open(one.value.path()).convert("RGB"))
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    faces = [f for f in faceveil.detect_faces(photo) if f.confirmed]
+    assert np.array_equal(_box_pixels(protected, faces[0].box), _box_pixels(original, faces[0].box))  # unticked
+    assert not np.array_equal(_box_pixels(protected, faces[1].box), _box_pixels(original, faces[1].box))
+    page.screenshot(path=str(shots / "face-picker-done.png"), full_page=True)
+    print(f"screenshots: {shots}")
