@@ -197,14 +197,13 @@ def test_the_command_serves_and_cleans_up_on_ctrl_c(tmp_path):
 
 def tiny_video(photo: Path, out: Path, frames: int) -> Path:
     """A short synthetic clip made of one sample photo drifting a few pixels a frame (6 fps, 960 pixels wide)."""
+    import numpy as np
     from PIL import Image
 
     from faceveil.io.video import VideoWriter
 
     still = Image.open(photo).convert("RGB")
     still = still.resize((960, round(still.height * 960 / still.width / 2) * 2))
-    import numpy as np
-
     pixels = np.asarray(still)
     with VideoWriter(out, 6) as writer:
         for i in range(frames):
