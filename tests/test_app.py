@@ -155,6 +155,29 @@ def test_a_photo_is_stored_under_a_name_the_server_makes(served):
     assert not list(root.parent.glob("evil*")) and not list(root.glob("evil*"))
 
 
+def test_face_choices_and_videos_are_checked(served, tmp_path):
+    import io
+
+    from PIL import Image
+
+    app, _ = served
+    _, opened = _request(app.url + "api/session", b"")
+    base = app.url + f"api/session/{opened['session']}/"
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(png, format="PNG")
+    _, photo = _request(base + "photos", png.getvalue(), {"X-File-Name": "a.png"})
+    json_header = {"Content-Type": "application/json"}
+    for faces, words in (({"99": [0]}, "not being protected"), ({str(photo["id"]): ["a"]}, "face numbers"),
+                         ([0], "map a photo")):
+        body = json.dumps({"photos": [photo["id"]], "faces": faces}).encode()
+        status, answer = _request(base + "protect", body, json_header)
+        assert status == 400 and words in answer["error"], answer
+    status, answer = _request(base + "photos?role=apply", b"not a video\n", {"X-File-Name": "clip.mp4"})
+    assert status == 400 and "clip.mp4 is not a video" in answer["error"]
+    status, answer = _request(base + "photos?role=protect", b"not a video\n", {"X-File-Name": "clip.mp4"})
+    assert status == 400 and "clip.mp4 is not a photo" in answer["error"]  # only the person tab takes videos
+
+
 def test_other_hosts_are_refused(served):
     app, _ = served
     status, body = _request(app.url + "api/health", headers={"Host": "evil.example:8766"})
