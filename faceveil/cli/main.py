@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 
-from faceveil.cli.common import Groups, as_flags, register_all
+from faceveil.cli.common import Groups, OneLineParser, as_flags, register_all
 from faceveil.errors import FaceveilError
 from faceveil.runtime import prepare_process
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faceveil", description=__doc__)
+    parser = OneLineParser(prog="faceveil", description=__doc__)
     register_all(Groups(parser.add_subparsers(dest="command", required=True)))
     return parser
 

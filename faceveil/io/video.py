@@ -222,7 +222,8 @@ def _read_log(log: IO[bytes]) -> str:
 class VideoWriter:
     """Encode RGB frames to an H.264 mp4, atomically; use as a context manager.
 
-    audio_from: a source video whose audio is carried over (copied when mp4 can hold its codec).
+    audio_from: a source video whose audio is carried over (copied when mp4 can hold its codec) unless drop_audio.
+    replace=False: an existing out_path is an error and stays as it is; max_mode caps the file's permission bits.
     An exception inside the `with` block (KeyboardInterrupt too) stops ffmpeg and removes the temp file.
     """
 
@@ -236,8 +237,12 @@ class VideoWriter:
         preset: str = DEFAULT_PRESET,
         tune: str | None = DEFAULT_TUNE,
         keep_metadata: bool = False,
+        drop_audio: bool = False,
+        replace: bool = True,
+        max_mode: int | None = None,
     ) -> None:
         self.out_path = Path(out_path)
+        self.drop_audio, self.replace, self.max_mode = drop_audio, replace, max_mode
         self.fps = Fraction(fps).limit_denominator(100_000)
         self.audio_from, self.crf, self.preset, self.tune = audio_from, crf, preset, tune
         self.keep_metadata = keep_metadata
@@ -276,7 +281,7 @@ class VideoWriter:
             self._proc.stdin.close()
             if self._proc.wait() != 0:
                 raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}")
-            atomic.commit(self._temp, self.out_path)
+            atomic.commit(self._temp, self.out_path, replace=self.replace, max_mode=self.max_mode)
         except BaseException:
             self.abort()
             raise
@@ -313,7 +318,8 @@ class VideoWriter:
         if self.audio_from is None:
             cmd += ["-map", "0:v:0"]
         else:  # input 1: the source, for its audio and (keep_metadata) its tags; inputs come before maps
-            cmd += ["-i", str(self.audio_from.path), "-map", "0:v:0", "-map", "1:a?", *self._audio_args()]
+            audio = [] if self.drop_audio else ["-map", "1:a?", *self._audio_args()]
+            cmd += ["-i", str(self.audio_from.path), "-map", "0:v:0", *audio]
         return cmd + [
             "-vf", _VIDEO_FILTER,
             "-c:v", "libx264", "-preset", self.preset, *(["-tune", self.tune] if self.tune else []),
