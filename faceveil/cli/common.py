@@ -232,6 +232,16 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
     return 2 if any(r.status == "error" for r in report.results) or report.report_error else 0
 
 
+def check_report_targets(args: argparse.Namespace) -> None:
+    """Before any work: --json and --report must name files that may be written (never a symbolic link to a file,
+    never a folder; a stream such as /dev/stdout is written through, - is stdout)."""
+    from faceveil.io.atomic import check_target
+
+    for target in (getattr(args, "json", None), getattr(args, "report", None)):
+        if target and target != "-":
+            check_target(Path(target))
+
+
 def table_stream(args: argparse.Namespace):
     """Where a photo command prints its table: stderr when the JSON report goes to stdout (--json -)."""
     return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout

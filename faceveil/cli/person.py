@@ -11,6 +11,7 @@ from faceveil.cli.common import (
     Groups,
     add_output_flags,
     add_report_flag,
+    check_report_targets,
     count_or_zero,
     emit,
     finish_batch,
@@ -150,6 +151,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from faceveil.pipeline.person import ApplySettings
     from faceveil.report import batch_header
 
+    check_report_targets(args)
     mask = load_mask(args.mask)
     if not 0 <= args.mask_index < mask.count:
         raise FaceveilError(f"--mask-index {args.mask_index} is out of range: the mask file holds {mask.count} "

@@ -11,6 +11,7 @@ from faceveil.cli.common import (
     Groups,
     add_output_flags,
     add_report_flag,
+    check_report_targets,
     finish_batch,
     in_range,
     smoothing_size,
@@ -129,6 +130,7 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     from faceveil.api import Protector
     from faceveil.report import batch_header
 
+    check_report_targets(args)
     settings = protect_settings(args)
     report = Protector.from_settings(settings).protect_files(
         inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,

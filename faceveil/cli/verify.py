@@ -32,6 +32,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     rows, settings = verify.run(Path(args.original), Path(args.protected), zoo.parse_models(args.models), dataset,
                                 args.faces, args.seed)
     print(markdown_table(verify.display_rows(rows)))  # emit's table, with 4-decimal scores
+    if verify.lost_faces_note(rows):
+        print(verify.lost_faces_note(rows))
     print("score = similarity original -> protected (cosine; -L2 for dlib); matches = at the calibrated threshold; "
           "rank of the original in the gallery (1 = recognised first)")
     write_outputs({"command": "verify", "settings": settings, "rows": rows}, args.json, args.report, "verify",

@@ -270,7 +270,7 @@ class VideoWriter:
         try:
             self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
         except (BrokenPipeError, OSError) as exc:
-            raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}") from exc
+            raise self._failure() from exc
 
     def close(self) -> Path:
         """Finish encoding and move the file into place; returns the output path."""
@@ -280,7 +280,7 @@ class VideoWriter:
         try:
             self._proc.stdin.close()
             if self._proc.wait() != 0:
-                raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}")
+                raise self._failure()
             atomic.commit(self._temp, self.out_path, replace=self.replace, max_mode=self.max_mode)
         except BaseException:
             self.abort()
@@ -337,6 +337,17 @@ class VideoWriter:
             return ["-c:a", "copy"]
         return ["-c:a", "aac", "-b:a", "192k"]
 
+    def _failure(self) -> FaceveilError:
+        """The encoder's error, blamed on the source when it was the source (its sound, read by the encoder as
+        input #1) that ffmpeg could not read: a damaged input is the input's fault, not the encoder's."""
+        last = self._ffmpeg_error()
+        full = ""
+        if self._log is not None:
+            self._log.seek(0)
+            full = self._log.read().decode("utf-8", "replace")
+        source = self.audio_from.path if self.audio_from is not None else None
+        return encoder_error(full or last, last, self.out_path, source)
+
     def _ffmpeg_error(self) -> str:
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -347,6 +358,14 @@ class VideoWriter:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def encoder_error(log: str, last_line: str, out_path: Path, source: Path | None) -> FaceveilError:
+    """The one-line error of a failed encode: 'SOURCE: damaged input' when ffmpeg's log names the source or its
+    streams (input #1), else 'cannot encode OUT'."""
+    if source is not None and (str(source) in log or re.search(r"#1:\d|[Ii]nput #1", log)):
+        return FaceveilError(f"{source}: damaged input, ffmpeg cannot read it ({last_line})")
+    return FaceveilError(f"cannot encode {out_path}: {last_line}")
 
 
 # ------------------------------------------------------------------------------------------------ read+write

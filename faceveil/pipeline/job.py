@@ -252,16 +252,17 @@ def unique_outputs(items: list[BatchItem], fmt: str) -> list[BatchItem]:
                                            relative_to=item.root)) for item in items]
     taken = {str(out).casefold() for _, out in planned}
     used: set[str] = set()
-    out: list[BatchItem] = []
-    for item, path in planned:
+    assigned: dict[Path, BatchItem] = {}
+    # an input whose output keeps its own name (x.png -> x.png) has the first claim on it, then the inputs in order
+    for item, path in sorted(planned, key=lambda pair: pair[1].name != pair[0].path.name):
         note = ""
         if str(path).casefold() in used:
             first = path
             path = _free_name(path, used | taken)
             note = f"output renamed to {path.name}: another input also maps to {first.name}"
         used.add(str(path).casefold())
-        out.append(dataclasses.replace(item, output=path, note=note))
-    return out
+        assigned[item.path] = dataclasses.replace(item, output=path, note=note)
+    return [assigned[item.path] for item in items]
 
 
 def _free_name(path: Path, taken: set[str]) -> Path:
