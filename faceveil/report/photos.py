@@ -24,9 +24,13 @@ HOW_TO_READ = (
     "protected one. The black line is the model's decision threshold (calibrated on LFW): a bar that reaches the "
     "red zone past it means the model still says “same person”. Green bars stop short of the line: the model no "
     "longer links the protected photo to the original. Models marked “optimised against” are the ones the mask "
-    "was computed with; the others are independent checks. “Changes ×10” shows where the photo was altered, "
-    "amplified ten times (grey = untouched)."
+    "was computed with; the others are independent checks."
 )
+HOW_TO_READ_CHANGES = " “Changes ×10” shows where the photo was altered, amplified ten times (grey = untouched)."
+
+
+def how_to_read(originals: bool) -> str:
+    return HOW_TO_READ + (HOW_TO_READ_CHANGES if originals else "")
 
 
 def judge_entries(face: dict) -> dict[str, dict]:
@@ -290,7 +294,7 @@ def protect_body(payload: dict, progress: bool = False, originals: bool = False)
     files = count(len(results_all), "photo")
     lede = "; ".join(x for x in dict.fromkeys(ledes) if x)
     body = (f"<div id=\"summary\">{summary_banner(tones)}{per_model_line(results_all)}</div>"
-            f"<p class=\"howto\">{HOW_TO_READ}</p>{capped}{''.join(cards)}")
+            f"<p class=\"howto\">{how_to_read(originals)}</p>{capped}{''.join(cards)}")
     return f"{files}" + (f" — {lede}" if lede else ""), body
 
 
@@ -342,5 +346,6 @@ def verify_body(payload: dict, progress: bool = False, originals: bool = False) 
         card, face_tones = photo_card(result, context, True)
         cards.append(card)
         tones += face_tones
-    body = f"<div id=\"summary\">{summary_banner(tones)}</div><p class=\"howto\">{HOW_TO_READ}</p>{''.join(cards)}"
+    body = (f"<div id=\"summary\">{summary_banner(tones)}</div><p class=\"howto\">{how_to_read(originals)}</p>"
+            f"{''.join(cards)}")
     return f"{count(len(documents(payload)), 'original / protected pair')} checked", body
