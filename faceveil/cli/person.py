@@ -146,13 +146,15 @@ def _add_apply(root) -> None:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from faceveil.api import apply_files
     from faceveil.pipeline.maskfile import load_mask
+
+    mask = load_mask(args.mask)  # first: a crafted file is refused before the models' libraries are loaded
+
+    from faceveil.api import apply_files
     from faceveil.pipeline.person import ApplySettings
     from faceveil.report import batch_header
 
     check_report_targets(args)
-    mask = load_mask(args.mask)
     if not 0 <= args.mask_index < mask.count:
         raise FaceveilError(f"--mask-index {args.mask_index} is out of range: the mask file holds {mask.count} "
                             f"mask(s) (0..{mask.count - 1})")

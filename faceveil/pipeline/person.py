@@ -40,7 +40,7 @@ from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
 from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces
 from faceveil.pipeline.maskfile import PersonMask
-from faceveil.pipeline.presets import ENROLL_DEFAULTS, L2_DEFAULT_EPS
+from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_MAX_EPS, ENROLL_MAX_MASKS, L2_DEFAULT_EPS
 
 # Cheap ArcFace-112 models (a few ms a face): their references are always stored, and they decide who matches.
 MATCH_MODELS = ("mobileface", "mfn512", "mfn192")
@@ -80,14 +80,16 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
     norm = norm or str(registry.check_kind(method, "person").preset.get("norm", "linf"))
     iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
     eps, alpha = _user_budget(norm, eps, alpha, iters)
-    if eps <= 0 or (norm == "linf" and eps > 255) or alpha <= 0 or iters < 0:
-        raise FaceveilError("eps must be above 0 (at most 255 under L-inf), alpha above 0 and iters at least 0")
-    if not 0 <= dropout < 1:
-        raise FaceveilError(f"dropout must be in [0, 1), got {dropout}")
-    if masks < 1:
-        raise FaceveilError(f"masks must be at least 1, got {masks}")
     if norm not in ("linf", "l2"):
         raise FaceveilError(f"norm takes linf or l2, got {norm!r}")
+    if not 0 < eps <= ENROLL_MAX_EPS[norm]:  # a mask file above it is refused by apply as tampered
+        raise FaceveilError(f"eps must be in (0, {ENROLL_MAX_EPS[norm]:g}] under {norm}, got {eps:g}")
+    if not alpha > 0 or iters < 0:
+        raise FaceveilError("alpha must be above 0 and iters at least 0")
+    if not 0 <= dropout < 1:
+        raise FaceveilError(f"dropout must be in [0, 1), got {dropout}")
+    if not 1 <= masks <= ENROLL_MAX_MASKS:
+        raise FaceveilError(f"masks must be in 1..{ENROLL_MAX_MASKS}, got {masks}")
     attack = paper_config(seed)
     # L2 budgets are given at the 112-crop scale; canonical pixels are 1/CANONICAL_ZOOM of a crop pixel per side
     scale = 1 / 255 if norm == "linf" else C.CANONICAL_ZOOM / 255

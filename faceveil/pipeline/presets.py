@@ -33,6 +33,11 @@ PAPER_DEFAULTS = dict(TIP_IM_PAPER)
 DEFAULT_MAX_TARGETS = 10  # targeted methods outside the paper preset: the paper's target count too
 ENROLL_DEFAULTS = {"eps": OPOM_PAPER["eps"], "iters": OPOM_PAPER["iters"], "alpha": OPOM_PAPER["alpha"]}
 L2_DEFAULT_EPS = float(ADVCLOAK_PAPER["eps"])
+# The largest budget enroll makes, in the user's units (L-inf 0..255; L2 at the 112-crop scale): twice each paper's
+# (OPOM's L-inf 8, AdvCloak's L2 1200). A mask file is shared between devices and its checksum proves no origin, so
+# `apply` refuses a file whose budget is above these: a tampered file cannot paint a pattern over a face.
+ENROLL_MAX_EPS = {"linf": 2 * OPOM_PAPER["eps"], "l2": 2 * L2_DEFAULT_EPS}
+ENROLL_MAX_MASKS = 32  # diverse masks per file (n_M): the OPOM paper uses up to 10
 
 
 @dataclass(frozen=True)
