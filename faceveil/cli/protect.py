@@ -14,6 +14,7 @@ from faceveil.cli.common import (
     check_report_targets,
     finish_batch,
     in_range,
+    positive_int,
     smoothing_size,
     table_stream,
 )
@@ -30,7 +31,8 @@ def register(groups: Groups) -> None:
     add_protect_flags(p)
     p.set_defaults(func=_cmd_protect)
     p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought")
-    p.add_argument("-o", "--output", default="faceveil-demo", metavar="OUTDIR")
+    p.add_argument("-o", "--output", default=DEMO_FOLDER, metavar="OUTDIR",
+                   help=f"default {DEMO_FOLDER}/ (a rerun replaces the demo's own outputs there)")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -103,6 +105,9 @@ def add_protect_flags(p: argparse.ArgumentParser) -> None:
                         "instance started for the run")
     p.add_argument("--workers", type=positive_int, default=2, metavar="N",
                    help="ray: actors in the pool, one CPU and one copy of the models each (default 2)")
+
+
+DEMO_FOLDER = "faceveil-demo"
 
 
 def faces_choice(text: str) -> str:
@@ -182,5 +187,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from faceveil.io import weights
 
     samples = [str(p) for p in weights.sample_photos()]
+    if args.output == DEMO_FOLDER and args.existing == "refuse":  # its own folder: a rerun replaces its own outputs
+        args.existing = "overwrite"
     print(f"faceveil demo: protecting {len(samples)} sample photos into {args.output}/", file=sys.stderr)
     return _run_protect(samples, args.output, args)
