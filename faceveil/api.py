@@ -192,8 +192,8 @@ class Protector:
 
     method, strength (low | mid | high), thorough and seed are the everyday choices; `advanced` takes any other
     preset value (eps, iters, alpha, momentum, jitter, diversity, smoothing, surrogates, judges, paper_defaults) and
-    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, verify, batch_faces, targets_dir, gamma,
-    gain, server, ...)."""
+    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, existing, drop_audio, verify,
+    batch_faces, targets_dir, gamma, gain, server, ...)."""
 
     def __init__(self, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
                  **advanced: Any):
@@ -252,14 +252,17 @@ class Protector:
                       header: dict | None = None, faces: str | Sequence[int] | None = None,
                       on_frame: FrameProgress | None = None) -> BatchReport:
         """Every photo and video of `inputs` (files or folders) protected into out_dir under the same names (never
-        over an input); one bad file is one error row, never the end of the run. faces: this call's selection (as
-        in `protect`; face indices apply to every photo). on_frame: called as each video frame is written."""
-        from faceveil.pipeline.job import run_on_files
+        over an input, never over a file this run did not make unless existing="overwrite"; existing="skip"
+        resumes a batch); one bad file is one error row, never the end of the run. The inputs and the output
+        folder are checked before any model is loaded. faces: this call's selection (as in `protect`; face indices
+        apply to every photo). on_frame: called as each video frame is written."""
+        from faceveil.pipeline.job import plan_files, run_on_files
 
+        plan = plan_files(inputs, out_dir, self.settings, recursive=recursive)
         with self._choosing(faces) as job:
             job.on_frame = on_frame
-            return run_on_files(job, inputs, out_dir, recursive=recursive, report_path=report_path,
-                                progress=progress, desc="protect", header=header)
+            return run_on_files(job, plan, out_dir, report_path=report_path, progress=progress,
+                                desc="protect", header=header)
 
     def protect_items(self, items: Sequence[BatchItem], out_dir: str | Path) -> BatchReport:
         """Inputs already expanded (a distributed engine's share of a run: faceveil.distributed) protected into
@@ -323,19 +326,22 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
                 report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
                 on_frame: FrameProgress | None = None, **output: Any) -> BatchReport:
     """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
-    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected. on_frame(video, frames
-    written, frames in all): called as each video frame is written (a page's progress bar)."""
+    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected, existing (refuse |
+    overwrite | skip), drop_audio. on_frame(video, frames written, frames in all): called as each video frame is
+    written (a page's progress bar)."""
     prepare_process()
-    from faceveil.pipeline.job import run_on_files
+    from faceveil.pipeline.job import plan_files, run_on_files
     from faceveil.pipeline.maskfile import PersonMask
     from faceveil.pipeline.person import ApplySettings, MaskApplier
 
     if not isinstance(mask, PersonMask):
         mask = PersonMask.load(mask)
-    job = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index, **output))
+    settings = ApplySettings(all_faces=all_faces, mask_index=mask_index, **output)
+    plan = plan_files(inputs, out_dir, settings, recursive=recursive)
+    job = MaskApplier(mask, settings)
     job.on_frame = on_frame
-    return run_on_files(job, inputs, out_dir, recursive=recursive, report_path=report_path, progress=progress,
-                        desc="apply", header=header)
+    return run_on_files(job, plan, out_dir, report_path=report_path, progress=progress, desc="apply",
+                        header=header)
 
 
 def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None,

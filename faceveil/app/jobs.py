@@ -96,7 +96,8 @@ class Worker:
 
     def protector(self, request: ProtectRequest) -> api.Protector:
         if self._protector is None or self._protector[0] != request:
-            advanced: dict[str, Any] = {"judges": self.settings.judges}
+            # the session folder is the app's own: a photo protected again (another strength) replaces its result
+            advanced: dict[str, Any] = {"judges": self.settings.judges, "existing": "overwrite"}
             if request.iters is not None:
                 advanced["iters"] = request.iters
             self._protector = (request, api.Protector(strength=request.strength, seed=request.seed, **advanced))
@@ -186,7 +187,8 @@ class Worker:
             session.emit({"type": "frame", "job": "apply", "id": photo.id, "frame": frames, "frames": frames_total,
                           "percent": round(100 * (done + share) / total)})
 
-        report = api.apply_files(session.mask, [photo.path], out_dir, progress=False, on_frame=on_frame)
+        report = api.apply_files(session.mask, [photo.path], out_dir, progress=False, on_frame=on_frame,
+                                 existing="overwrite")
         row = report.results[0]
         photo.result = Path(row.output) if row.output else None
         details = row.details or {}

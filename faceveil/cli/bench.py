@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from faceveil.cli.common import Groups, emit, load_average, threads
+from faceveil.cli.common import Groups, emit, load_average, positive, positive_int, threads
 from faceveil.errors import FaceveilError
 
 
@@ -15,31 +15,31 @@ def register(groups: Groups) -> None:
     p = bench.add_parser("models", help="forward and forward+backward ms per face")
     p.add_argument("--models", default="all")
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_models)
     p = bench.add_parser("protect", help="seconds per face of protect (default and paper presets) vs the "
                          "forward+backward floor")
     p.add_argument("--presets", default="default,paper", help="comma list: default, paper")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_protect)
     p = bench.add_parser("video", help="720p detection + tracking + paste-back frames per second")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--detect-every", type=int, default=10)
+    p.add_argument("--seconds", type=positive, default=10.0)
+    p.add_argument("--detect-every", type=positive_int, default=10)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_video)
     p = bench.add_parser("detect", help="face detection seconds on 12-megapixel photos")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_detect)
     p = bench.add_parser("roundtrip", help="embedding drift: optimiser crop vs re-detected saved file (PNG, JPEG)")
     p.add_argument("--surrogates", default="mobileface,mfn512")
     p.add_argument("--judges", default="all")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=positive_int, default=20)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_roundtrip)
     p = bench.add_parser("scale", help="photos/s and s/face: the local engine vs Ray with 1, 2, ... workers "

@@ -7,7 +7,16 @@ import argparse
 import logging
 import sys
 
-from faceveil.cli.common import Groups, emit, load_average
+from faceveil.cli.common import (
+    Groups,
+    count_or_zero,
+    emit,
+    load_average,
+    number_in,
+    port_number,
+    positive_int,
+    seed_value,
+)
 
 DEFAULT_PORT = 8765
 
@@ -69,9 +78,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="APF.pt", default=None,
                    help="server networks (faceveil train apf -o ...); default: the packaged apf-default.pt")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=number_in(1, 64, integer=True), default=1,
                    help="model forwards run at once (a thread pool; the CPU's cores are split among them)")
-    p.add_argument("--max-batch", type=int, default=None, help="most faces in one request (default: the server's; "
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help="most faces in one request (default: the server's; "
                    "shown at start and on /health)")
 
 
@@ -82,9 +92,9 @@ def register(groups: Groups) -> None:
         description="Serve POST /v1/noise (gradient g in, noise s out; see faceveil/apf/wire.py) and GET /health. "
                     "Photos are refused: only gradients are accepted. Request bodies are never logged or stored.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless --public)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 = any free port, printed at start)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port (0 = any free port, printed at start)")
     _add_server_flags(p)
-    p.add_argument("--max-pending", type=int, default=None,
+    p.add_argument("--max-pending", type=positive_int, default=None,
                    help="requests admitted at once; beyond that the server answers 503 at once (default: the server's)")
     p.add_argument("--body-grace", dest="body_grace_s", type=float, default=None, metavar="S",
                    help="seconds a request body may take before the minimum rate applies (default 5); slower: 408")
@@ -102,13 +112,13 @@ def register(groups: Groups) -> None:
 
     p = groups["bench"].add_parser("serve", help="load test of `faceveil serve` on 127.0.0.1: latency percentiles, "
                                                  "throughput, server time per request")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    p.add_argument("--batch", type=int, default=1, help="faces per request")
-    p.add_argument("--stalled", type=int, default=0, metavar="N",
+    p.add_argument("--requests", type=positive_int, default=200)
+    p.add_argument("--clients", type=positive_int, default=8, help="concurrent clients")
+    p.add_argument("--batch", type=positive_int, default=1, help="faces per request")
+    p.add_argument("--stalled", type=count_or_zero, default=0, metavar="N",
                    help="slow clients holding connections during the load (headers and 1 KB of a body, then nothing)")
     _add_server_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic gradients")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the synthetic gradients")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench_serve)

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from faceveil.errors import FaceveilError
 from faceveil.io import atomic
-from faceveil.io.paths import ensure_safe_out_dir
 from faceveil.io.results import write_json_atomic
-from faceveil.pipeline.batch import BatchItem, BatchReport, ItemResult, expand_inputs
+from faceveil.pipeline.batch import BatchItem, BatchReport, ItemResult, SkipItem
+from faceveil.pipeline.job import plan_files
 
 if TYPE_CHECKING:
     from faceveil.pipeline.protect import ProtectSettings
@@ -56,15 +56,6 @@ def import_ray() -> Any:
     return ray
 
 
-def expand_for_output(inputs: Iterable[str | Path], out_dir: Path, recursive: bool) -> list[BatchItem]:
-    """The run's items as the local engine finds them (faceveil.pipeline.job.run_on_files): the output folder is
-    never an input's own folder nor taken as an input."""
-    inputs = [str(i) for i in inputs]
-    for raw in inputs:
-        ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), out_dir)
-    return expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=recursive)
-
-
 class ProtectActor:
     """One Ray actor: one Protector (detector and models loaded once), protecting batch after batch of paths."""
 
@@ -82,8 +73,9 @@ class ProtectActor:
         self.out_dir = out_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [BatchItem(Path(path), Path(root) if root else None, str(kind))
-                 for path, root, kind in zip(batch["path"], batch["root"], batch["kind"], strict=True)]
+        items = [BatchItem(Path(path), Path(root) if root else None, str(kind), Path(output), str(note))
+                 for path, root, kind, output, note in zip(batch["path"], batch["root"], batch["kind"],
+                                                           batch["output"], batch["note"], strict=True)]
         report = self.protector.protect_items(items, self.out_dir)
         rows = [json.dumps(result.to_dict()) for result in report.results]
         return {"index": np.asarray(batch["index"]), "row": np.asarray(rows, dtype=object)}
@@ -97,13 +89,15 @@ def protect_files_ray(settings: ProtectSettings, inputs: Iterable[str | Path], o
     "auto"); None starts a local Ray instance for the run and stops it after."""
     ray = import_ray()
     out_dir = Path(out_dir)
-    items = expand_for_output(inputs, out_dir, recursive)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_files(inputs, out_dir, settings, recursive=recursive)  # the local engine's outputs and rules
+    items = plan.items
     report = BatchReport(report_path=Path(report_path) if report_path is not None else None, header=header or {})
-    started_here = connect(ray, address, workers)
+    report.results.extend(refused_row(item, plan.refused[item.path]) for item in items if item.path in plan.refused)
+    todo = [i for i, item in enumerate(items) if item.path not in plan.refused]
+    started_here = connect(ray, address, workers) if todo else False
     try:
-        rows = _protected_rows(ray, settings, items, out_dir.resolve(), workers)
-        _collect(rows, items, out_dir, report, progress)
+        rows = _protected_rows(ray, settings, items, todo, out_dir.resolve(), workers) if todo else iter(())
+        _collect(rows, items, out_dir, report, progress, skip=len(items) - len(todo))
     finally:
         sweep_temp_files(items, out_dir, settings.fmt)
         if started_here:
@@ -133,15 +127,22 @@ def connect(ray: Any, address: str | None, workers: int) -> bool:
     return True
 
 
-def _protected_rows(ray: Any, settings: ProtectSettings, items: list[BatchItem], out_dir: Path,
+def refused_row(item: BatchItem, why: Exception) -> ItemResult:
+    """The row of an input the plan refused (its output exists: refused, or skipped with --skip-existing)."""
+    return ItemResult(file=str(item.path), status="skipped" if isinstance(why, SkipItem) else "error",
+                      message=str(why))
+
+
+def _protected_rows(ray: Any, settings: ProtectSettings, items: list[BatchItem], todo: list[int], out_dir: Path,
                     workers: int) -> Iterator[dict]:
     """The actors' report rows, as batches finish."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts photos
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notes would break into the table
-    paths = [{"index": i, "path": str(item.path.resolve()), "kind": item.kind,
-              "root": str(item.root.resolve()) if item.root is not None else ""} for i, item in enumerate(items)]
+    paths = [{"index": i, "path": str(items[i].path.resolve()), "kind": items[i].kind,
+              "root": str(items[i].root.resolve()) if items[i].root is not None else "",
+              "output": str(items[i].output_path(Path("."), settings.fmt)), "note": items[i].note} for i in todo]
     dataset = ray.data.from_items(paths, override_num_blocks=max(1, -(-len(paths) // PHOTOS_PER_CALL)))
     protected = dataset.map_batches(
         ProtectActor, fn_constructor_kwargs={"settings": settings, "out_dir": str(out_dir)},
@@ -151,12 +152,12 @@ def _protected_rows(ray: Any, settings: ProtectSettings, items: list[BatchItem],
 
 
 def _collect(rows: Iterator[dict], items: list[BatchItem], out_dir: Path, report: BatchReport,
-             progress: bool) -> None:
+             progress: bool, skip: int = 0) -> None:
     """Each row into the report as it arrives (streamed to a .jsonl report, the bar counts photos); a run that Ray
     cannot finish leaves its missing photos as error rows, Ctrl-C as not done. The actors saw absolute paths: a row
     names its input and output as the local engine would (as they were given)."""
-    done: set[int] = set()
-    bar = tqdm(total=len(items), desc="protect (ray)", unit="file", file=sys.stderr,
+    done = {i for i, item in enumerate(items) if any(r.file == str(item.path) for r in report.results)}
+    bar = tqdm(total=len(items) - skip, desc="protect (ray)", unit="file", file=sys.stderr,
                disable=not progress or not sys.stderr.isatty())
     _write_report(report, final=False)
     try:

@@ -359,6 +359,7 @@ class MaskApplier(PhotoJob):
         details = {"frames": stats.get("frames"), "fps": stats.get("fps"), "tracks": len(states),
                    "masked_tracks": matched, "skipped_tracks": len(states) - matched,
                    "masked_face_frames": stats.get("pasted")}
-        status = "ok" if matched else "no_face"
-        message = "" if matched else f"no face of {self.mask.name} in the video (written unchanged)"
-        return {"status": status, "faces": matched, "output": out_path, "message": message, "details": details}
+        if not stats.get("pasted"):
+            return {**self.unprotected_video(stats, f"no face of {self.mask.name} in the video", details),
+                    "output": out_path}
+        return {"status": "ok", "faces": matched, "output": out_path, "details": details}
