@@ -5,10 +5,12 @@ the benchmarks all resolve their settings here."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from faceveil.errors import FaceveilError
 from faceveil.methods.registry import ADVCLOAK_PAPER, OPOM_PAPER, TIP_IM_PAPER
 
 if TYPE_CHECKING:  # the presets themselves import no torch: `--help` reads them
@@ -22,6 +24,17 @@ LINF_STRENGTHS = {
     "mid": (8.0, 50),
     "high": (12.0, 50),
 }
+# What each strength measured (README, "The strength presets"; `faceveil eval goal --probes 8 --judges
+# faceres,faceres-deep,mfn192,facenet-vgg,facenet-casia`, photos saved as JPEG q95, re-read, re-detected,
+# leave-one-family-out): the face area's SSIM and PSNR against the original, and per judge the share of probes no
+# longer ranked first (Rank-1-UT). Re-measure when STRENGTHS change; the web app shows these to people choosing a
+# strength. high is not measured yet.
+STRENGTH_MEASURED = {
+    "low": {"face_ssim": 0.962, "face_psnr_db": 34.9, "not_ranked_first": {
+        "faceres": 0.00, "faceres-deep": 0.38, "mfn192": 0.25, "facenet-vgg": 0.25, "facenet-casia": 0.38}},
+    "mid": {"face_ssim": 0.944, "face_psnr_db": 33.0, "not_ranked_first": {
+        "faceres": 0.38, "faceres-deep": 0.50, "mfn192": 0.62, "facenet-vgg": 0.50, "facenet-casia": 0.62}},
+}
 # The recipes before issue 23: DEFAULT (the `previous` row of `faceveil eval goal`), and THOROUGH, what carried
 # protection furthest to unseen families at that default's visibility (README: black-box Rank-1-UT 0.67 against 0.48
 # at face-area SSIM 0.896 / 0.898, photos mode) in about 3.5 times the time; `--thorough` still runs it.
@@ -34,6 +47,51 @@ PAPER_DEFAULTS = dict(TIP_IM_PAPER)
 DEFAULT_MAX_TARGETS = 10  # targeted methods outside the paper preset: the paper's target count too
 ENROLL_DEFAULTS = {"eps": OPOM_PAPER["eps"], "iters": OPOM_PAPER["iters"], "alpha": OPOM_PAPER["alpha"]}
 L2_DEFAULT_EPS = float(ADVCLOAK_PAPER["eps"])
+# The largest budget enroll makes, in the user's units (L-inf 0..255; L2 at the 112-crop scale): twice each paper's
+# (OPOM's L-inf 8, AdvCloak's L2 1200). A mask file is shared between devices and its checksum proves no origin, so
+# `apply` refuses a file whose budget is above these: a tampered file cannot paint a pattern over a face.
+ENROLL_MAX_EPS = {"linf": 2 * OPOM_PAPER["eps"], "l2": 2 * L2_DEFAULT_EPS}
+ENROLL_MAX_MASKS = 32  # diverse masks per file (n_M): the OPOM paper uses up to 10
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting takes (both ends included unless low_open), in the user's units: what the CLI checks at
+    parse time and the library checks again, so that both refuse the same values with one line naming the range."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+
+    def text(self) -> str:
+        kind = "a whole number" if self.integer else "a number"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+    def check(self, name: str, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not self.contains(value)):
+            raise FaceveilError(f"`{name}` takes {self.text()}, got {value!r}")
+
+
+# protect's numeric settings: eps above 32/255 is no longer an imperceptible mask (high is 12), nan or inf is no number
+PROTECT_RANGES = {
+    "eps": Range(0, 32, low_open=True), "iters": Range(1, 10_000, integer=True), "alpha": Range(0, 32, low_open=True),
+    "momentum": Range(0, 10), "jitter": Range(0, 16), "diversity": Range(0, 1), "smoothing": Range(0, 63, integer=True),
+    "gamma": Range(0, 100), "jpeg_quality": Range(1, 100, integer=True), "batch_faces": Range(1, 4096, integer=True),
+    "seed": Range(0, 2**32 - 1, integer=True),
+}
+
+
+def check_protect_values(values: dict[str, float | None]) -> None:
+    """FaceveilError naming the first value outside its PROTECT_RANGES range."""
+    for name, value in values.items():
+        if name in PROTECT_RANGES:
+            PROTECT_RANGES[name].check(name, value)
 
 
 @dataclass(frozen=True)
@@ -141,7 +199,11 @@ def attack_config(c: ProtectChoices) -> tuple[AttackConfig, int]:
     from faceveil.attacks.core import AttackConfig
 
     if c.strength not in STRENGTHS:
-        raise ValueError(f"strength takes {', '.join(STRENGTHS)}, got {c.strength!r}")
+        raise FaceveilError(f"`strength` takes {', '.join(STRENGTHS)}, got {c.strength!r}")
+    check_protect_values({"eps": c.eps, "iters": c.iters, "alpha": c.alpha, "momentum": c.momentum,
+                          "jitter": c.jitter, "diversity": c.diversity, "smoothing": c.smoothing, "seed": c.seed})
+    if c.smoothing is not None and c.smoothing > 0 and c.smoothing % 2 == 0:
+        raise FaceveilError(f"`smoothing` takes 0 or an odd whole number, got {c.smoothing}")
     if not (c.thorough or c.paper_defaults):
         return strength_recipe(c).attack(c.seed), DEFAULT_MAX_TARGETS
     eps, iters = LINF_STRENGTHS[c.strength]
@@ -167,6 +229,7 @@ def protect_settings(c: ProtectChoices, **job: object) -> ProtectSettings:
     from faceveil.pipeline.protect import ProtectSettings
 
     attack, max_targets = attack_config(c)
+    check_protect_values({k: v for k, v in job.items() if isinstance(v, int | float) or v is None})
     if c.thorough or c.paper_defaults:
         preset_surrogates = (THOROUGH if c.thorough else DEFAULT)["surrogates"]
     else:
