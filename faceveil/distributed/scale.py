@@ -132,13 +132,20 @@ def _eval_local(case: EvalCase, threads: int) -> tuple[dict, tuple]:
 
 def _eval_ray(case: EvalCase, workers: int, local_one_thread: tuple) -> dict:
     """The same run with its masks computed by `workers` Ray actors (on the instance already started)."""
+    import torch
+
     from faceveil.distributed.ray_eval import RayMasks
     from faceveil.evaluate.protocols import tip_im
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the collecting here sums floats too (the crops' resampling): as the local row did
     start = time.perf_counter()
-    with RayMasks(None, workers) as masks:
-        protected = tip_im.protect_probes(case.prepared.split, case.prepared.landmarks, case.surrogates,
-                                          case.settings, masks)
+    try:
+        with RayMasks(None, workers) as masks:
+            protected = tip_im.protect_probes(case.prepared.split, case.prepared.landmarks, case.surrogates,
+                                              case.settings, masks)
+    finally:
+        torch.set_num_threads(previous)
     row = _eval_row("ray", workers, ray_engine.CPUS_PER_ACTOR, len(protected.psnr), time.perf_counter() - start)
     return {**row, "same_as_local_1_thread": _quality(protected) == local_one_thread}
 
