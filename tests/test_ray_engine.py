@@ -69,6 +69,31 @@ def test_eval_engine_ray_with_another_protocol_is_one_line(command: list[str], t
     assert len(err.splitlines()) == 1 and "tip-im" in err, err
 
 
+def test_masks_come_back_in_job_order_once_and_a_failed_cluster_is_one_error():
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from faceveil.distributed.ray_eval import _in_order
+    from faceveil.errors import FaceveilError
+
+    def row(index: int) -> dict:
+        return {"index": index, "mask": pickle.dumps(np.full((1, 2), index, dtype=np.float32))}
+
+    got = list(_in_order(iter([row(2), row(0), row(0), row(1)]), 3))  # as jobs finish; job 0 retried
+    assert [float(m[0, 0]) for m in got] == [0.0, 1.0, 2.0] and all(m.dtype == torch.float32 for m in got)
+    with pytest.raises(FaceveilError, match="1 of 2"):
+        list(_in_order(iter([row(0)]), 2))
+
+    def broken():
+        yield row(0)
+        raise RuntimeError("actor\nlost")
+
+    with pytest.raises(FaceveilError, match="^ray: actor lost$"):
+        list(_in_order(broken(), 2))
+
+
 def test_temp_files_a_dead_actor_left_are_swept_and_nothing_else(tmp_path: Path):
     from faceveil.distributed.ray_engine import sweep_temp_files
     from faceveil.pipeline.batch import BatchItem

@@ -87,12 +87,15 @@ def _in_order(rows: Iterator[dict], count: int) -> Iterator[torch.Tensor]:
     """The masks in job order (rows arrive as jobs finish; a retried job's second row is dropped)."""
     pending: dict[int, bytes] = {}
     following = 0
-    for row in rows:
-        index = int(row["index"])
-        if index >= following:
-            pending.setdefault(index, row["mask"])
-        while following in pending:
-            yield torch.from_numpy(pickle.loads(pending.pop(following)))
-            following += 1
+    try:
+        for row in rows:
+            index = int(row["index"])
+            if index >= following:
+                pending.setdefault(index, row["mask"])
+            while following in pending:
+                yield torch.from_numpy(pickle.loads(pending.pop(following)))
+                following += 1
+    except Exception as exc:  # the cluster failed (an evaluation has no partial result): one line, not a traceback
+        raise FaceveilError("ray: " + " ".join(str(exc).split())[:250]) from exc
     if following < count:
         raise FaceveilError(f"ray: {count - following} of {count} probe batches came back without a mask")
