@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from faceveil.cli.common import Groups, comma_list, dataset_root, emit, positive_int, threads
+from faceveil.cli.common import Groups, comma_list, dataset_root, emit, positive_int, seed_value, threads
 from faceveil.pipeline import presets
 
 DEFAULT_RECIPES = "previous,low,mid,high"
@@ -26,7 +26,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--extra", type=positive_int, default=50, metavar="N", help="further gallery identities")
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--batch", type=positive_int, default=8, help="probes protected at once")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_goal)
