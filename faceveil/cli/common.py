@@ -157,6 +157,9 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
         from faceveil.report import write_report
 
         write_report(args.report, kind, report.to_dict(), progress=not args.quiet)
+    for result in report.results:
+        if getattr(result, "converted", None) and result.output:
+            print(f"converted: {Path(result.file).name} -> {Path(result.output).name} ({result.converted})")
     if report.interrupted:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from faceveil.cli.common import Groups, add_report_flag, finish_batch, positive_int, smoothing_size
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline import presets
 
@@ -73,9 +74,14 @@ def add_protect_flags(p: argparse.ArgumentParser) -> None:
                    help="optimise the faces of consecutive photos together, up to N faces (a batch costs about half "
                         "as much per face as one face alone; a photo's faces always stay together; 1 = every photo "
                         "alone)")
-    p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--format", default="same", choices=FORMAT_CHOICES,
+                   help="output format: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic, avif")
+    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                   help="quality of JPEG, HEIC and AVIF outputs, 1-100 (default %(default)s)")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
+    p.add_argument("--keep-date", action="store_true",
+                   help="keep the capture date and time (EXIF, a video's creation time); location, camera and "
+                        "serial numbers are still stripped")
     p.add_argument("--copy-unprotected", action="store_true", help="copy photos with no face unchanged")
     p.add_argument("--recursive", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +99,7 @@ def protect_settings(args: argparse.Namespace):
         seed=args.seed)
     return presets.protect_settings(
         choices, faces=args.faces, fmt=args.format, jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
+        keep_date=args.keep_date,
         copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
         server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
         batch_faces=args.batch_faces)

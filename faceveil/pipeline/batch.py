@@ -61,6 +61,7 @@ class ItemResult:
     seconds: float = 0.0
     output: str | None = None
     details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
+    converted: str | None = None  # the output's type differs from the input's: "gif -> png: why"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,7 +172,8 @@ def run_batch(
     (e.g. the command and its settings) heads the JSON report, so that it says how its files were made.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
-    message, faces, output. Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'.
+    message, faces, output, details, converted. Exceptions are caught per item: SkipItem -> 'skipped', any other
+    -> 'error'.
     """
     items = list(items)
     report = BatchReport(report_path=Path(report_path) if report_path is not None else None, header=header or {})
@@ -217,7 +219,7 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     return ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
-        details=outcome.get("details"),
+        details=outcome.get("details"), converted=outcome.get("converted"),
     )
 
 

@@ -21,7 +21,8 @@ from faceveil.detect import canonical as C
 from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.detect.track import Track
 from faceveil.errors import FaceveilError
-from faceveil.io.images import Photo, read_image, write_image
+from faceveil.io.images import DEFAULT_JPEG_QUALITY, Photo, read_image, write_image
+from faceveil.io.paths import conversion
 from faceveil.pipeline.batch import BatchItem, BatchReport, expand_inputs, run_batch
 
 DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]  # (track, frame) -> its perturbation or None
@@ -29,12 +30,14 @@ DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]  # (track, 
 
 @dataclass
 class OutputSettings:
-    """How every job writes what it made: format (same | png | jpg), JPEG quality, metadata kept or stripped, and
-    whether photos without a face to protect are copied unprotected."""
+    """How every job writes what it made: format (same | png | jpg | heic | avif), the quality of lossy formats,
+    metadata kept or stripped (keep_date: only the capture date kept), and whether photos without a face to protect
+    are copied unprotected."""
 
     fmt: str = "same"
-    jpeg_quality: int = 95
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     keep_metadata: bool = False
+    keep_date: bool = False
     copy_unprotected: bool = False
 
 
@@ -97,7 +100,9 @@ class PhotoJob:
         self.stages = StageSeconds()
 
     def __call__(self, item: BatchItem) -> dict:
-        return self.video(item) if item.kind == "video" else self.photo(item)
+        outcome = self.video(item) if item.kind == "video" else self.photo(item)
+        converted = conversion(item.path, outcome.get("output"), self.output.fmt if item.kind == "image" else "same")
+        return {**outcome, "converted": converted} if converted else outcome
 
     def plan(self, upcoming: list[BatchItem]) -> None:
         """The run's items, before the first is processed (a job may work ahead, e.g. batch photos together)."""
@@ -141,12 +146,13 @@ class PhotoJob:
 
         out_path = item.output_path(self._out_dir())
         stats = protect_video(item.path, out_path, delta_for_track, progress=False,
-                              keep_metadata=self.output.keep_metadata)
+                              keep_metadata=self.output.keep_metadata, keep_date=self.output.keep_date)
         return out_path, stats
 
     def _write(self, photo: Photo, path: Path) -> None:
         o = self.output
-        write_image(photo, path, fmt=o.fmt, jpeg_quality=o.jpeg_quality, keep_metadata=o.keep_metadata)
+        write_image(photo, path, fmt=o.fmt, jpeg_quality=o.jpeg_quality, keep_metadata=o.keep_metadata,
+                    keep_date=o.keep_date)
 
     def _out_dir(self) -> Path:
         if self.out_dir is None:

@@ -80,6 +80,7 @@ def protect_video(
     preset: str = DEFAULT_PRESET,
     tune: str | None = DEFAULT_TUNE,
     keep_metadata: bool = False,
+    keep_date: bool = False,
     on_frame: Callable[[int, list[Track]], None] | None = None,
 ) -> dict:
     """Write dst: src with every tracked face's perturbation pasted on; returns statistics (see `_summary`).
@@ -93,7 +94,7 @@ def protect_video(
     tracker.reset()
     stats = _Stats()
     writer = VideoWriter(dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune,
-                         keep_metadata=keep_metadata)
+                         keep_metadata=keep_metadata, keep_date=keep_date)
     bar = tqdm(total=info.frame_count or None, unit="frame", desc="video", disable=not progress)
     with bar, contextlib.closing(iter_frames(src, info)) as frames:
         try:
