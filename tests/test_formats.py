@@ -192,12 +192,13 @@ def test_heic_round_trips_through_protect(tmp_path: Path, capsys: pytest.Capture
     small.quantize(256).save(folder / "anim.gif")
     report = tmp_path / "report.json"
     code = main(["protect", str(folder), "-o", str(tmp_path / "out"), "--iters", "2", "--surrogates", "mobileface",
-                 "--judges", "mobileface", "--faces", "largest", "--keep-date", "--json", str(report), "--quiet"])
+                 "--judges", "mobileface", "--faces", "all", "--keep-date", "--json", str(report), "--quiet"])
     assert code == 0
     rows = {Path(r["file"]).name: r for r in json.loads(report.read_text())["results"]}
     heic, gif = rows["IMG_0003.HEIC"], rows["anim.gif"]
-    assert heic["status"] == "ok" and heic["faces"] == 1 and heic["converted"] is None
-    assert heic["details"]["faces"][0]["redetected"]
+    assert heic["status"] == "ok" and heic["faces"] >= 1 and heic["converted"] is None
+    # the clear face is found again in the saved HEIC and judged (a weak detection may come and go with re-encoding)
+    assert any(face["redetected"] and "mobileface" in face for face in heic["details"]["faces"])
     out = tmp_path / "out" / "IMG_0003.HEIC"
     assert Path(heic["output"]) == out and read_image(out).format == "HEIF"
     exif = _exif_of(out)
