@@ -178,6 +178,7 @@ def test_date_exif_of_a_photo_without_a_date_is_none() -> None:
 # ------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @needs_weights
 def test_heic_round_trips_through_protect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A HEIC from pillow-heif's encoder and a GIF in one folder: both protected, the HEIC written as HEIC with its

@@ -32,8 +32,19 @@ class Groups(dict):
 
     def __missing__(self, name: str) -> argparse._SubParsersAction:
         group = self["root"].add_parser(name, help=GROUP_HELP[name])
-        self[name] = group.add_subparsers(dest=f"{name}_command", required=True)
+        self[name] = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", title="commands")
         return self[name]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth saying (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def register_all(groups: Groups) -> None:

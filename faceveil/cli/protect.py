@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, finish_batch, positive_int, smoothing_size
+from faceveil.cli.common import Groups, HelpFormatter, add_report_flag, finish_batch, positive_int, smoothing_size
 from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline import presets
@@ -15,79 +15,110 @@ from faceveil.pipeline import presets
 
 def register(groups: Groups) -> None:
     """Adds this module's sub-commands to the parser groups."""
-    p = groups["root"].add_parser("protect", help="protect faces in photos and mp4 videos (identity masks)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p = groups["root"].add_parser(
+        "protect", help="protect faces in photos and videos (identity masks), then check the saved files",
+        description="Add an identity mask to every face in the photos and videos, save them under OUTDIR with the "
+                    "same names, then re-read each saved file and check it against several face-recognition "
+                    "models. The everyday options come first; the rest tune the method (research).",
+        formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders of them")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="folder for the protected files (never the input folder; made if missing)")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_protect)
-    p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought")
-    p.add_argument("-o", "--output", default="faceveil-demo", metavar="OUTDIR")
+    p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought",
+                                  description="`faceveil protect` on the sample photos that the install brought.",
+                                  formatter_class=HelpFormatter)
+    p.add_argument("-o", "--output", default="faceveil-demo", metavar="OUTDIR",
+                   help="folder for the protected sample photos")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def add_protect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pgd", choices=registry.names("image", "end-cloud"),
+    """The options of protect and demo: everyday ones first, then the method's internals, then APF's."""
+    _add_everyday_flags(p.add_argument_group("everyday options"))
+    _add_method_flags(p.add_argument_group("method (research): what the mask is optimised for, and how"))
+    _add_apf_flags(p.add_argument_group("APF end-cloud (--method apf)"))
+
+
+def _add_everyday_flags(g) -> None:
+    g.add_argument("--strength", default="mid", choices=sorted(presets.STRENGTHS),
+                   help="how strong the mask is: low is the least visible, high protects most "
+                        "(the largest pixel change: " + ", ".join(f"{k} {v[0]:g}/255" for k, v in
+                                                                  presets.STRENGTHS.items()) + ")")
+    g.add_argument("--thorough", action="store_true",
+                   help="protect better against face-recognition models faceveil never saw, at the same "
+                        "visibility, in about 3.5 times the time")
+    g.add_argument("--faces", default="all", metavar="all|largest|N",
+                   help="which faces to protect: all, the largest only, or the N largest")
+    g.add_argument("--format", default="same", choices=FORMAT_CHOICES,
+                   help="file type written: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic "
+                        "or avif")
+    g.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, metavar="1-100",
+                   help="quality of JPEG, HEIC and AVIF files written")
+    g.add_argument("--keep-date", action="store_true",
+                   help="keep when the photo was taken (EXIF date, a video's creation time); location, camera and "
+                        "serial numbers are still removed")
+    g.add_argument("--keep-metadata", action="store_true",
+                   help="keep all the photo's metadata, location and camera included (removed by default)")
+    g.add_argument("--copy-unprotected", action="store_true",
+                   help="also copy photos without a face to protect, unchanged, so OUTDIR holds every photo")
+    g.add_argument("--recursive", action="store_true", help="also look into sub-folders of the input folders")
+    g.add_argument("--json", metavar="REPORT", help="write a per-file report (.json, or .jsonl written as it goes)")
+    add_report_flag(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def _add_method_flags(g) -> None:
+    g.add_argument("--method", default="pgd", choices=registry.names("image", "end-cloud"),
                    help="protection method: pgd (untargeted); tip-im, center-opt (TIP-IM with gain g1), and the "
                         "TIP-IM paper's baselines mim, dim, mt-dim, single-target (all steer towards target faces); "
                         "apf (end-cloud: only the face's gradient goes to --server, the photo stays here), apf-local "
                         "(both APF halves in this process, packaged networks)")
-    p.add_argument("--server", metavar="URL", default=None, help="apf: the `faceveil serve` address, e.g. "
-                   "http://127.0.0.1:8765")
-    p.add_argument("--apf-algorithm", default=None, help="apf: the probe gradient algorithm, fgsm, i-fgsm, mi-fgsm, "
-                   "di2-fgsm or m-di2-fgsm (default: the one the server networks were trained on)")
-    p.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
-                   "(APF Eq. 13; seeded by --seed)")
-    p.add_argument("--surrogates", default=None, help=f"models the mask is optimised against (default "
+    g.add_argument("--surrogates", default=None, help=f"models the mask is optimised against (default "
                    f"{presets.DEFAULT['surrogates']}; --thorough: {presets.THOROUGH['surrogates']})")
-    p.add_argument("--judges", default="all", help="models that check the result")
-    p.add_argument("--strength", default="mid", choices=sorted(presets.STRENGTHS),
-                   help="preset budget and iterations")
-    p.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides strength)")
-    p.add_argument("--iters", type=int, default=None, help="iterations (overrides strength)")
-    p.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units")
-    p.add_argument("--momentum", type=float, default=1.0, help="MI-FGSM momentum (0 = off)")
-    p.add_argument("--jitter", type=float, default=2.0,
+    g.add_argument("--judges", default="all", help="models that check the saved files (comma list, or all)")
+    g.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides "
+                   "--strength)")
+    g.add_argument("--iters", type=int, default=None, help="optimisation steps (overrides --strength: low 30, mid "
+                   "and high 50)")
+    g.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units (default: 2.5 eps / iters, "
+                   "at least 1)")
+    g.add_argument("--momentum", type=float, default=1.0, help="MI-FGSM momentum (0 = off)")
+    g.add_argument("--jitter", type=float, default=2.0,
                    help="alignment jitter in crop pixels averaged over while optimising (0 = off), so the mask "
                         "survives the re-detection of the saved photo")
-    p.add_argument("--diversity", type=float, default=None, help="input-diversity probability (default 0; "
+    g.add_argument("--diversity", type=float, default=None, help="input-diversity probability (default 0; "
                    "--thorough: 0.5)")
-    p.add_argument("--smoothing", type=smoothing_size, default=None, metavar="K",
+    g.add_argument("--smoothing", type=smoothing_size, default=None, metavar="K",
                    help="TI gradient smoothing: odd Gaussian kernel size in canonical (256 px face) pixels, 0 = off "
                         "(default 0; --thorough: 7)")
-    p.add_argument("--thorough", action="store_true",
-                   help="protect further against models not optimised against, at the same visibility, in about "
-                        "3.5 times the time: a third surrogate family (dlib), input diversity 0.5, TI smoothing 7 "
-                        "and twice the iterations (explicit flags still win)")
-    p.add_argument("--gamma", type=float, default=0.0,
+    g.add_argument("--gamma", type=float, default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "
                         "protection); tip-im, center-opt, single-target")
-    p.add_argument("--gain", default="g", choices=["g", "g1", "g2", "rand"],
+    g.add_argument("--gain", default="g", choices=["g", "g1", "g2", "rand"],
                    help="TIP-IM target choice: g nearest (paper), g1 centre, g2 farthest, rand random")
-    p.add_argument("--targets", metavar="DIR", default=None,
+    g.add_argument("--targets", metavar="DIR", default=None,
                    help="target faces for targeted methods: sub-folders = identities, or one identity per image "
                         "(default: the faces in the sample photos; the protected person is always excluded)")
-    p.add_argument("--paper-defaults", action="store_true",
+    g.add_argument("--paper-defaults", action="store_true",
                    help="TIP-IM paper settings: L-inf eps 12, alpha 1.5, 50 iterations, momentum 1, 10 targets")
-    p.add_argument("--faces", default="all", help="all | largest | N")
-    p.add_argument("--batch-faces", type=positive_int, default=16, metavar="N",
+    g.add_argument("--batch-faces", type=positive_int, default=16, metavar="N",
                    help="optimise the faces of consecutive photos together, up to N faces (a batch costs about half "
                         "as much per face as one face alone; a photo's faces always stay together; 1 = every photo "
                         "alone)")
-    p.add_argument("--format", default="same", choices=FORMAT_CHOICES,
-                   help="output format: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic, avif")
-    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                   help="quality of JPEG, HEIC and AVIF outputs, 1-100 (default %(default)s)")
-    p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
-    p.add_argument("--keep-date", action="store_true",
-                   help="keep the capture date and time (EXIF, a video's creation time); location, camera and "
-                        "serial numbers are still stripped")
-    p.add_argument("--copy-unprotected", action="store_true", help="copy photos with no face unchanged")
-    p.add_argument("--recursive", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
-    add_report_flag(p)
-    p.add_argument("--quiet", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice: the same inputs, flags and "
+                   "seed give the same files")
+
+
+def _add_apf_flags(g) -> None:
+    g.add_argument("--server", metavar="URL", default=None, help="apf: the `faceveil serve` address, e.g. "
+                   "http://127.0.0.1:8765")
+    g.add_argument("--apf-algorithm", default=None, help="apf: the probe gradient algorithm, fgsm, i-fgsm, mi-fgsm, "
+                   "di2-fgsm or m-di2-fgsm (default: the one the server networks were trained on)")
+    g.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
+                   "(APF Eq. 13; seeded by --seed)")
 
 
 def protect_settings(args: argparse.Namespace):
