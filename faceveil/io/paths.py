@@ -15,7 +15,7 @@ FORMAT_CHOICES = ("same", "png", "jpg", "heic", "avif")
 # The quality of lossy outputs (JPEG; HEIC, AVIF and lossy WebP take the same number): measured on the sample photos
 # and LFW images to keep a file close to its input's size at the protection a lossless file gives (README, "Photo
 # formats"; faceveil.io.images writes them).
-DEFAULT_JPEG_QUALITY = 95
+DEFAULT_JPEG_QUALITY = 85
 
 # Extension used when the output format differs from the input's.
 _EXT_FOR_FORMAT = {
