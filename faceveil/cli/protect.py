@@ -7,10 +7,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups, HelpFormatter, add_report_flag, finish_batch, positive_int, smoothing_size
+from faceveil.cli.common import (
+    Groups,
+    HelpFormatter,
+    add_output_flags,
+    add_report_flag,
+    check_report_targets,
+    finish_batch,
+    in_range,
+    positive_int,
+    smoothing_size,
+    table_stream,
+)
 from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline import presets
+from faceveil.pipeline.batch import printable
 
 
 def register(groups: Groups) -> None:
@@ -29,17 +41,20 @@ def register(groups: Groups) -> None:
     p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought",
                                   description="`faceveil protect` on the sample photos that the install brought.",
                                   formatter_class=HelpFormatter)
-    p.add_argument("-o", "--output", default="faceveil-demo", metavar="OUTDIR",
-                   help="folder for the protected sample photos")
+    p.add_argument("-o", "--output", default=DEMO_FOLDER, metavar="OUTDIR",
+                   help="folder for the protected sample photos (a rerun replaces the demo's own outputs there)")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def add_protect_flags(p: argparse.ArgumentParser) -> None:
-    """The options of protect and demo: everyday ones first, then the method's internals, then APF's."""
+    """The options of protect and demo: everyday ones first, then existing outputs and sound, the method's internals,
+    APF's, and last the engine (one machine or a Ray cluster)."""
     _add_everyday_flags(p.add_argument_group("everyday options"))
+    add_output_flags(p.add_argument_group("files that exist in OUTDIR, and a video's sound"))
     _add_method_flags(p.add_argument_group("method (research): what the mask is optimised for, and how"))
     _add_apf_flags(p.add_argument_group("APF end-cloud (--method apf)"))
+    _add_engine_flags(p.add_argument_group("many processes or machines (--engine ray)"))
 
 
 def _add_everyday_flags(g) -> None:
@@ -49,13 +64,14 @@ def _add_everyday_flags(g) -> None:
                                                                   presets.STRENGTHS.items()) + ")")
     g.add_argument("--thorough", action="store_true",
                    help="protect better against face-recognition models faceveil never saw, at the same "
-                        "visibility, in about 3.5 times the time")
-    g.add_argument("--faces", default="all", metavar="all|largest|N",
+                        "visibility, in about 3.5 times the time (a third surrogate family, dlib, input diversity "
+                        "0.5, TI smoothing 7, twice the iterations; explicit flags still win)")
+    g.add_argument("--faces", type=faces_choice, default="all", metavar="all|largest|N",
                    help="which faces to protect: all, the largest only, or the N largest")
     g.add_argument("--format", default="same", choices=FORMAT_CHOICES,
                    help="file type written: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic "
                         "or avif")
-    g.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, metavar="1-100",
+    g.add_argument("--jpeg-quality", type=in_range("jpeg_quality"), default=DEFAULT_JPEG_QUALITY, metavar="1-100",
                    help="quality of JPEG, HEIC and AVIF files written")
     g.add_argument("--keep-date", action="store_true",
                    help="keep when the photo was taken (EXIF date, a video's creation time); location, camera and "
@@ -65,8 +81,10 @@ def _add_everyday_flags(g) -> None:
     g.add_argument("--copy-unprotected", action="store_true",
                    help="also copy photos without a face to protect, unchanged, so OUTDIR holds every photo")
     g.add_argument("--recursive", action="store_true", help="also look into sub-folders of the input folders")
-    g.add_argument("--json", metavar="REPORT", help="write a per-file report (.json, or .jsonl written as it goes)")
-    add_report_flag(g)
+    g.add_argument("--json", metavar="REPORT",
+                   help="write a per-file report (.json, or .jsonl written as it goes; - for stdout, the table then "
+                        "goes to stderr)")
+    add_report_flag(g, photos=True)
     g.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
 
@@ -79,22 +97,22 @@ def _add_method_flags(g) -> None:
     g.add_argument("--surrogates", default=None, help=f"models the mask is optimised against (default "
                    f"{presets.DEFAULT['surrogates']}; --thorough: {presets.THOROUGH['surrogates']})")
     g.add_argument("--judges", default="all", help="models that check the saved files (comma list, or all)")
-    g.add_argument("--eps", type=float, default=None, help="L-inf budget in 0..255 pixel units (overrides "
-                   "--strength)")
-    g.add_argument("--iters", type=int, default=None, help="optimisation steps (overrides --strength: low 30, mid "
-                   "and high 50)")
-    g.add_argument("--alpha", type=float, default=None, help="step size in 0..255 units (default: 2.5 eps / iters, "
-                   "at least 1)")
-    g.add_argument("--momentum", type=float, default=1.0, help="MI-FGSM momentum (0 = off)")
-    g.add_argument("--jitter", type=float, default=2.0,
+    g.add_argument("--eps", type=in_range("eps"), default=None,
+                   help="L-inf budget in 0..255 pixel units, above 0 and at most 32 (overrides --strength)")
+    g.add_argument("--iters", type=in_range("iters"), default=None,
+                   help="optimisation steps, 1..10000 (overrides --strength: low 30, mid and high 50)")
+    g.add_argument("--alpha", type=in_range("alpha"), default=None,
+                   help="step size in 0..255 units, (0, 32] (default: 2.5 eps / iters, at least 1)")
+    g.add_argument("--momentum", type=in_range("momentum"), default=1.0, help="MI-FGSM momentum (0 = off)")
+    g.add_argument("--jitter", type=in_range("jitter"), default=2.0,
                    help="alignment jitter in crop pixels averaged over while optimising (0 = off), so the mask "
                         "survives the re-detection of the saved photo")
-    g.add_argument("--diversity", type=float, default=None, help="input-diversity probability (default 0; "
-                   "--thorough: 0.5)")
+    g.add_argument("--diversity", type=in_range("diversity"), default=None,
+                   help="input-diversity probability (default 0; --thorough: 0.5)")
     g.add_argument("--smoothing", type=smoothing_size, default=None, metavar="K",
                    help="TI gradient smoothing: odd Gaussian kernel size in canonical (256 px face) pixels, 0 = off "
                         "(default 0; --thorough: 7)")
-    g.add_argument("--gamma", type=float, default=0.0,
+    g.add_argument("--gamma", type=in_range("gamma"), default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "
                         "protection); tip-im, center-opt, single-target")
     g.add_argument("--gain", default="g", choices=["g", "g1", "g2", "rand"],
@@ -104,12 +122,12 @@ def _add_method_flags(g) -> None:
                         "(default: the faces in the sample photos; the protected person is always excluded)")
     g.add_argument("--paper-defaults", action="store_true",
                    help="TIP-IM paper settings: L-inf eps 12, alpha 1.5, 50 iterations, momentum 1, 10 targets")
-    g.add_argument("--batch-faces", type=positive_int, default=16, metavar="N",
+    g.add_argument("--batch-faces", type=in_range("batch_faces"), default=16, metavar="N",
                    help="optimise the faces of consecutive photos together, up to N faces (a batch costs about half "
                         "as much per face as one face alone; a photo's faces always stay together; 1 = every photo "
                         "alone)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice: the same inputs, flags and "
-                   "seed give the same files")
+    g.add_argument("--seed", type=in_range("seed"), default=0,
+                   help="seed of every random choice: the same inputs, flags and seed give the same files")
 
 
 def _add_apf_flags(g) -> None:
@@ -121,6 +139,27 @@ def _add_apf_flags(g) -> None:
                    "(APF Eq. 13; seeded by --seed)")
 
 
+def _add_engine_flags(g) -> None:
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a pool of Ray actors, one Protector each (needs the extra "
+                        "faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)")
+    g.add_argument("--address", metavar="ADDR", default=None,
+                   help="ray: join the cluster of `ray start --head` at HOST:PORT (or auto); default: a local Ray "
+                        "instance started for the run")
+    g.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                   help="ray: actors in the pool, one CPU and one copy of the models each")
+
+
+DEMO_FOLDER = "faceveil-demo"
+
+
+def faces_choice(text: str) -> str:
+    """argparse type of --faces: all, largest or a whole number >= 1."""
+    if text in ("all", "largest") or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"expected all, largest or a whole number >= 1, got {text!r}")
+
+
 def protect_settings(args: argparse.Namespace):
     """The photo job's settings (pipeline.protect.ProtectSettings) from the protect flags."""
     choices = presets.ProtectChoices(
@@ -130,8 +169,8 @@ def protect_settings(args: argparse.Namespace):
         seed=args.seed)
     return presets.protect_settings(
         choices, faces=args.faces, fmt=args.format, jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
-        keep_date=args.keep_date,
-        copy_unprotected=args.copy_unprotected, gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
+        keep_date=args.keep_date, copy_unprotected=args.copy_unprotected, existing=args.existing,
+        drop_audio=args.drop_audio, gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
         server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
         batch_faces=args.batch_faces)
 
@@ -147,15 +186,24 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     from faceveil.api import Protector
     from faceveil.report import batch_header
 
+    check_report_targets(args)
     settings = protect_settings(args)
-    report = Protector.from_settings(settings).protect_files(
-        inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
-        header=batch_header("protect", settings))
-    _print_table(report.results, settings.judges)
+    header = batch_header("protect", settings)
+    if getattr(args, "engine", "local") == "ray":
+        from faceveil.distributed.ray_engine import protect_files_ray
+
+        report = protect_files_ray(settings, inputs, out_dir, recursive=args.recursive, report_path=args.json,
+                                   progress=not args.quiet, header=header, address=args.address,
+                                   workers=args.workers)
+    else:
+        report = Protector.from_settings(settings).protect_files(
+            inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
+            header=header)
+    _print_table(report.results, settings.judges, table_stream(args))
     return finish_batch(report, "protect", args)
 
 
-def _print_table(results, judges: list[str]) -> None:
+def _print_table(results, judges: list[str], stream=None) -> None:
     """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised."""
     lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
     for r in results:
@@ -165,9 +213,13 @@ def _print_table(results, judges: list[str]) -> None:
             for j in judges:
                 v = face.get(j)
                 cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")
+            lines.append(f"| {printable(Path(r.file).name)} | {face.get('face', '')} | {r.status} | "
+                         + " | ".join(cells) + " |")
+        for other in (r.details or {}).get("not_faces", []):  # detections the face check refused: left alone
+            lines.append(f"| {printable(Path(r.file).name)} | - | {other['reason']} |" + " |" * len(judges))
+    print("\n".join(lines), file=stream or sys.stdout)
+    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them",
+          file=stream or sys.stdout)
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
@@ -178,5 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from faceveil.io import weights
 
     samples = [str(p) for p in weights.sample_photos()]
+    if args.output == DEMO_FOLDER and args.existing == "refuse":  # its own folder: a rerun replaces its own outputs
+        args.existing = "overwrite"
     print(f"faceveil demo: protecting {len(samples)} sample photos into {args.output}/", file=sys.stderr)
     return _run_protect(samples, args.output, args)
