@@ -5,6 +5,7 @@ own encoders; no photo is committed."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,27 @@ def test_conversions_are_described() -> None:
     assert conversion("a.heic", "out/a.jpg", "jpg") == "heic -> jpg: --format jpg asked for"
     assert conversion("a.jpeg", "out/a.jpeg") is None and conversion("a.JPG", "out/a.JPG", "jpg") is None
     assert conversion("clip.mp4", "out/clip.mp4") is None and conversion("a.gif", None) is None
+
+
+def test_conversions_reach_every_row_and_the_tables_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    """A photo finished ahead of its turn (optimised with an earlier one, handed over by take_finished) gets its
+    `converted` too; the terminal line goes where the table goes (stderr under --json -, stdout stays JSON)."""
+    from types import SimpleNamespace
+
+    from faceveil.cli.common import print_conversions
+    from faceveil.pipeline.batch import BatchReport, ItemResult
+    from faceveil.pipeline.job import OutputSettings, PhotoJob
+
+    job = SimpleNamespace(output=OutputSettings(fmt="same"))
+    outcome = PhotoJob.with_conversion(job, Path("in/a.gif"), {"status": "ok", "output": "out/a.png"})
+    assert outcome["converted"].startswith("gif -> png")
+    assert "converted" not in PhotoJob.with_conversion(job, Path("in/b.jpg"), {"output": "out/b.jpg"})
+    error = FaceveilError("bad file")
+    assert PhotoJob.with_conversion(job, Path("in/c.gif"), error) is error
+    report = BatchReport(results=[ItemResult("in/a.gif", "ok", output="out/a.png", converted=outcome["converted"])])
+    print_conversions(report, sys.stderr)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "converted: a.gif -> a.png (gif -> png" in captured.err
 
 
 # ------------------------------------------------------------------------------------------- JPEG writer
