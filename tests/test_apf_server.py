@@ -73,7 +73,10 @@ def _post(base: str, body: bytes, content_type: str | None = wire.MEDIA_TYPE, pa
     parts = urllib.parse.urlsplit(base)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = {"Content-Type": content_type} if content_type else {}
-    conn.request(method, path, body=body, headers=headers)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer (413) and close before a big body is all sent: its answer is still there
     response = conn.getresponse()
     data = response.read()
     conn.close()
