@@ -33,8 +33,21 @@ class Groups(dict):
 
     def __missing__(self, name: str) -> argparse._SubParsersAction:
         group = self["root"].add_parser(name, help=GROUP_HELP[name])
-        self[name] = group.add_subparsers(dest=f"{name}_command", required=True)
+        self[name] = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", title="commands")
         return self[name]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth saying (not None, not a switch: a switch's
+    default is what its help says happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def register_all(groups: Groups) -> None:
@@ -222,6 +235,7 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
 
         write_report(args.report, kind, report.to_dict(), progress=not args.quiet,
                      originals=getattr(args, "report_originals", False), max_mode=report.max_mode)
+    print_conversions(report, table_stream(args))
     if report.report_error:
         from faceveil.pipeline.batch import printable
 
@@ -230,6 +244,17 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
         print(f"faceveil: interrupted ({report.signal}): {report.summary()}", file=sys.stderr)
         return 143 if report.signal == "SIGTERM" else 130
     return 2 if any(r.status == "error" for r in report.results) or report.report_error else 0
+
+
+def print_conversions(report, stream) -> None:
+    """One line per file written in another format than its input's (gif -> png, mov -> mp4, --format), on the
+    table's stream (stderr under --json -, so that stdout stays the JSON document)."""
+    from faceveil.pipeline.batch import printable
+
+    for result in report.results:
+        if getattr(result, "converted", None) and result.output:
+            print(f"converted: {printable(Path(result.file).name)} -> {printable(Path(result.output).name)} "
+                  f"({result.converted})", file=stream)
 
 
 def check_report_targets(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from faceveil.cli.common import (
     threads,
 )
 from faceveil.errors import FaceveilError
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline.batch import printable
 from faceveil.pipeline.presets import ENROLL_DEFAULTS
@@ -133,9 +134,14 @@ def _add_apply(root) -> None:
     p.add_argument("--all-faces", action="store_true", help="mask every detected face, not only the person's")
     p.add_argument("--mask-index", type=count_or_zero, default=0, metavar="K",
                    help="which of the file's diverse masks (0..)")
-    p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
-    p.add_argument("--jpeg-quality", type=number_in(1, 100, integer=True), default=95, help="1..100")
+    p.add_argument("--format", default="same", choices=FORMAT_CHOICES,
+                   help="output format: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic, avif")
+    p.add_argument("--jpeg-quality", type=number_in(1, 100, integer=True), default=DEFAULT_JPEG_QUALITY,
+                   help="quality of JPEG, HEIC and AVIF outputs, 1..100 (default %(default)s)")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
+    p.add_argument("--keep-date", action="store_true",
+                   help="keep the capture date and time (EXIF, a video's creation time); location, camera and "
+                        "serial numbers are still stripped")
     p.add_argument("--copy-unprotected", action="store_true", help="copy photos without the person unchanged")
     p.add_argument("--recursive", action="store_true")
     add_output_flags(p)
@@ -160,13 +166,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                             f"mask(s) (0..{mask.count - 1})")
     settings = ApplySettings(all_faces=args.all_faces, mask_index=args.mask_index, fmt=args.format,
                              jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
-                             copy_unprotected=args.copy_unprotected, existing=args.existing,
-                             drop_audio=args.drop_audio)
+                             keep_date=args.keep_date, copy_unprotected=args.copy_unprotected,
+                             existing=args.existing, drop_audio=args.drop_audio)
     report = apply_files(mask, args.inputs, args.output, all_faces=args.all_faces, mask_index=args.mask_index,
                          recursive=args.recursive, report_path=args.json, progress=not args.quiet,
                          header=batch_header("apply", settings), fmt=args.format, jpeg_quality=args.jpeg_quality,
-                         keep_metadata=args.keep_metadata, copy_unprotected=args.copy_unprotected,
-                         existing=args.existing, drop_audio=args.drop_audio)
+                         keep_metadata=args.keep_metadata, keep_date=args.keep_date,
+                         copy_unprotected=args.copy_unprotected, existing=args.existing, drop_audio=args.drop_audio)
     _print_apply_table(report.results, table_stream(args))
     return finish_batch(report, "apply", args)
 

@@ -72,6 +72,7 @@ class ItemResult:
     seconds: float = 0.0
     output: str | None = None
     details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
+    converted: str | None = None  # the output's type differs from the input's: "gif -> png: why"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,8 +189,9 @@ def run_batch(
     max_mode caps the report file's permission bits.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
-    message, faces, output. Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process
-    with a `take_finished()` method hands over (path, outcome) pairs of later items it has already finished.
+    message, faces, output, details, converted. Exceptions are caught per item: SkipItem -> 'skipped', any other
+    -> 'error'. A process with a `take_finished()` method hands over (path, outcome) pairs of later items it has
+    already finished.
     """
     items = list(items)
     by_path = {item.path: item for item in items}
@@ -300,7 +302,7 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     return ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
-        details=outcome.get("details"),
+        details=outcome.get("details"), converted=outcome.get("converted"),
     )
 
 
