@@ -210,8 +210,9 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
                 all_faces: bool = False, mask_index: int = 0, recursive: bool = False,
                 report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
                 **output: Any) -> BatchReport:
-    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
-    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected."""
+    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir, and every
+    masked face of a saved photo checked by the judges: what `faceveil apply` runs. `output`: fmt, jpeg_quality,
+    keep_metadata, copy_unprotected, verify (default True), judges (default all)."""
     prepare_process()
     from faceveil.pipeline.job import run_on_files
     from faceveil.pipeline.maskfile import PersonMask

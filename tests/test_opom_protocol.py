@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
-from faceveil.attacks.core import AttackConfig
+from faceveil.attacks.core import CALIBRATED_DROPOUT, AttackConfig
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import opom as P
 from faceveil.methods.base import MaskResult
@@ -69,7 +69,9 @@ def test_transfer_suffix_sets_momentum_and_dfanet_dropout():
     plain, combined = P.registry_method("opom-convex", 1, base), P.registry_method("opom-convex+md", 1, base)
     assert plain.settings.method == "opom-convex" and plain.settings.attack == base.attack
     assert combined.settings.method == "opom-convex+md"
-    assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == P.TRANSFER_DROPOUT
+    assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == 0.0
+    # each surrogate drops at its own calibrated rate (one rate for all leaves some recognising nobody)
+    assert dict(combined.settings.attack.model_dropout) == CALIBRATED_DROPOUT
     assert combined.settings.attack.eps == base.attack.eps and not combined.settings.universal
     assert P.registry_method("fi-uap-all+md", 1, base).settings.universal
     with pytest.raises(FaceveilError, match="unknown method .nonsense."):
@@ -233,7 +235,7 @@ def test_several_methods_share_one_clean_pass(monkeypatch):
     assert len(embeds) == 1
     assert [(r["method"], r["judge"]) for r in rows] == [("fi-uap", "mfn192"), ("fi-uap+md", "mfn192")]
     assert seen["fi-uap"].momentum == 0 and seen["fi-uap+md"].momentum == 1
-    assert seen["fi-uap+md"].dropout == P.TRANSFER_DROPOUT
+    assert dict(seen["fi-uap+md"].model_dropout) == CALIBRATED_DROPOUT
     assert set(meta["learn_seconds"]) == {"fi-uap", "fi-uap+md"} and meta["test_images_per_person"] == 3
     single, single_meta = P.run(split, ["mfn192"], ["mobileface"], methods[0].learner, methods[0].settings)
     assert single == rows[:1] and set(single_meta["learn_seconds"]) == {"mobileface"}

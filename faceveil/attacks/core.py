@@ -15,8 +15,10 @@ from tqdm import tqdm
 from faceveil.attacks.diversity import input_diversity, translation_invariant
 from faceveil.attacks.faces import FaceBatch, Regions
 from faceveil.attacks.losses import feature_distance
-from faceveil.attacks.norms import descend, momentum_descend, random_init
+from faceveil.attacks.norms import descend, descend_map, momentum_descend, momentum_update, random_init
+from faceveil.attacks.perceptual import SsimBudget, texture_budget
 from faceveil.detect import canonical as C
+from faceveil.errors import FaceveilError
 from faceveil.models import zoo
 
 Embeddings = dict[str, torch.Tensor]  # model name -> [B, D]
@@ -54,6 +56,10 @@ class Ensemble:
     def metric(self, name: str) -> str:
         return self.models[name].spec.metric
 
+
+# measured on branch person (64 LFW faces, docs/research/person-masks.md)
+FACENET_VGG_DROPOUT = 0.0
+FACENET_CASIA_DROPOUT = 0.0
 
 # dlib's L2 distances are on another scale than cosine distances: divide by its decision distance (0.6).
 L2_SCALE = 0.6
@@ -117,6 +123,45 @@ def feature_dropout(models: list[nn.Module], p: float, generator: torch.Generato
             h.remove()
 
 
+# DFANet dropout rates at which each recogniser still recognises: the largest rate tried (0.005, 0.01, 0.02, 0.05,
+# 0.1, 0.15, 0.2, 0.3) at which the embedding of a clean face with dropout still matches the same face without it, at
+# the model's LFW threshold, for >= 95 % of 64 LFW faces (docs/research/person-masks.md; the first six measured on
+# branch protection). One rate for all is wrong: OPOM's 0.1 leaves faceres, faceres-deep, mfn512 and mfn192
+# recognising almost nobody (the attack would then optimise against noise), while dlib shrugs off 0.15.
+CALIBRATED_DROPOUT: dict[str, float] = {"mobileface": 0.05, "faceres": 0.01, "faceres-deep": 0.005, "dlib": 0.15,
+                                        "mfn512": 0.02, "mfn192": 0.02, "facenet-vgg": FACENET_VGG_DROPOUT,
+                                        "facenet-casia": FACENET_CASIA_DROPOUT}
+
+
+def calibrated_dropout() -> tuple[tuple[str, float], ...]:
+    """AttackConfig.model_dropout with every zoo model at its calibrated rate."""
+    return tuple(sorted(CALIBRATED_DROPOUT.items()))
+
+
+def dropout_setting(dropout: float | str) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """A user's dropout (a rate, or "calibrated") -> (AttackConfig.dropout, AttackConfig.model_dropout)."""
+    if str(dropout).strip().lower() == "calibrated":
+        return 0.0, calibrated_dropout()
+    try:
+        rate = float(dropout)
+    except ValueError:
+        raise FaceveilError(f"dropout takes a rate in [0, 1) or 'calibrated', got {dropout!r}") from None
+    if not 0 <= rate < 1:
+        raise FaceveilError(f"dropout must be in [0, 1) (or 'calibrated'), got {dropout}")
+    return rate, ()
+
+
+@contextlib.contextmanager
+def surrogate_dropout(ensemble: Ensemble, cfg: AttackConfig, generator: torch.Generator) -> Iterator[None]:
+    """DFANet dropout on every surrogate at its own rate (cfg.model_dropout; cfg.dropout for the others). With one
+    rate for all, the same hooks and random stream as feature_dropout over all the models."""
+    rates = dict(cfg.model_dropout)
+    with contextlib.ExitStack() as stack:
+        for name, model in ensemble.models.items():
+            stack.enter_context(feature_dropout([model], rates.get(name, cfg.dropout), generator))
+        yield
+
+
 def is_conv(module: nn.Module) -> bool:
     """A convolution layer: torch's Conv2d, or a converted graph's own conv module (e.g. the TF.js loader's), which
     holds a 4-D kernel as its `weight` parameter."""
@@ -134,10 +179,17 @@ class AttackConfig:
     diversity: float = 0.0  # probability of the DI transform
     diversity_transforms: tuple[str, ...] = ("resize",)  # DI transforms (attacks.diversity.DI_TRANSFORMS)
     dropout: float = 0.0  # DFANet feature dropout rate
+    model_dropout: tuple[tuple[str, float], ...] = ()  # per-surrogate rates overriding `dropout` (calibrated_dropout)
     jitter: float = 0.0  # alignment jitter (crop pixels) averaged over, so masks survive re-detection
     smoothing: int = 0  # TI: odd Gaussian kernel size (canonical pixels) the gradient is smoothed with; 0 = off
     random_start: bool = False
     seed: int = 0
+    # the perceptual budget (attacks.perceptual): "texture" shapes the L-inf budget per pixel by the clean face's
+    # texture (eps and alpha are its face-area means); ssim_target / psnr_floor > 0 project every perturbation onto
+    # face-area SSIM >= target / PSNR >= floor after each step
+    budget: str = "linf"  # linf | texture
+    ssim_target: float = 0.0
+    psnr_floor: float = 0.0
 
 
 Objective = Callable[[Embeddings, int], torch.Tensor]  # (embeddings, step) -> per-face loss [B], minimised
@@ -160,24 +212,52 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
     gen = torch.Generator().manual_seed(cfg.seed)
     count = len(batch) if owner is None else shared_count(owner)
     shape = (count, 3, C.CANONICAL_SIZE, C.CANONICAL_SIZE)
+    budget_map = budget_map_of(batch, cfg, owner)
     if delta is None:
         delta = random_init(torch.Size(shape), cfg.norm, cfg.eps, gen) if cfg.random_start else torch.zeros(shape)
+        if budget_map is not None:
+            delta = delta * budget_map
+    visibility = visibility_budget(batch, cfg, owner)
     velocity = None
-    with feature_dropout(list(ensemble.models.values()), cfg.dropout, gen):
+    with surrogate_dropout(ensemble, cfg, gen):
         for step in tqdm(range(cfg.steps), desc="optimise", disable=not progress, leave=False):
             if before_step is not None:
                 before_step(step, delta)
             grad = loss_gradient(batch, ensemble, objective, delta, step, cfg, gen, image_term, owner)
-            delta, velocity = momentum_step(delta, velocity, grad, cfg)
+            delta, velocity = momentum_step(delta, velocity, grad, cfg, budget_map)
+            if visibility is not None:  # one measurement a step; the last iterate gets the full projection
+                delta = visibility(delta, rounds=None if step == cfg.steps - 1 else 1)
             if on_step is not None:
                 on_step(step, delta)
     return delta.detach()
 
 
-def momentum_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor,
-                  cfg: AttackConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def budget_map_of(batch: FaceBatch, cfg: AttackConfig, owner: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The per-pixel budget map of cfg.budget ([B or M,3,256,256], face-area mean 1), or None for a uniform one."""
+    if cfg.budget == "linf":
+        return None
+    if cfg.budget != "texture":
+        raise ValueError(f"unknown budget {cfg.budget!r} (linf or texture)")
+    if cfg.norm != "linf":
+        raise ValueError("the texture budget map shapes an L-inf budget")
+    return texture_budget(batch.canonical(batch.regions), owner)
+
+
+def visibility_budget(batch: FaceBatch, cfg: AttackConfig, owner: torch.Tensor | None = None) -> SsimBudget | None:
+    """The SSIM / PSNR projection of cfg (None when neither is asked for)."""
+    if cfg.ssim_target <= 0 and cfg.psnr_floor <= 0:
+        return None
+    return SsimBudget(batch, cfg.ssim_target, cfg.psnr_floor, owner)
+
+
+def momentum_step(delta: torch.Tensor, velocity: torch.Tensor | None, grad: torch.Tensor, cfg: AttackConfig,
+                  budget_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(delta, velocity) after one step on `grad`, with MI-FGSM momentum when cfg.momentum > 0 (`grad` is the
-    caller's to give away: it may become the velocity)."""
+    caller's to give away: it may become the velocity). With a budget map, the step and the budget are per pixel
+    (alpha and eps times the map)."""
+    if budget_map is not None:
+        velocity = momentum_update(velocity, grad, cfg.momentum) if cfg.momentum > 0 else grad
+        return descend_map(delta, velocity, cfg.alpha * budget_map, cfg.eps * budget_map), velocity
     if cfg.momentum > 0:
         return momentum_descend(delta, velocity, grad, cfg.momentum, cfg.alpha, cfg.norm, cfg.eps)
     return candidate_step(delta, grad, cfg), velocity

@@ -161,3 +161,18 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
         return 130
     return 2 if any(r.status == "error" for r in report.results) else 0
 
+
+def print_judge_table(results, judges: list[str], only=None) -> None:
+    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised. `only`: a
+    test of the face rows to print (apply prints its masked faces)."""
+    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
+    for r in results:
+        faces = [f for f in (r.details or {}).get("faces") or [{}] if only is None or only(f)] or [{}]
+        for face in faces:
+            cells = []
+            for j in judges:
+                v = face.get(j)
+                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
+            lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, finish_batch, positive_int, smoothing_size
+from faceveil.cli.common import (
+    Groups,
+    add_report_flag,
+    finish_batch,
+    positive_int,
+    print_judge_table,
+    smoothing_size,
+)
 from faceveil.methods import registry
 from faceveil.pipeline import presets
 
@@ -113,23 +119,8 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
     report = Protector.from_settings(settings).protect_files(
         inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
         header=batch_header("protect", settings))
-    _print_table(report.results, settings.judges)
+    print_judge_table(report.results, settings.judges)
     return finish_batch(report, "protect", args)
-
-
-def _print_table(results, judges: list[str]) -> None:
-    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised."""
-    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
-    for r in results:
-        faces = (r.details or {}).get("faces") or [{}]
-        for face in faces:
-            cells = []
-            for j in judges:
-                v = face.get(j)
-                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
