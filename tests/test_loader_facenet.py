@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceveil import weights
+from faceveil.io import weights
 from faceveil.models import zoo
 from faceveil.models.loaders.tf_graphdef import GraphDefError, load_graphdef, read_graphdef
 from tests.conftest import needs_weights

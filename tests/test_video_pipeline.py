@@ -17,7 +17,7 @@ pytest.importorskip("imageio_ffmpeg")
 
 from conftest import needs_weights  # noqa: E402
 
-from faceveil import weights  # noqa: E402
+from faceveil.io import weights  # noqa: E402
 from faceveil.bench.video import FPS, HEIGHT, WIDTH, TestClip, make_test_clip, test_delta  # noqa: E402
 from faceveil.detect import canonical  # noqa: E402
 from faceveil.detect.align import ARCFACE_112, inverse_matrix, warp_matrix  # noqa: E402

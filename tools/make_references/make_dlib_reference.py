@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from patterns import smooth_image  # noqa: E402  (beside this script)
 
-from faceveil import weights  # noqa: E402
+from faceveil.io import weights  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = ROOT / "faceveil" / "data" / "references" / "ref_dlib.npz"

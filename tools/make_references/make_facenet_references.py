@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from patterns import smooth_image  # noqa: E402  (beside this script)
 
-from faceveil.weights import home  # noqa: E402  (stdlib-only module; needs no torch)
+from faceveil.io.weights import home  # noqa: E402  (stdlib-only module; needs no torch)
 
 FIXTURES = REPO / "faceveil" / "data" / "references"
 SIZE = 160
