@@ -24,8 +24,8 @@ def test_checks_merge_into_the_masked_rows_only() -> None:
 
 
 def test_verdict_counts_and_the_nothing_protected_line() -> None:
-    checks = [_check(0, {"a": True, "b": True}), _check(1, {"a": True, "b": False}), _check(2, {"a": False, "b": False}),
-              _check(3, {}, redetected=False)]
+    checks = [_check(0, {"a": True, "b": True}), _check(1, {"a": True, "b": False}),
+              _check(2, {"a": False, "b": False}), _check(3, {}, redetected=False)]
     counts = verdict(checks)
     assert counts == {"masked": 4, "protected": 1, "recognised_by_some": 1, "recognised_by_all": 1,
                       "not_redetected": 1}

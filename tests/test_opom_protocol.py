@@ -287,9 +287,38 @@ def test_cli_tiny_run(tmp_path):
     assert row["n_probes"] == 6 and 0 <= row["top1_psr"] <= 1
 
 
+@needs_lfw
+@needs_weights
+@pytest.mark.slow
+def test_cli_users_mode_runs_enroll_and_apply(tmp_path, monkeypatch):
+    """Users mode: the person enrolled, the mask file written and read back, apply run on the test photos (JPEG),
+    every labelled face masked and scored on the re-read file; the budget is enroll's (the method's paper norm)."""
+    from faceveil.cli import main
+    from faceveil.pipeline import maskfile
+
+    loaded = []
+    original = maskfile.load_mask
+    monkeypatch.setattr(maskfile, "load_mask", lambda path: loaded.append(path) or original(path))
+    out = tmp_path / "users.json"
+    code = main(["eval", "identification", "--protocol", "opom", "--mode", "users", "--dataset", f"lfw={LFW_ROOT}",
+                 "--limit", "1", "--seed", "3", "--judges", "mfn192", "--surrogates", "mobileface", "--iters", "1",
+                 "--test-images", "3", "--distractors", "20", "--quiet", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    settings = doc["settings"]
+    assert settings["mode"] == "users" and settings["norm"] == "linf" and settings["eps"] == 8
+    assert len(loaded) == 1 and loaded[0].suffix == ".fvmask"
+    assert settings["users_applied"] == {"mobileface": {"test_photos": 3, "written": 3, "person_masked": 3,
+                                                         "other_faces_masked": 0}}
+    (row,) = doc["rows"]
+    assert row["mode"] == "users" and row["n_probes"] == 6 and 0 <= row["top1_psr"] <= 1
+    assert 0.7 < row["ssim"] < 0.999 and 25 < row["psnr"] < 50  # the mask is on the saved faces
+
+
 @pytest.mark.parametrize("flags", [["--distractors", "many"], ["--extra", "5"], ["--gamma", "0.5"],
                                    ["--test-images", "1"], ["--test-images", "few"], ["--method", "fi-uap,,gap"],
-                                   ["--method", "fi-uap,bogus+md"]])
+                                   ["--method", "fi-uap,bogus+md"], ["--norm", "l2"],
+                                   ["--mode", "users", "--method", "fi-uap-all"]])
 def test_cli_rejects_bad_opom_flags(capsys, flags):
     from faceveil.cli import main
 

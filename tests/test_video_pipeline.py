@@ -17,12 +17,12 @@ pytest.importorskip("imageio_ffmpeg")
 
 from conftest import needs_weights  # noqa: E402
 
-from faceveil.io import weights  # noqa: E402
 from faceveil.bench.video import FPS, HEIGHT, WIDTH, TestClip, make_test_clip, test_delta  # noqa: E402
 from faceveil.detect import canonical  # noqa: E402
 from faceveil.detect.align import ARCFACE_112, inverse_matrix, warp_matrix  # noqa: E402
 from faceveil.detect.mtcnn import default_detector  # noqa: E402
 from faceveil.detect.track import FaceTracker, OneEuro, Track, greedy_match, iou  # noqa: E402
+from faceveil.io import weights  # noqa: E402
 from faceveil.io.images import read_image  # noqa: E402
 from faceveil.io.video import ffmpeg_exe, iter_frames, probe_video  # noqa: E402
 from faceveil.pipeline.video import protect_video  # noqa: E402

@@ -174,6 +174,8 @@ def _opom_identification(args: argparse.Namespace) -> int:
     if args.norm is not None and args.mode != "users":
         raise FaceveilError("--norm is for --mode users (the crops and photos modes use the paper's L-inf budget)")
     methods = [protocol.registry_method(name, args.masks, _opom_base(args, name)) for name in names]
+    if args.mode == "users":
+        protocol.check_users_methods(methods)
     attack = methods[0].settings.attack
     split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
                                 per_person)

@@ -332,6 +332,14 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
 
 # ---- users mode: enroll -> .fvmask -> apply -> saved JPEG ------------------------------------------------------
 
+def check_users_methods(methods: list[MethodRun]) -> None:
+    """One line before any work: users mode enrolls each person alone, a universal method has no such run."""
+    universal = [m.settings.method for m in methods if m.settings.universal]
+    if universal:
+        raise FaceveilError(f"{', '.join(universal)}: users mode enrolls each person alone (enroll's fi-uap-all "
+                            "learns on the sample photos' faces); score universal masks in crops or photos mode")
+
+
 def users_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str], judges: list[str],
                 settings: Settings) -> GroupResult:
     """Every person through the product (module docstring, users mode): enroll on the training photos with these
