@@ -33,3 +33,26 @@ def test_verdict_counts_and_the_nothing_protected_line() -> None:
     nothing = verdict([_check(0, {"a": True, "b": True}), _check(1, {"a": True, "b": True})])
     line = verdict_line(nothing, 2)
     assert "still recognised by all: 2" in line and "protects none of these faces" in line
+
+
+def test_a_texture_or_visibility_mask_records_the_budget_it_reaches(tmp_path) -> None:
+    """A texture-shaped L-inf mask passes its mean eps in textured places: the file records the bound it reaches,
+    so that the mask loads (load_mask refuses a mask above its file's budget); a plain L-inf mask keeps its eps."""
+    import torch
+
+    from faceveil.attacks.core import AttackConfig
+    from faceveil.pipeline.maskfile import PersonMask, load_mask, save_mask
+    from faceveil.pipeline.person import recorded_budget
+
+    masks = torch.full((1, 3, 256, 256), 4 / 255)
+    masks[..., 100:120, :] = 20 / 255  # a brow band at 2.5 x the mean budget
+    plain, texture = AttackConfig(eps=8 / 255), AttackConfig(eps=8 / 255, budget="texture")
+    assert recorded_budget(masks.clamp(max=8 / 255), plain) == 8 / 255
+    assert recorded_budget(masks, texture) == float(masks.max())
+    assert recorded_budget(masks / 4, AttackConfig(eps=8 / 255, ssim_target=0.93)) == 8 / 255
+    refs = {"mobileface": torch.randn(2, 256, generator=torch.Generator().manual_seed(0))}
+    mask = PersonMask(name="Ada", masks=masks, geometry="canonical", method="opom-convex", surrogates=["mobileface"],
+                      eps=recorded_budget(masks, texture), norm="linf", references=refs,
+                      meta={"iterations": 1, "seed": 0, "images_used": 2, "created": "2024-01-01T00:00:00+00:00"})
+    save_mask(mask, tmp_path / "ada.fvmask")
+    assert torch.equal(load_mask(tmp_path / "ada.fvmask").masks, masks)

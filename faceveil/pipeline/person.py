@@ -190,9 +190,23 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False, 
     result = registry.learn_person_masks(settings.method, batch, ensemble, settings.attack, options, progress)
     models = sorted(set(MATCH_MODELS) | set(settings.surrogates))
     mask = PersonMask(name=name, masks=result.masks, geometry=C.CANONICAL.name, method=settings.method,
-                      surrogates=list(settings.surrogates), eps=settings.attack.eps, norm=settings.attack.norm,
+                      surrogates=list(settings.surrogates), eps=recorded_budget(result.masks, settings.attack),
+                      norm=settings.attack.norm,
                       references=reference_embeddings(found, models), meta=_meta(settings, len(found), len(paths)))
     return Enrolled(mask, rows, result.info)
+
+
+def recorded_budget(masks: torch.Tensor, attack: AttackConfig) -> float:
+    """The budget the mask file records: the nominal eps, or the bound the masks really reach where the setting lets
+    them pass it (a texture-shaped L-inf budget is eps on average over the face, up to TEXTURE_MAX times eps in hair
+    and brows; a visibility budget scales every mask onto its SSIM, up or down), so that the file's budget is one its
+    masks respect (load_mask refuses a mask above its budget)."""
+    from faceveil.attacks.budgets import pasted_l2
+
+    if attack.budget == "linf" and attack.ssim_target <= 0 and attack.psnr_floor <= 0:
+        return attack.eps
+    reached = masks.flatten(1).abs().amax(1) if attack.norm == "linf" else pasted_l2(masks)
+    return max(attack.eps, float(reached.max()))
 
 
 def _meta(settings: EnrollSettings, used: int, given: int) -> dict:
