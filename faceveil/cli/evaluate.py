@@ -71,15 +71,17 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="probes protected at once")
     p.add_argument("--masks", type=int, default=1, metavar="N_M",
                    help="opom protocol only: diverse masks per person (Table 6: M-O per mask, M-M per mask pair)")
-    p.add_argument("--dropout", default="0", metavar="P|calibrated",
+    p.add_argument("--dropout", default=None, metavar="P|calibrated",
                    help="opom protocol only: DFANet feature-dropout rate while learning masks (Tables 4-5), or "
-                        "'calibrated' (each surrogate at the rate it still recognises under)")
-    p.add_argument("--budget", default="linf", choices=["linf", "texture"],
-                   help="opom protocol only: texture shapes the L-inf budget by each person's face texture")
-    p.add_argument("--ssim", type=float, default=0.0, metavar="T",
+                        "'calibrated' (each surrogate at the rate it still recognises under); default 0, in users "
+                        "mode enroll's")
+    p.add_argument("--budget", default=None, choices=["linf", "texture"],
+                   help="opom protocol only: texture shapes the L-inf budget by each person's face texture "
+                        "(default linf, in users mode enroll's)")
+    p.add_argument("--ssim", type=float, default=None, metavar="T",
                    help="opom protocol only: a visibility budget, masks kept at and scaled onto face-area SSIM T "
-                        "on the person's training photos (0 = off)")
-    p.add_argument("--psnr", type=float, default=0.0, metavar="DB",
+                        "on the person's training photos (0 = off; default 0, in users mode enroll's)")
+    p.add_argument("--psnr", type=float, default=None, metavar="DB",
                    help="opom protocol only: also a face-area PSNR floor (0 = off)")
     p.add_argument("--distractors", default=None, metavar="N|all",
                    help="opom protocol only: distractor images, a seeded sample of LFW (default all, or 2000 with "
@@ -217,12 +219,13 @@ def _opom_base(args: argparse.Namespace, method: str):
     if args.mode == "users":
         attack = enroll_settings(name="eval", method=protocol.split_method_name(method)[0], seed=args.seed,
                                  eps=args.eps, norm=args.norm, iters=args.iters, alpha=args.alpha,
-                                 momentum=args.momentum or 0.0, dropout=args.dropout, mode="photos",
+                                 momentum=args.momentum, dropout=args.dropout, mode="photos",
                                  jitter=args.jitter, budget=args.budget, ssim=args.ssim, psnr=args.psnr).attack
     else:
         attack = protocol.attack_config(args.seed, args.mode, args.eps, args.alpha, args.iters, args.momentum,
-                                        args.dropout, args.jitter, budget=args.budget, ssim_target=args.ssim,
-                                        psnr_floor=args.psnr)
+                                        args.dropout if args.dropout is not None else 0.0, args.jitter,
+                                        budget=args.budget or "linf", ssim_target=args.ssim or 0.0,
+                                        psnr_floor=args.psnr or 0.0)
     return protocol.Settings(mode=args.mode, attack=attack, batch=args.batch, progress=not args.quiet)
 
 

@@ -51,17 +51,19 @@ def _add_enroll(root) -> None:
     p.add_argument("--iters", type=int, default=ENROLL_DEFAULTS["iters"], help="iterations (paper: 16)")
     p.add_argument("--alpha", type=float, default=None,
                    help="step size, 0..255 units (paper: 1, the sign step of Algorithms 1-2)")
-    p.add_argument("--momentum", type=float, default=0.0, help="momentum mu of Eq. 14 (paper: 1 when used; 0 = off)")
-    p.add_argument("--dropout", default="0", metavar="P|calibrated",
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"momentum mu of Eq. 14 (paper: 1 when used; 0 = off; default {ENROLL_DEFAULTS['momentum']})")
+    p.add_argument("--dropout", default=None, metavar="P|calibrated",
                    help="DFANet feature dropout of Eq. 15: one rate for every surrogate (0 = off), or 'calibrated': "
-                        "each surrogate at the rate it still recognises under")
-    p.add_argument("--budget", default="linf", choices=["linf", "texture"],
+                        f"each surrogate at the rate it still recognises under (default {ENROLL_DEFAULTS['dropout']})")
+    p.add_argument("--budget", default=None, choices=["linf", "texture"],
                    help="texture: the L-inf budget shaped by the face's texture (larger in hair, brows and edges, "
-                        "smaller on flat skin; --eps is its mean over the face)")
-    p.add_argument("--ssim", type=float, default=0.0, metavar="T",
+                        f"smaller on flat skin; --eps is its mean over the face; default {ENROLL_DEFAULTS['budget']} "
+                        "under L-inf)")
+    p.add_argument("--ssim", type=float, default=None, metavar="T",
                    help="visibility budget: the mask is kept at face-area SSIM T on the person's photos and scaled "
-                        "onto it (0 = off)")
-    p.add_argument("--psnr", type=float, default=0.0, metavar="DB",
+                        f"onto it (0 = off; default {ENROLL_DEFAULTS['ssim']})")
+    p.add_argument("--psnr", type=float, default=None, metavar="DB",
                    help="with --ssim: also keep the face-area PSNR at or above DB (0 = off)")
     p.add_argument("--masks", type=int, default=1, metavar="N_M", help="diverse masks learned together (Eq. 19)")
     p.add_argument("--diversity-weight", type=float, default=None,

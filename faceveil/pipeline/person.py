@@ -73,18 +73,20 @@ class EnrollSettings:
 def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, surrogates: str | None = None,
                     eps: float | None = None, norm: str | None = None, iters: int | None = None,
                     alpha: float | None = None,
-                    momentum: float = 0.0, dropout: float | str = 0.0, masks: int = 1,
+                    momentum: float | None = None, dropout: float | str | None = None, masks: int = 1,
                     diversity_weight: float | None = None, mode: str = "photos",
-                    jitter: float | None = None, budget: str = "linf", ssim: float = 0.0,
-                    psnr: float = 0.0) -> EnrollSettings:
+                    jitter: float | None = None, budget: str | None = None, ssim: float | None = None,
+                    psnr: float | None = None) -> EnrollSettings:
     """enroll's settings from a user's values (None = the preset's): eps and alpha in 0..255 units, L-inf (default
     8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's). The norm defaults to
     the method's paper's: L2 for AdvCloak (its generators were trained under an L2 norm; their mean mask scaled to
     an L-inf eps is peaky and mostly rounds away), L-inf for OPOM and its baselines. dropout: one DFANet rate for
     every surrogate, or "calibrated" (each its own, attacks.core.CALIBRATED_DROPOUT). budget "texture": the L-inf
     budget shaped by the person's face texture (eps its face-area mean); ssim / psnr > 0: a visibility budget,
-    face-area SSIM / PSNR on the person's photos, every mask projected onto it (attacks.perceptual)."""
+    face-area SSIM / PSNR on the person's photos, every mask projected onto it (attacks.perceptual). The levers'
+    defaults are ENROLL_DEFAULTS' (the texture budget only under L-inf)."""
     norm = norm or str(registry.check_kind(method, "person").preset.get("norm", "linf"))
+    momentum, dropout, budget, ssim, psnr = _lever_defaults(norm, momentum, dropout, budget, ssim, psnr)
     iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
     eps, alpha = _user_budget(norm, eps, alpha, iters)
     if eps <= 0 or (norm == "linf" and eps > 255) or alpha <= 0 or iters < 0:
@@ -111,12 +113,23 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
                           attack=attack, masks=masks, diversity_weight=weight, mode=mode)
 
 
+def _lever_defaults(norm: str, momentum: float | None, dropout: float | str | None, budget: str | None,
+                    ssim: float | None, psnr: float | None) -> tuple[float, float | str, str, float, float]:
+    """The transfer and visibility levers a user left unset, from ENROLL_DEFAULTS (a texture budget shapes an L-inf
+    budget only: under L2 the default is the plain budget)."""
+    if budget is None:
+        budget = str(ENROLL_DEFAULTS["budget"]) if norm == "linf" else "linf"
+    pick = {"momentum": momentum, "dropout": dropout, "ssim": ssim, "psnr": psnr}
+    chosen = {k: ENROLL_DEFAULTS[k] if v is None else v for k, v in pick.items()}
+    return float(chosen["momentum"]), chosen["dropout"], budget, float(chosen["ssim"]), float(chosen["psnr"])
+
+
 def _user_budget(norm: str, eps: float | None, alpha: float | None, iters: int) -> tuple[float, float]:
     """(eps, alpha) in the user's units: L-inf 0..255 (defaults 8, 1); L2 at the 112-crop scale (default 1200,
     alpha 2.5 eps / iters: the budget is crossed in under half the iterations)."""
     if norm == "linf":
-        eps = ENROLL_DEFAULTS["eps"] if eps is None else eps
-        return eps, ENROLL_DEFAULTS["alpha"] if alpha is None else alpha
+        eps = float(ENROLL_DEFAULTS["eps"]) if eps is None else eps
+        return eps, float(ENROLL_DEFAULTS["alpha"]) if alpha is None else alpha
     eps = L2_DEFAULT_EPS if eps is None else eps
     return eps, 2.5 * eps / max(iters, 1) if alpha is None else alpha
 
