@@ -33,7 +33,7 @@ from faceveil.runtime import prepare_process
 if TYPE_CHECKING:
     from PIL import Image
 
-    from faceveil.pipeline.batch import BatchReport
+    from faceveil.pipeline.batch import BatchItem, BatchReport
     from faceveil.pipeline.maskfile import PersonMask
     from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
     from faceveil.pipeline.results import FaceCheck
@@ -43,6 +43,25 @@ def sample_photos() -> list[Path]:
     from faceveil.io.weights import sample_photos as installed
 
     return installed()
+
+
+def strengths() -> list[dict[str, Any]]:
+    """The strength presets of `protect`, weakest first: name, L-inf eps (0..255), iterations, whether it is the
+    default, and what it measured (face-area SSIM / PSNR, per judge the share of people no longer ranked first; None
+    where not measured)."""
+    from faceveil.pipeline import presets
+
+    default = presets.ProtectChoices().strength
+    return [{"name": name, "eps": eps, "iters": iters, "default": name == default,
+             "measured": presets.STRENGTH_MEASURED.get(name)}
+            for name, (eps, iters) in presets.STRENGTHS.items()]
+
+
+def judge_names() -> list[str]:
+    """The face-recognition models that check results by default (every model of the zoo)."""
+    from faceveil.models import zoo
+
+    return list(zoo.SPECS)
 
 
 def load_pixels(image: Any) -> np.ndarray:
@@ -109,8 +128,8 @@ class Protector:
 
     method, strength (low | mid | high), thorough and seed are the everyday choices; `advanced` takes any other
     preset value (eps, iters, alpha, momentum, jitter, diversity, smoothing, surrogates, judges, paper_defaults) and
-    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, verify, batch_faces, targets_dir, gamma,
-    gain, server, ...)."""
+    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, existing, drop_audio, verify,
+    batch_faces, targets_dir, gamma, gain, server, ...)."""
 
     def __init__(self, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
                  **advanced: Any):
@@ -153,11 +172,24 @@ class Protector:
                       report_path: str | Path | None = None, progress: bool = True,
                       header: dict | None = None) -> BatchReport:
         """Every photo and video of `inputs` (files or folders) protected into out_dir under the same names (never
-        over an input); one bad file is one error row, never the end of the run."""
-        from faceveil.pipeline.job import run_on_files
+        over an input, never over a file this run did not make unless existing="overwrite"; existing="skip"
+        resumes a batch); one bad file is one error row, never the end of the run. The inputs and the output
+        folder are checked before any model is loaded."""
+        from faceveil.pipeline.job import plan_files, run_on_files
 
-        return run_on_files(self._protector(), inputs, out_dir, recursive=recursive, report_path=report_path,
-                            progress=progress, desc="protect", header=header)
+        plan = plan_files(inputs, out_dir, self.settings, recursive=recursive)
+        return run_on_files(self._protector(), plan, out_dir, report_path=report_path, progress=progress,
+                            desc="protect", header=header)
+
+    def protect_items(self, items: Sequence[BatchItem], out_dir: str | Path) -> BatchReport:
+        """Inputs already expanded (a distributed engine's share of a run: faceveil.distributed) protected into
+        out_dir as protect_files would, the faces of consecutive items optimised together; no report file, no bar."""
+        from faceveil.pipeline.batch import run_batch
+
+        job = self._protector()
+        job.out_dir = Path(out_dir)
+        job.plan(list(items))
+        return run_batch(items, job, quiet=True, desc="protect")
 
 
 def protect(image: Any, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
@@ -200,7 +232,7 @@ def apply(mask: PersonMask | str | Path, image: Any, *, all_faces: bool = False,
         mask = PersonMask.load(mask)
     rgb = load_pixels(image)
     applier = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index))
-    faces = applier.select(rgb, applier.detector.detect_large(rgb))
+    faces = applier.select(rgb, applier.find_faces(rgb)[0])
     out = applier.apply_faces(rgb, faces)
     checks = verify_arrays(rgb, out, faces, list(judges or zoo.SPECS), applier.detector) if verify else []
     return ImageResult(out, checks)
@@ -212,17 +244,20 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
                 **output: Any) -> BatchReport:
     """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir, and every
     masked face of a saved photo checked by the judges: what `faceveil apply` runs. `output`: fmt, jpeg_quality,
-    keep_metadata, copy_unprotected, verify (default True), judges (default all)."""
+    keep_metadata, copy_unprotected, existing (refuse | overwrite | skip), drop_audio, verify (default True), judges
+    (default all)."""
     prepare_process()
-    from faceveil.pipeline.job import run_on_files
+    from faceveil.pipeline.job import plan_files, run_on_files
     from faceveil.pipeline.maskfile import PersonMask
     from faceveil.pipeline.person import ApplySettings, MaskApplier
 
     if not isinstance(mask, PersonMask):
         mask = PersonMask.load(mask)
-    job = MaskApplier(mask, ApplySettings(all_faces=all_faces, mask_index=mask_index, **output))
-    return run_on_files(job, inputs, out_dir, recursive=recursive, report_path=report_path, progress=progress,
-                        desc="apply", header=header)
+    settings = ApplySettings(all_faces=all_faces, mask_index=mask_index, **output)
+    plan = plan_files(inputs, out_dir, settings, recursive=recursive)
+    job = MaskApplier(mask, settings)
+    return run_on_files(job, plan, out_dir, report_path=report_path, progress=progress, desc="apply",
+                        header=header)
 
 
 def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None,
@@ -232,10 +267,11 @@ def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None
     prepare_process()
     from faceveil.detect.mtcnn import MTCNN
     from faceveil.models import zoo
+    from faceveil.pipeline.faces import default_confirmer
     from faceveil.pipeline.job import select_faces
     from faceveil.pipeline.verify import verify_arrays
 
     before, after = load_pixels(original), load_pixels(protected)
     detector = MTCNN()
-    chosen = select_faces(detector.detect_large(before), faces)
+    chosen = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
     return verify_arrays(before, after, chosen, list(judges or zoo.SPECS), detector)

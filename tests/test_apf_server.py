@@ -13,6 +13,7 @@ import math
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -430,3 +431,87 @@ def test_cli_offers_the_apf_methods():
                                           "--apf-algorithm", "fgsm", "--apf-offset"])
     settings = protect_settings(args)
     assert (settings.server, settings.apf_algorithm, settings.apf_offset) == ("http://h:1", "fgsm", True)
+
+
+# --- slow clients (issue 24, item 14) ------------------------------------------------------------------------------
+
+def _stalled_socket(base: str, source: str = "127.0.0.1", sent: int = 1024) -> socket.socket:
+    """A request that announces a full body, sends `sent` bytes of it, then nothing."""
+    parts = urllib.parse.urlsplit(base)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10, source_address=(source, 0))
+    body = wire.encode(_gradient())
+    sock.sendall(f"POST /v1/noise HTTP/1.1\r\nHost: x\r\nContent-Type: {wire.MEDIA_TYPE}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:sent])
+    return sock
+
+
+def _response_of(sock: socket.socket) -> tuple[int, dict, str]:
+    """(status, JSON body, raw head) of the one response on a raw socket, read until the server closes it."""
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body), head.decode("latin-1").lower()
+
+
+@pytest.mark.slow
+def test_slow_clients_do_not_starve_well_behaved_ones(model):
+    """100 stalled connections (headers and 1 KB of a body, then nothing, from 10 loopback addresses) held while 8
+    well-behaved clients send 200 requests: all 200 answered, none of the 100 cut meanwhile (the grace period is
+    longer than the phase), the server holding them all in flight; p99 printed."""
+    from faceveil.bench import serve as bench_serve
+
+    policy = server.ClientPolicy(body_grace_s=300)  # held for the whole phase: what starves is the test's to see
+    with server.background(server.create_app(model, max_batch=MAX_BATCH, policy=policy)) as base:
+        client = NoiseClient(base)
+        gradients = bench_serve.synthetic_gradients(8, 1, S, EPS, seed=0)
+        client.request_noise(gradients[0])  # warm-up
+        with bench_serve.StalledClients(base, 100, wire.encoded_size((1, 3, S, S))) as slow:
+            deadline = time.monotonic() + 10
+            while NoiseClient(base).health()["in_flight"] < 100 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert NoiseClient(base).health()["in_flight"] == 100  # every stalled body is being waited for
+            outcomes, wall = bench_serve.fire(client, gradients, 200, 8, progress=False)
+            row = bench_serve.summarise(outcomes, wall, 1)
+            assert slow.answered() == 0 and NoiseClient(base).health()["in_flight"] == 100
+        print(f"slow-client phase: 100 stalled, 8 clients x 200 requests: answered {row['answered']}, "
+              f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, {row['throughput_rps']:.1f} req/s")
+        assert row["all_answered"] and row["answered"] == 200, row["first_error"]
+
+
+def test_a_stalled_body_gets_408_a_hang_up_is_logged_as_one_and_per_client_limits_hold(model, caplog):
+    caplog.set_level(logging.INFO, logger="faceveil.serve")
+    policy = server.ClientPolicy(body_grace_s=0.5, min_body_rate=1000, per_client=2)
+    with server.background(server.create_app(model, max_batch=MAX_BATCH, policy=policy)) as base:
+        start = time.monotonic()
+        stalled = [_stalled_socket(base, "127.0.0.2"), _stalled_socket(base, "127.0.0.2")]
+        time.sleep(0.1)  # both admitted before the third
+        status, answer, _ = _response_of(_stalled_socket(base, "127.0.0.2"))  # a third from the same address
+        assert status == 429 and "too many requests from this client" in answer["error"]
+        assert _post(base, wire.encode(_gradient()))[0] == 200  # another address is served meanwhile
+        for sock in stalled:
+            status, answer, head = _response_of(sock)
+            assert status == 408 and "request body too slow: 1024 bytes" in answer["error"]
+            assert "connection: close" in head
+        assert time.monotonic() - start < 0.5 + 1024 / 1000 + 2  # grace + what 1 KB buys at the minimum rate
+        _stalled_socket(base, "127.0.0.3").close()  # hangs up mid-body
+        deadline = time.monotonic() + 5
+        while not any("closed the request" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _healthy(base) and NoiseClient(base).health()["in_flight"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "faceveil.serve"]
+    served = sorted(line.split()[2] for line in lines if line.startswith("POST /v1/noise"))
+    assert served == ["200", "408", "408", "429", "499"], lines
+    assert "client closed the request after 1024 bytes of the body" in lines
+    assert not [line for line in lines if "internal error" in line or " 500 " in line], lines
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--per-client", "0"), ("--body-grace", "nan"), ("--min-body-rate", "-1"),
+                                             ("--max-connections", "0")])
+def test_serve_refuses_a_client_policy_that_admits_nothing_in_one_line(capsys, flag: str, value: str):
+    from faceveil.cli import main
+
+    assert main(["serve", "--port", "0", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "per-client and connection limits at least 1" in err and "\n" not in err

@@ -71,10 +71,11 @@ def _check_self_contained(html: str) -> list[str]:
 
 def test_protect_report_sections_self_contained_and_small(tmp_path: Path):
     original, protected = _photo_pair(tmp_path)
-    out = write_report(tmp_path / "r.html", "protect", _protect_doc(original, protected))
+    out = write_report(tmp_path / "r.html", "protect", _protect_doc(original, protected), originals=True)
     html = out.read_text()
     srcs = _check_self_contained(html)
     assert len(srcs) == 9  # before / after / change: the whole photo and a close-up of each face
+    assert "UNPROTECTED" in html  # the warning that the file holds the original faces
     assert 'id="summary"' in html and html.count('class="card photo-card"') == 2
     assert html.count('class="face') == 2
     assert "Still recognised by 1 of 2 models (dlib)" in html  # the verdict in words
@@ -117,6 +118,8 @@ def test_report_command_reads_a_streamed_jsonl_with_relative_paths(tmp_path: Pat
     (tmp_path / "run.jsonl").write_text(json.dumps(result) + "\n")
     out = tmp_path / "r.html"
     assert main(["report", str(tmp_path / "run.jsonl"), "-o", str(out), "--quiet"]) == 0
+    assert len(_check_self_contained(out.read_text())) == 3  # shareable: the protected photo and face close-ups
+    assert main(["report", str(tmp_path / "run.jsonl"), "-o", str(out), "--quiet", "--report-originals"]) == 0
     assert len(_check_self_contained(out.read_text())) == 9
 
 
@@ -130,7 +133,8 @@ def test_verify_report_has_ranks_and_transforms(tmp_path: Path):
     doc = {"command": "verify", "settings": {"original": str(original), "protected": str(protected),
                                              "gallery": "samples", "gallery_faces": 20,
                                              "thresholds": {"mobileface": 0.204, "dlib": -0.622}}, "rows": rows}
-    html = write_report(tmp_path / "v.html", "verify", doc).read_text()
+    assert len(_check_self_contained(write_report(tmp_path / "v.html", "verify", doc).read_text())) == 2
+    html = write_report(tmp_path / "v.html", "verify", doc, originals=True).read_text()
     srcs = _check_self_contained(html)
     assert len(srcs) == 4  # the photo's three views and the transforms chart (no face box: no close-ups)
     assert "rank 3 of 7" in html and "rank 1 of 7" in html

@@ -5,6 +5,10 @@ so the clients' threads do not share its GIL), waits for /health, then fires `re
 concurrent clients and reports: all answered or not, errors, latency p50/p90/p99 (client side, connect to last
 byte), throughput, and the model's own time per request (the server's Server-Timing header).
 
+With `stalled` > 0 the load runs while that many slow clients hold connections open (StalledClients: headers and
+the first KB of a body, then nothing), the slow-client attack of issue 24: the well-behaved clients must all be
+answered, and their p99 says at what cost.
+
 The gradients are synthetic and seeded: g = eps * sign(N(0, 1)) on the server's grid, the shape and value range of
 an FGSM gradient (Eq. 1). The server's work does not depend on g's content, and no photo is needed.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +26,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -33,6 +39,8 @@ from faceveil.methods.apf.client import NoiseClient
 STARTUP_TIMEOUT_S = 120.0  # importing torch and loading the checkpoint on a busy 2-core machine
 READY_PREFIX = "faceveil serve: listening on "
 DISTINCT_GRADIENTS = 8
+STALLED_ADDRESSES = 10  # stalled clients come from 127.0.0.2..11: a spread sender, each address under per-client limits
+STALLED_BODY_BYTES = 1024  # what a stalled client sends of its body before it stops
 
 
 @dataclass
@@ -75,6 +83,44 @@ def _wait_ready(process: subprocess.Popen, stderr_file, timeout: float) -> str:
             tail = stderr_file.read().decode(errors="replace").strip().splitlines()
             raise FaceveilError(f"`faceveil serve` exited ({process.returncode}): {tail[-1] if tail else 'no output'}")
     raise FaceveilError(f"`faceveil serve` did not start within {timeout:g} s")
+
+
+class StalledClients:
+    """`count` connections that each announce a full body (Content-Length `body_bytes`), send its first KB and then
+    nothing, held open while the context is. On a loopback server they come from other loopback addresses than the
+    well-behaved clients (127.0.0.2..), so a per-client limit does not simply refuse them all."""
+
+    def __init__(self, url: str, count: int, body_bytes: int):
+        parts = urlsplit(url)
+        self.address, self.count, self.body_bytes = (parts.hostname, parts.port), count, body_bytes
+        self.sockets: list[socket.socket] = []
+
+    def __enter__(self) -> StalledClients:
+        head = (f"POST /v1/noise HTTP/1.1\r\nHost: {self.address[0]}\r\nContent-Type: {wire.MEDIA_TYPE}\r\n"
+                f"Content-Length: {self.body_bytes}\r\n\r\n").encode()
+        loopback = self.address[0].startswith("127.")
+        try:
+            for i in range(self.count):
+                source = (f"127.0.0.{2 + i % STALLED_ADDRESSES}", 0) if loopback else None
+                sock = socket.create_connection(self.address, timeout=10, source_address=source)
+                self.sockets.append(sock)
+                sock.sendall(head + wire.MAGIC + bytes(min(STALLED_BODY_BYTES, self.body_bytes) - len(wire.MAGIC)))
+        except OSError as exc:
+            self.__exit__()
+            raise FaceveilError(f"could not open stalled connection {len(self.sockets) + 1}: {exc}") from None
+        return self
+
+    def answered(self) -> int:
+        """How many the server has answered or closed so far (each readable socket)."""
+        if not self.sockets:
+            return 0
+        readable, _, _ = select.select(self.sockets, [], [], 0)
+        return len(readable)
+
+    def __exit__(self, *_exc) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
 
 def synthetic_gradients(count: int, batch: int, grid: int, eps: float, seed: int) -> list[torch.Tensor]:
@@ -122,8 +168,10 @@ def summarise(outcomes: list[Outcome], wall: float, batch: int) -> dict:
 
 
 def run(requests: int, clients: int, batch: int = 1, checkpoint: str | None = None, workers: int = 1,
-        max_batch: int | None = None, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
-    """Start the server, warm it up, fire, stop it: ([one row], settings for the report)."""
+        max_batch: int | None = None, seed: int = 0, progress: bool = True, stalled: int = 0
+        ) -> tuple[list[dict], dict]:
+    """Start the server, warm it up, fire (while `stalled` slow clients hold connections), stop it: ([one row],
+    settings for the report)."""
     with server_process(checkpoint, workers, max_batch) as url:
         client = NoiseClient(url)
         health = client.health()
@@ -132,9 +180,12 @@ def run(requests: int, clients: int, batch: int = 1, checkpoint: str | None = No
         gradients = synthetic_gradients(DISTINCT_GRADIENTS, batch, health["grid"], health["eps"], seed)
         for g in gradients[:2]:  # warm-up, not counted: first-call allocations
             client.request_noise(g)
-        outcomes, wall = fire(client, gradients, requests, clients, progress)
-    row = {"requests": requests, "clients": clients, "batch": batch, **summarise(outcomes, wall, batch),
-           "request_bytes": wire.encoded_size(tuple(gradients[0].shape))}
+        request_bytes = wire.encoded_size(tuple(gradients[0].shape))
+        with StalledClients(url, stalled, request_bytes) as slow:
+            outcomes, wall = fire(client, gradients, requests, clients, progress)
+            cut = slow.answered()
+    row = {"requests": requests, "clients": clients, "batch": batch, "stalled": stalled,
+           "stalled_cut_during_load": cut, **summarise(outcomes, wall, batch), "request_bytes": request_bytes}
     info = {"url": url, "grid": health["grid"], "eps": health["eps"], "server_models": _server_models(health),
             "server_version": health["version"]}
     return [row], info

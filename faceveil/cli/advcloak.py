@@ -8,7 +8,17 @@ import argparse
 import time
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, dataset_root, emit, load_average, threads
+from faceveil.cli.common import (
+    Groups,
+    add_report_flag,
+    dataset_root,
+    emit,
+    load_average,
+    positive,
+    positive_int,
+    seed_value,
+    threads,
+)
 from faceveil.errors import FaceveilError
 
 
@@ -21,20 +31,20 @@ def register(groups: Groups) -> None:
                    help="1: image-specific; 2: person-specific from a finished stage I; both (default)")
     p.add_argument("--subspace", default="convex", choices=["none", "affine", "center", "convex"],
                    help="stage II adversarial loss: none (Eq. 15), affine hull, class centre, convex hull (Eq. 17-19)")
-    p.add_argument("--epochs", type=float, default=1.0, help="epochs of each stage run (fractions allowed)")
-    p.add_argument("--epochs-2", type=float, default=None, help="stage II epochs (default: --epochs)")
-    p.add_argument("--identities", type=int, default=None, metavar="N", help="only N training identities")
+    p.add_argument("--epochs", type=positive, default=1.0, help="epochs of each stage run (fractions allowed)")
+    p.add_argument("--epochs-2", type=positive, default=None, help="stage II epochs (default: --epochs)")
+    p.add_argument("--identities", type=positive_int, default=None, metavar="N", help="only N training identities")
     p.add_argument("--init", metavar="STAGE1.pt", default=None,
                    help="stage II: take the finished stage I from this file (copied into -o)")
     p.add_argument("--surrogates", default="mobileface,mfn512", help="recognisers the generator is trained against")
-    p.add_argument("--batch", type=int, default=8, help="stage I faces per step")
-    p.add_argument("--persons", type=int, default=4, help="stage II persons per step")
-    p.add_argument("--images-per-person", type=int, default=4, help="stage II faces per person")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-4 stage I, 5e-5 stage II)")
-    p.add_argument("--eps", type=float, default=None, help="norm hinge eps in [0,1] units at 112x112x3 (1.5)")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
+    p.add_argument("--batch", type=positive_int, default=8, help="stage I faces per step")
+    p.add_argument("--persons", type=positive_int, default=4, help="stage II persons per step")
+    p.add_argument("--images-per-person", type=positive_int, default=4, help="stage II faces per person")
+    p.add_argument("--lr", type=positive, default=None, help="learning rate (default: 1e-4 stage I, 5e-5 stage II)")
+    p.add_argument("--eps", type=positive, default=None, help="norm hinge eps in [0,1] units at 112x112x3 (1.5)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="STEPS")
     p.add_argument("--resume", action="store_true", help="continue the partial stage held in -o")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--log", metavar="LOG.jsonl", default=None, help="loss log (default: OUT with .log.jsonl)")
     p.add_argument("-o", "--output", required=True, metavar="advcloak.pt", help="checkpoint (written atomically)")
     p.add_argument("--json", metavar="OUT", help="summary as JSON")
@@ -52,7 +62,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
     p.add_argument("--methods", default="advcloak-convex,advcloak,opom-convex,fi-uap,advfaces-plus,gap",
                    help="comma list of person-mask methods (see `faceveil enroll --help`)")
-    p.add_argument("--l2", type=float, default=1200.0,
+    p.add_argument("--l2", type=positive, default=1200.0,
                    help="L2 norm of every mask, 0..255 pixels of the 112x112x3 face (paper: 1200)")
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--surrogates", default="mobileface,mfn512",
@@ -60,11 +70,11 @@ def register(groups: Groups) -> None:
     p.add_argument("--mode", default="crops", choices=["crops", "photos", "users"],
                    help="crops / photos: masks rescaled to --l2 after learning; users: what users get, every method "
                         "through enroll --norm l2 --eps L2 -> .fvmask -> apply -> saved JPEG, re-read and re-detected")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only N protected identities")
     p.add_argument("--distractors", default=None, metavar="N|all", help="distractor images (default: all; 2000 "
                    "with --limit)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seed", type=seed_value, default=0)
     add_report_flag(p)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,8 +82,8 @@ def register(groups: Groups) -> None:
 
     p = groups["bench"].add_parser("advcloak", help="seconds to make one person's mask from 10 faces (Table 3 t1)")
     p.add_argument("--methods", default="advcloak-convex,advfaces-plus")
-    p.add_argument("--faces", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--faces", type=positive_int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_bench)
 

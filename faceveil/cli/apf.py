@@ -7,7 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, comma_list, dataset_root, write_outputs
+from faceveil.cli.common import (
+    Groups,
+    add_report_flag,
+    comma_list,
+    dataset_root,
+    positive,
+    positive_int,
+    seed_value,
+    write_outputs,
+)
 from faceveil.errors import FaceveilError
 
 
@@ -88,9 +97,9 @@ def _print_asr_tables(rows: list[dict]) -> None:
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eps", type=float, default=8.0, help="L-inf budget, 0..255 units (paper: 8)")
-    p.add_argument("--step", type=float, default=2.0, help="step of the iterative algorithms, 0..255 (paper: 2)")
-    p.add_argument("--iterations", type=int, default=30, help="iterations of the algorithms (paper: 30)")
+    p.add_argument("--eps", type=positive, default=8.0, help="L-inf budget, 0..255 units (paper: 8)")
+    p.add_argument("--step", type=positive, default=2.0, help="step of the iterative algorithms, 0..255 (paper: 2)")
+    p.add_argument("--iterations", type=positive_int, default=30, help="iterations of the algorithms (paper: 30)")
     p.add_argument("--probe", default="mobileface", help="the client's probe model")
 
 
@@ -101,18 +110,18 @@ def register(groups: Groups) -> None:
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
     p.add_argument("--server-models", default="faceres,dlib", help="the server's white-box models (comma list)")
     p.add_argument("--server-weights", default=None, help="ensemble weights alpha_k (comma list; default even)")
-    p.add_argument("--images", type=int, default=160, help="training faces")
-    p.add_argument("--epochs", type=int, default=5, help="joint T+E epochs (Eq. 9)")
-    p.add_argument("--transfer-epochs", type=int, default=20, help="T-only epochs on the cached pairs (Eq. 4)")
-    p.add_argument("--universal-epochs", type=int, default=2, help="passes over the faces learning u (Eq. 7)")
-    p.add_argument("--universal-steps", type=int, default=5, help="iterations per minibatch and pass for u")
+    p.add_argument("--images", type=positive_int, default=160, help="training faces")
+    p.add_argument("--epochs", type=positive_int, default=5, help="joint T+E epochs (Eq. 9)")
+    p.add_argument("--transfer-epochs", type=positive_int, default=20, help="T-only epochs on the cached pairs (Eq. 4)")
+    p.add_argument("--universal-epochs", type=positive_int, default=2, help="passes over the faces learning u (Eq. 7)")
+    p.add_argument("--universal-steps", type=positive_int, default=5, help="iterations per minibatch and pass for u")
     p.add_argument("--algorithm", default="m-di2-fgsm", help="gradient algorithm of g and g~")
     _add_client_flags(p)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive, default=1e-4, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT.pt.resume.pt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", metavar="OUT", help="training summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train_apf)
@@ -124,16 +133,16 @@ def register(groups: Groups) -> None:
     p.add_argument("--algorithms", default="all", help="comma list of gradient algorithms, or all")
     p.add_argument("--stages", default="g,g_hat,s", help="APF stages: g, g_hat, s")
     p.add_argument("--judges", default="all", help="comma list or all")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N positive pairs (default 3000)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only N positive pairs (default 3000)")
     p.add_argument("--checkpoint", default=None, help="server model (default: the packaged one)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip 'original image accessible' (server models attack the image: the slow part)")
     p.add_argument("--no-adversarial", action="store_true", help="skip adversarial-adversarial matching (Table 4)")
-    p.add_argument("--adversarial-limit", type=int, default=None, metavar="N",
+    p.add_argument("--adversarial-limit", type=positive_int, default=None, metavar="N",
                    help="pairs for Table 4 (default: as --limit)")
-    p.add_argument("--iterations", type=int, default=30, help="iterations of the algorithms (paper: 30)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=positive_int, default=30, help="iterations of the algorithms (paper: 30)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seed", type=seed_value, default=0)
     add_report_flag(p)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

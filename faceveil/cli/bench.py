@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from faceveil.cli.common import Groups, emit, load_average, threads
+from faceveil.cli.common import Groups, emit, load_average, positive, positive_int, threads
 from faceveil.errors import FaceveilError
 
 
@@ -15,33 +15,43 @@ def register(groups: Groups) -> None:
     p = bench.add_parser("models", help="forward and forward+backward ms per face")
     p.add_argument("--models", default="all")
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_models)
     p = bench.add_parser("protect", help="seconds per face of protect (default and paper presets) vs the "
                          "forward+backward floor")
     p.add_argument("--presets", default="default,paper", help="comma list: default, paper")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_protect)
     p = bench.add_parser("video", help="720p detection + tracking + paste-back frames per second")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--detect-every", type=int, default=10)
+    p.add_argument("--seconds", type=positive, default=10.0)
+    p.add_argument("--detect-every", type=positive_int, default=10)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_video)
     p = bench.add_parser("detect", help="face detection seconds on 12-megapixel photos")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_detect)
     p = bench.add_parser("roundtrip", help="embedding drift: optimiser crop vs re-detected saved file (PNG, JPEG)")
     p.add_argument("--surrogates", default="mobileface,mfn512")
     p.add_argument("--judges", default="all")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=positive_int, default=20)
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=_cmd_roundtrip)
+    p = bench.add_parser("scale", help="photos/s and s/face: the local engine vs Ray with 1, 2, ... workers "
+                         "(needs faceveil[ray])")
+    p.add_argument("--workers", default="1,2", help="comma list of Ray actor counts")
+    p.add_argument("--photos", type=int, default=6, help="how many of the sample photos")
+    p.add_argument("--copies", type=int, default=2, help="each photo this many times (a longer run)")
+    p.add_argument("--iters", type=int, default=5, help="iterations per face (protect's other flags at defaults)")
+    p.add_argument("--judges", default="mobileface", help="models that check each saved photo")
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_scale)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -94,4 +104,20 @@ def _cmd_roundtrip(args: argparse.Namespace) -> int:
     surrogates, judges = zoo.parse_models(args.surrogates), zoo.parse_models(args.judges)
     rows = pipeline.roundtrip_drift(surrogates, judges, args.iters)
     emit("bench roundtrip", {"surrogates": surrogates, "iters": args.iters, "jpeg_quality": 95}, rows, args.json)
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from faceveil.cli.protect import settings_from_flags
+    from faceveil.distributed import scale
+    from faceveil.io import weights
+
+    flags = ["--iters", str(args.iters), "--judges", args.judges]
+    photos = weights.sample_photos()[: args.photos]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not photos or not workers or min(workers) < 1 or args.copies < 1:
+        raise FaceveilError("--photos, --copies and --workers take positive numbers")
+    rows, info = scale.run(settings_from_flags(flags), photos, workers, args.copies, progress=not args.quiet)
+    info["copies"] = args.copies
+    emit("bench scale", {"protect_flags": flags, **info}, rows, args.json)
     return 0

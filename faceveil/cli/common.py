@@ -9,12 +9,13 @@ import argparse
 import importlib
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 # The command modules, in the order their commands appear in `faceveil --help` and in each group's help.
 MODULES = ("models", "evaluate", "protect", "verify", "bench", "apf", "person", "serve", "advcloak", "robustness",
-           "report")
+           "report", "app")
 GROUP_HELP = {
     "models": "the recogniser zoo: fetch, list, check",
     "eval": "evaluation protocols on a dataset",
@@ -44,17 +45,67 @@ def register_all(groups: Groups) -> None:
 # ----------------------------------------------------------------------------------------------- argument types
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line (the command and what is wrong with which flag), exit status 2: the usage summary
+    that argparse prints first is what --help is for."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number_in(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in [low, high] ((low, high] with low_open; whole numbers with integer); the
+    error names the range. nan, inf and out-of-range values are refused at parse time."""
+    from faceveil.pipeline.presets import Range
+
+    allowed = Range(low, high, integer=integer, low_open=low_open)
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not allowed.contains(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed.text()}, got {text!r}")
+        return value
+
+    parse.__name__ = "whole number" if integer else "number"  # argparse names the type in some messages
+    return parse
+
+
+def in_range(name: str) -> Callable[[str], float]:
+    """argparse type of one of protect's settings (faceveil.pipeline.presets.PROTECT_RANGES)."""
+    from faceveil.pipeline.presets import PROTECT_RANGES
+
+    r = PROTECT_RANGES[name]
+    return number_in(r.low, r.high, integer=r.integer, low_open=r.low_open)
+
+
+positive_int = number_in(1, 2**31 - 1, integer=True)  # a count: at least 1
+count_or_zero = number_in(0, 2**31 - 1, integer=True)  # a count that may be 0 (e.g. off)
+seed_value = number_in(0, 2**32 - 1, integer=True)
+finite_float = number_in(-1e12, 1e12)  # any ordinary number, never nan or inf
+non_negative = number_in(0, 1e12)
+positive = number_in(0, 1e12, low_open=True)
+fraction = number_in(0, 1)
+dropout_rate = number_in(0, 0.99)
+ssim_target = number_in(0, 0.999)  # a visibility budget's face-area SSIM (0 = off)
+
+
+def dropout_choice(text: str) -> float | str:
+    """argparse type: a DFANet dropout rate in [0, 0.99], or "calibrated" (each surrogate at its own rate)."""
+    if text.strip().lower() == "calibrated":
+        return "calibrated"
+    return dropout_rate(text)
+
+
+port_number = number_in(0, 65535, integer=True)
 
 
 def smoothing_size(text: str) -> int:
-    """argparse type: a TI kernel size, 0 (off) or an odd whole number."""
-    if not text.strip().isdigit() or (int(text) > 0 and int(text) % 2 == 0):
-        raise argparse.ArgumentTypeError(f"expected 0 or an odd whole number, got {text!r}")
+    """argparse type: a TI kernel size, 0 (off) or an odd whole number up to 63."""
+    if not text.strip().isdigit() or (int(text) > 0 and int(text) % 2 == 0) or int(text) > 63:
+        raise argparse.ArgumentTypeError(f"expected 0 or an odd whole number in [1, 63], got {text!r}")
     return int(text)
 
 
@@ -87,9 +138,30 @@ class LazyHelp(str):
         return self.write().replace("%", "%%") % params
 
 
-def add_report_flag(parser: argparse.ArgumentParser) -> None:
+def add_report_flag(parser: argparse.ArgumentParser, photos: bool = False) -> None:
     parser.add_argument("--report", metavar="HTML",
-                        help="also write a self-contained HTML report (pictures and plots inside the file)")
+                        help="also write a self-contained HTML report (pictures and plots inside the file)" +
+                             ("; it shows only the protected pictures unless --report-originals" if photos else ""))
+    if photos:
+        add_report_originals_flag(parser)
+
+
+def add_report_originals_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-originals", action="store_true",
+                        help="the HTML report also shows the unprotected photos and face close-ups (the file then "
+                             "says so at the top: do not share it)")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """What a photo command does with outputs that exist, and with a video's sound."""
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_const", const="overwrite", dest="existing",
+                          default="refuse", help="replace output files that exist already (default: such a file is "
+                                                 "never touched and its input is reported as an error)")
+    existing.add_argument("--skip-existing", action="store_const", const="skip", dest="existing",
+                          help="skip inputs whose output exists already (resume an interrupted batch)")
+    parser.add_argument("--drop-audio", action="store_true",
+                        help="videos: write no sound track (kept by default; voices identify people too)")
 
 
 def as_flags(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -137,8 +209,10 @@ def emit(command: str, settings: dict, rows: list[dict], json_out: str | Path | 
     return write_outputs(doc, json_out, report)
 
 
-def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | None, kind: str = "eval") -> dict:
-    """Write a command's document as JSON and as an HTML report of that kind, each only if asked."""
+def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | None, kind: str = "eval",
+                  originals: bool = False) -> dict:
+    """Write a command's document as JSON and as an HTML report of that kind, each only if asked (a photo report
+    shows the original photos only with originals)."""
     if json_out:
         from faceveil.io.results import write_json_atomic
 
@@ -146,7 +220,7 @@ def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | N
     if report:
         from faceveil.report import write_report
 
-        write_report(report, kind, doc)
+        write_report(report, kind, doc, originals=originals)
     return doc
 
 
@@ -156,15 +230,38 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
     if getattr(args, "report", None):
         from faceveil.report import write_report
 
-        write_report(args.report, kind, report.to_dict(), progress=not args.quiet)
+        write_report(args.report, kind, report.to_dict(), progress=not args.quiet,
+                     originals=getattr(args, "report_originals", False), max_mode=report.max_mode)
+    if report.report_error:
+        from faceveil.pipeline.batch import printable
+
+        print(f"faceveil: error: {printable(report.report_error)}", file=sys.stderr)
     if report.interrupted:
-        return 130
-    return 2 if any(r.status == "error" for r in report.results) else 0
+        print(f"faceveil: interrupted ({report.signal}): {report.summary()}", file=sys.stderr)
+        return 143 if report.signal == "SIGTERM" else 130
+    return 2 if any(r.status == "error" for r in report.results) or report.report_error else 0
 
 
-def print_judge_table(results, judges: list[str], only=None) -> None:
+def check_report_targets(args: argparse.Namespace) -> None:
+    """Before any work: --json and --report must name files that may be written (never a symbolic link to a file,
+    never a folder; a stream such as /dev/stdout is written through, - is stdout)."""
+    from faceveil.io.atomic import check_target
+
+    for target in (getattr(args, "json", None), getattr(args, "report", None)):
+        if target and target != "-":
+            check_target(Path(target))
+
+
+def table_stream(args: argparse.Namespace):
+    """Where a photo command prints its table: stderr when the JSON report goes to stdout (--json -)."""
+    return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+
+
+def print_judge_table(results, judges: list[str], only=None, stream=None) -> None:
     """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised. `only`: a
     test of the face rows to print (apply prints its masked faces)."""
+    from faceveil.pipeline.batch import printable
+
     lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
     for r in results:
         faces = [f for f in (r.details or {}).get("faces") or [{}] if only is None or only(f)] or [{}]
@@ -173,6 +270,8 @@ def print_judge_table(results, judges: list[str], only=None) -> None:
             for j in judges:
                 v = face.get(j)
                 cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {Path(r.file).name} | {face.get('face', '')} | {r.status} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them")
+            lines.append(f"| {printable(Path(r.file).name)} | {face.get('face', '')} | {r.status} | "
+                         + " | ".join(cells) + " |")
+    print("\n".join(lines), file=stream or sys.stdout)
+    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them",
+          file=stream or sys.stdout)

@@ -11,7 +11,22 @@ from __future__ import annotations
 import argparse
 import time
 
-from faceveil.cli.common import Groups, add_report_flag, dataset_root, emit, smoothing_size, threads
+from faceveil.cli.common import (
+    Groups,
+    add_report_flag,
+    count_or_zero,
+    dataset_root,
+    dropout_choice,
+    emit,
+    fraction,
+    non_negative,
+    positive,
+    positive_int,
+    seed_value,
+    smoothing_size,
+    ssim_target,
+    threads,
+)
 from faceveil.errors import FaceveilError
 from faceveil.methods import registry
 from faceveil.pipeline import presets
@@ -23,7 +38,7 @@ def register(groups: Groups) -> None:
     p = evaluate.add_parser("verification", help="LFW View-2 10-fold verification accuracy per model")
     p.add_argument("--dataset", required=True, metavar="lfw=PATH")
     p.add_argument("--models", default="all", help="comma list or 'all'")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N pairs (stratified over folds)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only N pairs (stratified over folds)")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--save-thresholds", metavar="FILE", help="write the calibrated thresholds (registry data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,48 +67,49 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", default=None, choices=["linf", "l2"],
                    help="opom protocol, users mode: the budget norm as enroll takes it (default each method's "
                         "paper's: l2 1200 for AdvCloak, linf 8 otherwise; --eps in the norm's units)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N protected identities of the seeded order (tip-im: of its 500; opom: of "
                         "those with --min-images images)")
-    p.add_argument("--extra", type=int, default=None, metavar="N",
+    p.add_argument("--extra", type=count_or_zero, default=None, metavar="N",
                    help="tip-im protocol only: further gallery identities (default 500, or 50 with --limit)")
-    p.add_argument("--eps", type=float, default=None, help="L-inf budget, 0..255 units (default: the protocol's "
+    p.add_argument("--eps", type=positive, default=None, help="L-inf budget, 0..255 units (default: the protocol's "
                    "paper, tip-im 12, opom 8)")
-    p.add_argument("--alpha", type=float, default=None, help="step size, 0..255 units (default: tip-im 1.5, opom 1)")
-    p.add_argument("--iters", type=int, default=None, help="iterations (default: tip-im 50, opom 16)")
-    p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1, opom 0)")
-    p.add_argument("--diversity", type=float, default=0.0,
+    p.add_argument("--alpha", type=positive, default=None, help="step size, 0..255 units (default: tip-im 1.5, opom 1)")
+    p.add_argument("--iters", type=positive_int, default=None, help="iterations (default: tip-im 50, opom 16)")
+    p.add_argument("--momentum", type=non_negative, default=None, help="MI-FGSM momentum (default: tip-im 1, opom 0)")
+    p.add_argument("--diversity", type=fraction, default=0.0,
                    help="tip-im protocol: input-diversity probability added to any method (DIM/MT-DIM use 0.5 anyway)")
     p.add_argument("--smoothing", type=smoothing_size, default=0, metavar="K",
                    help="tip-im protocol: TI gradient smoothing, odd Gaussian kernel size, canonical pixels (0 = off)")
-    p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
-    p.add_argument("--gamma", type=float, default=0.0, help="tip-im protocol only: TIP-IM MMD naturalness weight")
-    p.add_argument("--batch", type=int, default=8, help="probes protected at once")
-    p.add_argument("--masks", type=int, default=1, metavar="N_M",
+    p.add_argument("--jitter", type=non_negative, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
+    p.add_argument("--gamma", type=non_negative, default=0.0,
+                   help="tip-im protocol only: TIP-IM MMD naturalness weight")
+    p.add_argument("--batch", type=positive_int, default=8, help="probes protected at once")
+    p.add_argument("--masks", type=positive_int, default=1, metavar="N_M",
                    help="opom protocol only: diverse masks per person (Table 6: M-O per mask, M-M per mask pair)")
-    p.add_argument("--dropout", default=None, metavar="P|calibrated",
+    p.add_argument("--dropout", type=dropout_choice, default=None, metavar="P|calibrated",
                    help="opom protocol only: DFANet feature-dropout rate while learning masks (Tables 4-5), or "
                         "'calibrated' (each surrogate at the rate it still recognises under); default 0, in users "
                         "mode enroll's")
     p.add_argument("--budget", default=None, choices=["linf", "texture"],
                    help="opom protocol only: texture shapes the L-inf budget by each person's face texture "
                         "(default linf, in users mode enroll's)")
-    p.add_argument("--ssim", type=float, default=None, metavar="T",
+    p.add_argument("--ssim", type=ssim_target, default=None, metavar="T",
                    help="opom protocol only: a visibility budget, masks kept at and scaled onto face-area SSIM T "
                         "on the person's training photos (0 = off; default 0, in users mode enroll's)")
-    p.add_argument("--psnr", type=float, default=None, metavar="DB",
+    p.add_argument("--psnr", type=non_negative, default=None, metavar="DB",
                    help="opom protocol only: also a face-area PSNR floor (0 = off)")
     p.add_argument("--distractors", default=None, metavar="N|all",
                    help="opom protocol only: distractor images, a seeded sample of LFW (default all, or 2000 with "
                         "--limit)")
-    p.add_argument("--train-images", type=int, default=10,
+    p.add_argument("--train-images", type=positive_int, default=10,
                    help="opom protocol only: images per person that learn the mask (paper: 10)")
     p.add_argument("--test-images", default=None, metavar="N|all",
                    help="opom protocol only: test images per person, a seeded choice among the rest (default 5, "
                         "so identities with many images do not dominate; 'all' = no cap)")
-    p.add_argument("--min-images", type=int, default=12,
+    p.add_argument("--min-images", type=positive_int, default=12,
                    help="opom protocol only: identities with at least this many images are protected")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_report_flag(p)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
-from faceveil.cli.common import Groups, as_flags, register_all
+from faceveil.cli.common import Groups, OneLineParser, as_flags, register_all
 from faceveil.errors import FaceveilError
 from faceveil.runtime import prepare_process
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faceveil", description=__doc__)
+    parser = OneLineParser(prog="faceveil", description=__doc__)
     register_all(Groups(parser.add_subparsers(dest="command", required=True)))
     return parser
 
@@ -22,6 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process()
     parser = build_parser()
     args = parser.parse_args(argv)
+    terminated, previous = _terminate_as_interrupt()
+    try:
+        return _run(args, parser, terminated)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, terminated: list) -> int:
     try:
         return int(args.func(args) or 0)
     except FaceveilError as exc:  # its message names parameters; the user typed flags
@@ -29,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("faceveil: interrupted", file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
     except Exception as exc:  # a bug, not bad input: still one line unless the user asks for the traceback
         if os.environ.get("FACEVEIL_DEBUG"):
             raise
@@ -37,6 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faceveil: internal error: {type(exc).__name__}: {message} (set FACEVEIL_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
+
+
+class _Terminated(list):
+    """Truthy once SIGTERM arrived."""
+
+
+def _terminate_as_interrupt() -> tuple[_Terminated, object]:
+    """SIGTERM (docker stop, systemd, kill) stops a command as Ctrl-C does: temp files removed, reports finished,
+    exit status 143. Only in the main thread (where Python delivers signals). Returns the flag and the handler to
+    restore."""
+    terminated = _Terminated()
+    if threading.current_thread() is not threading.main_thread():
+        return terminated, None
+
+    def handler(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, handler)
+    return terminated, previous
 
 
 if __name__ == "__main__":

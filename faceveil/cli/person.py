@@ -9,15 +9,27 @@ from pathlib import Path
 
 from faceveil.cli.common import (
     Groups,
+    add_output_flags,
     add_report_flag,
+    check_report_targets,
+    count_or_zero,
+    dropout_choice,
     emit,
     finish_batch,
     load_average,
+    non_negative,
+    number_in,
+    positive,
+    positive_int,
     print_judge_table,
+    seed_value,
+    ssim_target,
+    table_stream,
     threads,
 )
 from faceveil.errors import FaceveilError
 from faceveil.methods import registry
+from faceveil.pipeline.batch import printable
 from faceveil.pipeline.presets import ENROLL_DEFAULTS
 
 
@@ -42,37 +54,39 @@ def _add_enroll(root) -> None:
                    help="person method (default opom-convex): " + "; ".join(
                        f"{e.name}: {e.summary}" for e in map(registry.entry, registry.names("person"))))
     p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
-    p.add_argument("--eps", type=float, default=None,
-                   help="budget in 0..255 units: L-inf (default 8, OPOM), or with --norm l2 the L2 norm of the "
-                        "112x112x3 face (default 1200, AdvCloak)")
+    p.add_argument("--eps", type=positive, default=None,
+                   help="budget in 0..255 units: L-inf (default 8, OPOM; at most 255), or with --norm l2 the L2 norm "
+                        "of the 112x112x3 face (default 1200, AdvCloak)")
     p.add_argument("--norm", default=None, choices=["linf", "l2"],
                    help="budget norm, default each method's paper's: l2 for the AdvCloak methods (1200), linf for "
                         "the others (8); l2 is measured on what is pasted, at the 112-crop scale")
-    p.add_argument("--iters", type=int, default=ENROLL_DEFAULTS["iters"], help="iterations (paper: 16)")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--iters", type=number_in(0, 100_000, integer=True), default=ENROLL_DEFAULTS["iters"],
+                   help="iterations, 0..100000 (paper: 16)")
+    p.add_argument("--alpha", type=positive, default=None,
                    help="step size, 0..255 units (paper: 1, the sign step of Algorithms 1-2)")
-    p.add_argument("--momentum", type=float, default=None,
+    p.add_argument("--momentum", type=number_in(0, 10), default=None,
                    help=f"momentum mu of Eq. 14 (paper: 1 when used; 0 = off; default {ENROLL_DEFAULTS['momentum']})")
-    p.add_argument("--dropout", default=None, metavar="P|calibrated",
+    p.add_argument("--dropout", type=dropout_choice, default=None, metavar="P|calibrated",
                    help="DFANet feature dropout of Eq. 15: one rate for every surrogate (0 = off), or 'calibrated': "
                         f"each surrogate at the rate it still recognises under (default {ENROLL_DEFAULTS['dropout']})")
     p.add_argument("--budget", default=None, choices=["linf", "texture"],
                    help="texture: the L-inf budget shaped by the face's texture (larger in hair, brows and edges, "
                         f"smaller on flat skin; --eps is its mean over the face; default {ENROLL_DEFAULTS['budget']} "
                         "under L-inf)")
-    p.add_argument("--ssim", type=float, default=None, metavar="T",
+    p.add_argument("--ssim", type=ssim_target, default=None, metavar="T",
                    help="visibility budget: the mask is kept at face-area SSIM T on the person's photos and scaled "
                         f"onto it (0 = off; default {ENROLL_DEFAULTS['ssim']})")
-    p.add_argument("--psnr", type=float, default=None, metavar="DB",
+    p.add_argument("--psnr", type=non_negative, default=None, metavar="DB",
                    help="with --ssim: also keep the face-area PSNR at or above DB (0 = off)")
-    p.add_argument("--masks", type=int, default=1, metavar="N_M", help="diverse masks learned together (Eq. 19)")
-    p.add_argument("--diversity-weight", type=float, default=None,
+    p.add_argument("--masks", type=number_in(1, 64, integer=True), default=1, metavar="N_M",
+                   help="diverse masks learned together (Eq. 19)")
+    p.add_argument("--diversity-weight", type=non_negative, default=None,
                    help="lambda of the mask-to-mask term of Eq. 19 (default 1: the paper's equal constraints)")
     p.add_argument("--mode", default="photos", choices=["photos", "crops"],
                    help="photos: optimise through paste-back into the photo (default); crops: the aligned face")
-    p.add_argument("--jitter", type=float, default=None,
+    p.add_argument("--jitter", type=number_in(0, 16), default=None,
                    help="alignment jitter in crop pixels (default 2 in photos mode, 0 in crops mode)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", metavar="OUT", help="write the report (images used, timings) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_enroll)
@@ -88,6 +102,7 @@ def _enroll_settings(args: argparse.Namespace):
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
+    from faceveil.io import atomic
     from faceveil.io.paths import refuse_same_file
     from faceveil.pipeline.maskfile import save_mask
     from faceveil.pipeline.person import enroll, user_budget
@@ -95,6 +110,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     settings = _enroll_settings(args)
     eps, alpha = user_budget(settings.attack)
     output = Path(args.output)
+    atomic.check_target(output)  # before the compute: a link or a folder is refused at once
     if not output.parent.is_dir():
         raise FaceveilError(f"output folder {output.parent} does not exist")
     for image in args.images:
@@ -129,9 +145,10 @@ def _add_apply(root) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--all-faces", action="store_true", help="mask every detected face, not only the person's")
-    p.add_argument("--mask-index", type=int, default=0, metavar="K", help="which of the file's diverse masks (0..)")
+    p.add_argument("--mask-index", type=count_or_zero, default=0, metavar="K",
+                   help="which of the file's diverse masks (0..)")
     p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--jpeg-quality", type=number_in(1, 100, integer=True), default=95, help="1..100")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
     p.add_argument("--copy-unprotected", action="store_true", help="copy photos without the person unchanged")
     p.add_argument("--judges", default="all",
@@ -139,59 +156,68 @@ def _add_apply(root) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check (faster: apply is then detection, matching and paste only)")
     p.add_argument("--recursive", action="store_true")
-    p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed)")
-    add_report_flag(p)
+    add_output_flags(p)
+    p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed; - for stdout)")
+    add_report_flag(p, photos=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_apply)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from faceveil.pipeline.maskfile import load_mask
+
+    mask = load_mask(args.mask)  # first: a crafted file is refused before the models' libraries are loaded
+
     from faceveil.api import apply_files
     from faceveil.models import zoo
-    from faceveil.pipeline.maskfile import load_mask
     from faceveil.pipeline.person import ApplySettings
     from faceveil.report import batch_header
 
-    mask = load_mask(args.mask)
+    check_report_targets(args)
     if not 0 <= args.mask_index < mask.count:
         raise FaceveilError(f"--mask-index {args.mask_index} is out of range: the mask file holds {mask.count} "
                             f"mask(s) (0..{mask.count - 1})")
     judges = zoo.parse_models(args.judges)
     output = {"fmt": args.format, "jpeg_quality": args.jpeg_quality, "keep_metadata": args.keep_metadata,
-              "copy_unprotected": args.copy_unprotected, "verify": not args.no_verify, "judges": judges}
+              "copy_unprotected": args.copy_unprotected, "existing": args.existing, "drop_audio": args.drop_audio,
+              "verify": not args.no_verify, "judges": judges}
     settings = ApplySettings(all_faces=args.all_faces, mask_index=args.mask_index, **output)
     report = apply_files(mask, args.inputs, args.output, all_faces=args.all_faces, mask_index=args.mask_index,
                          recursive=args.recursive, report_path=args.json, progress=not args.quiet,
                          header=batch_header("apply", settings), **output)
-    _print_apply_table(report.results)
+    _print_apply_table(report.results, table_stream(args))
     if not args.no_verify:
-        _print_apply_checks(report.results, judges)
+        _print_apply_checks(report.results, judges, table_stream(args))
     return finish_batch(report, "apply", args)
 
 
-def _print_apply_table(results) -> None:
+def _print_apply_table(results, stream=None) -> None:
     lines = ["| file | status | faces | masked | skipped | message |", "|---|---|---|---|---|---|"]
     for r in results:
         d = r.details or {}
         found = d.get("faces_detected", d.get("tracks", ""))
         masked = d.get("masked", d.get("masked_tracks", ""))
         skipped = d.get("skipped", d.get("skipped_tracks", ""))
-        lines.append(f"| {Path(r.file).name} | {r.status} | {found} | {masked} | {skipped} | {r.message} |")
-    print("\n".join(lines))
-    print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people")
+        lines.append(f"| {printable(Path(r.file).name)} | {r.status} | {found} | {masked} | {skipped} | "
+                     f"{printable(r.message)} |")
+        for other in d.get("not_faces", []):  # detections the face check refused: left alone
+            lines.append(f"| {printable(Path(r.file).name)} | - | | | | {other['reason']} |")
+    print("\n".join(lines), file=stream or sys.stdout)
+    print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people",
+          file=stream or sys.stdout)
 
 
-def _print_apply_checks(results, judges: list[str]) -> None:
+def _print_apply_checks(results, judges: list[str], stream=None) -> None:
     """Per masked face, as protect prints it: each judge's similarity original -> masked on the saved file, '*'
     where it still matches; then the verdict over all masked faces (a mask that protects nothing says so)."""
     faces = [f for r in results for f in ((r.details or {}).get("faces") or []) if f.get("masked")]
     if not faces:
         return
     print_judge_table([r for r in results if any(f.get("masked") for f in (r.details or {}).get("faces") or [])],
-                      judges, only=lambda face: bool(face.get("masked")))
+                      judges, only=lambda face: bool(face.get("masked")), stream=stream)
     totals = {key: sum((r.details or {}).get("verdict", {}).get(key, 0) for r in results)
               for key in ("masked", "protected", "recognised_by_some", "recognised_by_all", "not_redetected")}
-    print(verdict_line(totals, len(judges)))
+    print(verdict_line(totals, len(judges)), file=stream or sys.stdout)
 
 
 def verdict_line(totals: dict[str, int], judges: int) -> str:
@@ -212,10 +238,11 @@ def verdict_line(totals: dict[str, int], judges: int) -> str:
 
 def _add_bench_apply(bench) -> None:
     p = bench.add_parser("apply", help="seconds to enroll 10 photos, to apply on a 12 MP photo, and 720p video fps")
-    p.add_argument("--images", type=int, default=10, help="photos enrolled (LFW person if present, else samples)")
-    p.add_argument("--iters", type=int, default=16, help="enroll iterations (paper: 16)")
-    p.add_argument("--repeats", type=int, default=3, help="12 MP apply repeats (median)")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of the generated 720p clip")
+    p.add_argument("--images", type=positive_int, default=10,
+                   help="photos enrolled (LFW person if present, else samples)")
+    p.add_argument("--iters", type=positive_int, default=16, help="enroll iterations (paper: 16)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="12 MP apply repeats (median)")
+    p.add_argument("--seconds", type=number_in(0.1, 3600), default=10.0, help="length of the generated 720p clip")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_apply)

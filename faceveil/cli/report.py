@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, add_report_originals_flag
 from faceveil.errors import FaceveilError
 
 
@@ -20,7 +20,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if out.exists() and any(out.resolve() == p.resolve() for p in inputs if p.exists()):
         raise FaceveilError(f"{out} is one of the results files: choose another output name")
     kind, payload = combine(inputs)
-    write_report(out, kind, payload, progress=not args.quiet)
+    write_report(out, kind, payload, progress=not args.quiet, originals=args.report_originals)
     print(f"faceveil: {kind} report written to {out} ({out.stat().st_size / 1024:.0f} KB)", file=sys.stderr)
     return 0
 
@@ -31,5 +31,6 @@ def register(groups: Groups) -> None:
     p.add_argument("results", nargs="+", metavar="RESULT.json",
                    help="results files: one protect/apply/verify report, or eval JSONs (several merge)")
     p.add_argument("-o", "--output", required=True, metavar="HTML", help="the report file to write")
+    add_report_originals_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_report)

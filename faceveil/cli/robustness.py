@@ -6,7 +6,20 @@ from __future__ import annotations
 import argparse
 import time
 
-from faceveil.cli.common import Groups, LazyHelp, add_report_flag, dataset_root, threads, write_outputs
+from faceveil.cli.common import (
+    Groups,
+    LazyHelp,
+    add_report_flag,
+    count_or_zero,
+    dataset_root,
+    dropout_rate,
+    non_negative,
+    positive,
+    positive_int,
+    seed_value,
+    threads,
+    write_outputs,
+)
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import ROBUSTNESS, adapter_for, require_protocol
 
@@ -67,24 +80,24 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
 
 
 def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eps", type=float, default=None,
+    p.add_argument("--eps", type=positive, default=None,
                    help="L-inf budget, 0..255 units (default: the protocol's paper, tip-im 12, opom 8)")
-    p.add_argument("--alpha", type=float, default=None, help="step, 0..255 units (default: tip-im 1.5, opom 1)")
-    p.add_argument("--iters", type=int, default=None, help="iterations (default: tip-im 50, opom 16, apf 30)")
-    p.add_argument("--momentum", type=float, default=None, help="MI-FGSM momentum (default: tip-im 1)")
-    p.add_argument("--jitter", type=float, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
-    p.add_argument("--batch", type=int, default=8, help="faces protected at once")
-    p.add_argument("--extra", type=int, default=None, metavar="N",
+    p.add_argument("--alpha", type=positive, default=None, help="step, 0..255 units (default: tip-im 1.5, opom 1)")
+    p.add_argument("--iters", type=positive_int, default=None, help="iterations (default: tip-im 50, opom 16, apf 30)")
+    p.add_argument("--momentum", type=non_negative, default=None, help="MI-FGSM momentum (default: tip-im 1)")
+    p.add_argument("--jitter", type=non_negative, default=None, help="alignment jitter (default: 0 crops, 2 photos)")
+    p.add_argument("--batch", type=positive_int, default=8, help="faces protected at once")
+    p.add_argument("--extra", type=count_or_zero, default=None, metavar="N",
                    help="tip-im: further gallery identities (default 500, or 50 with --limit)")
-    p.add_argument("--gamma", type=float, default=0.0, help="tip-im: TIP-IM MMD naturalness weight")
-    p.add_argument("--masks", type=int, default=1, metavar="N_M", help="opom: diverse masks per person")
-    p.add_argument("--dropout", type=float, default=0.0, help="opom: feature-dropout rate while learning masks")
+    p.add_argument("--gamma", type=non_negative, default=0.0, help="tip-im: TIP-IM MMD naturalness weight")
+    p.add_argument("--masks", type=positive_int, default=1, metavar="N_M", help="opom: diverse masks per person")
+    p.add_argument("--dropout", type=dropout_rate, default=0.0, help="opom: feature-dropout rate while learning masks")
     p.add_argument("--distractors", default=None, metavar="N|all",
                    help="opom: distractor images (default all, or 2000 with --limit)")
-    p.add_argument("--train-images", type=int, default=10, help="opom: images per person that learn the mask")
+    p.add_argument("--train-images", type=positive_int, default=10, help="opom: images per person that learn the mask")
     p.add_argument("--test-images", default=None, metavar="N|all",
                    help="opom: test images per person (default 5; 'all' = no cap)")
-    p.add_argument("--min-images", type=int, default=12, help="opom: protect identities with this many images")
+    p.add_argument("--min-images", type=positive_int, default=12, help="opom: protect identities with this many images")
     p.add_argument("--checkpoint", default=None, help="apf: server model (default: the packaged one)")
     p.add_argument("--stage", default="s", help="apf: APF stage g, g_hat or s (default s, the full APF)")
 
@@ -109,15 +122,16 @@ def register(groups: Groups) -> None:
                    help=LazyHelp(_transforms_help))
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only N protected identities")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only N protected identities")
     p.add_argument("--mode", default="crops", choices=["crops", "photos"],
                    help="crops: transform the aligned face; photos: transform the saved photo, re-detect, re-align")
     p.add_argument("--adaptive", action="store_true",
                    help="add the adaptive attacker: a linear probe trained on other identities' protected/clean "
                         "embedding pairs (cross-fitted over identity folds)")
-    p.add_argument("--adaptive-folds", type=int, default=None, help="identity folds of the adaptive probe (default 5)")
+    p.add_argument("--adaptive-folds", type=positive_int, default=None,
+                   help="identity folds of the adaptive probe (default 5)")
     _add_protocol_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="split, protection and random transforms")
+    p.add_argument("--seed", type=seed_value, default=0, help="split, protection and random transforms")
     p.add_argument("--json", metavar="OUT")
     add_report_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

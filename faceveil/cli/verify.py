@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from faceveil.cli.common import Groups, add_report_flag, dataset_root, write_outputs
+from faceveil.cli.common import Groups, add_report_flag, dataset_root, seed_value, write_outputs
 
 
 def register(groups: Groups) -> None:
@@ -17,9 +17,9 @@ def register(groups: Groups) -> None:
     p.add_argument("--dataset", default=None, metavar="lfw=PATH",
                    help="distractors: 500 LFW identities (default: the faces of the installed sample photos)")
     p.add_argument("--faces", default="all", help="original faces checked: all | largest | N")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LFW choice and of random transforms")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the LFW choice and of random transforms")
     p.add_argument("--json", metavar="OUT")
-    add_report_flag(p)
+    add_report_flag(p, photos=True)
     p.set_defaults(func=_cmd_verify)
 
 
@@ -32,7 +32,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     rows, settings = verify.run(Path(args.original), Path(args.protected), zoo.parse_models(args.models), dataset,
                                 args.faces, args.seed)
     print(markdown_table(verify.display_rows(rows)))  # emit's table, with 4-decimal scores
+    if verify.lost_faces_note(rows):
+        print(verify.lost_faces_note(rows))
     print("score = similarity original -> protected (cosine; -L2 for dlib); matches = at the calibrated threshold; "
           "rank of the original in the gallery (1 = recognised first)")
-    write_outputs({"command": "verify", "settings": settings, "rows": rows}, args.json, args.report, "verify")
+    write_outputs({"command": "verify", "settings": settings, "rows": rows}, args.json, args.report, "verify",
+                  originals=args.report_originals)
     return 0

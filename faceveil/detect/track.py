@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -275,18 +275,21 @@ class FaceTracker:
     frames with a longer side are detected on a copy downscaled to this (detect_large), then refined at full
     resolution. keep_score: the O-Net probability below which a track is lost. match_iou: the box overlap that
     ties a detection to a track. max_missed: detections in a row that may miss a track before it is dropped.
-    fps, min_cutoff, beta: landmark smoothing (see OneEuro); smooth=False turns it off.
+    fps, min_cutoff, beta: landmark smoothing (see OneEuro); smooth=False turns it off. confirm: (frame, faces) ->
+    the faces among them that are faces (faceveil.detect.confirm); asked only before a track starts.
     """
 
     def __init__(self, detector: MTCNN | None = None, detect_every: int = 10, *, max_side: int = 1024,
                  keep_score: float = 0.5, match_iou: float = 0.3, max_missed: int = 2, fps: float = 25.0,
-                 min_cutoff: float = 1.0, beta: float = 4.0, smooth: bool = True) -> None:
+                 min_cutoff: float = 1.0, beta: float = 4.0, smooth: bool = True,
+                 confirm: Callable[[np.ndarray, list[Face]], list[Face]] | None = None) -> None:
         if detect_every < 1:
             raise ValueError("detect_every must be at least 1")
         self.detector = detector or default_detector()
         self.detect_every, self.max_side = int(detect_every), int(max_side)
         self.keep_score, self.match_iou, self.max_missed = float(keep_score), float(match_iou), int(max_missed)
         self.fps, self.min_cutoff, self.beta, self.smooth = float(fps), float(min_cutoff), float(beta), smooth
+        self.confirm = confirm
         self.reset()
 
     def reset(self) -> None:
@@ -298,6 +301,7 @@ class FaceTracker:
         self._since_detection = 0
         self.detections = 0  # full detector runs
         self.onet_crops = 0  # O-Net runs of tracking (refresh and trace_back)
+        self.not_faces = 0  # detections refused by `confirm` (not a face): no track started
         self.detect_time = Stopwatch()  # in the full detector
         self.update_time = Stopwatch()  # in update (detection included) and trace_back
 
@@ -348,9 +352,13 @@ class FaceTracker:
         self.detections += 1
         with self.detect_time:
             faces = self.detector.detect_large(frame, self.max_side)
-        for face in self._assign(faces):
-            if not any(iou(face.box, s.latest.box) > 0.5 for s in self._states):
-                self._start(face)
+        new = [f for f in self._assign(faces) if not any(iou(f.box, s.latest.box) > 0.5 for s in self._states)]
+        if self.confirm is not None and new:
+            confirmed = self.confirm(frame, new)
+            self.not_faces += len(new) - len(confirmed)
+            new = confirmed
+        for face in new:
+            self._start(face)
 
     def _assign(self, faces: list[Face]) -> list[Face]:
         """Give matched tracks their detection, drop tracks missed too often; returns the unmatched faces."""

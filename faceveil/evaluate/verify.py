@@ -25,6 +25,7 @@ from faceveil.evaluate import transforms
 from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.models import zoo
+from faceveil.pipeline.faces import default_confirmer
 from faceveil.pipeline.job import select_faces
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
@@ -133,7 +134,7 @@ def run(original: Path, protected: Path, models: list[str], dataset: Path | None
     """Rows (face x transform x model) and the settings of one verification."""
     before, after = _read_rgb(Path(original), "original"), _read_rgb(Path(protected), "protected")
     detector = detector or MTCNN()
-    originals = select_faces(detector.detect_large(before), faces)
+    originals = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
     if not originals:
         raise FaceveilError(f"{original}: no face found in the original photo")
     reference = embed_faces(before, originals, models)
@@ -157,6 +158,21 @@ def run(original: Path, protected: Path, models: list[str], dataset: Path | None
     return rows, settings
 
 
+NOT_FOUND = "not re-detected"
+
+
 def display_rows(rows: list[dict]) -> list[dict]:
-    """The rows for the markdown table: scores with 4 decimals."""
-    return [{**r, "score": "" if r["score"] is None else f"{r['score']:.4f}"} for r in rows]
+    """The rows for the markdown table: scores with 4 decimals; a face not found again in the protected photo says
+    so instead of leaving its row blank."""
+    return [{**r, "score": f"{r['score']:.4f}"} if r["score"] is not None
+            else {**r, "score": NOT_FOUND, "matches": "", "rank": ""} for r in rows]
+
+
+def lost_faces_note(rows: list[dict]) -> str:
+    """One line naming the faces of the original that were not found again in the protected photo ('' if none)."""
+    lost = sorted({int(r["face"]) for r in rows if r["score"] is None and r.get("transform", "none") == "none"})
+    if not lost:
+        return ""
+    names = ", ".join(str(i) for i in lost)
+    return (f"face {names}: {NOT_FOUND} in the protected photo, so no model could compare it (the detector no "
+            "longer finds it there, or the two photos do not show the same scene)")

@@ -346,9 +346,13 @@ def write_image(
     keep_metadata: bool = False,
     icc_profile: bytes | None | _Keep = KEEP,
     alpha: np.ndarray | None | _Keep = KEEP,
+    replace: bool = True,
+    max_mode: int | None = None,
 ) -> Path:
     """Write atomically; returns the path written.
 
+    replace=False: an existing out_path is an error (FaceveilError) and stays as it is. max_mode: the permission
+    bits the file may have at most (a protected photo is never more readable than its original).
     fmt: 'same' (the input's format; for a bare array, the format of out_path's extension), 'png' or 'jpg'.
     EXIF is written only with keep_metadata=True (the source's EXIF, orientation reset to 1, no thumbnail
     or maker note). icc_profile / alpha default to the Photo's; None drops them, a value replaces them.
@@ -361,7 +365,7 @@ def write_image(
     icc = photo.icc_profile if icc_profile is KEEP else icc_profile
     pil_image = _compose(photo.rgb, alpha_arr, pil_format)
     params = _save_params(pil_format, photo, icc, jpeg_quality, keep_metadata)
-    with atomic_path(out_path) as temp:
+    with atomic_path(out_path, replace=replace, max_mode=max_mode) as temp:
         try:
             pil_image.save(temp, format=pil_format, **params)
         except (OSError, ValueError, TypeError, RuntimeError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -62,10 +63,19 @@ def extension_matches(path: Path, pil_format: str) -> bool:
     return exts is None or Path(path).suffix.lower() in exts
 
 
+def safe_resolve(path: Path | str) -> Path:
+    """The absolute path with links resolved as far as they go; a symbolic link loop (which Path.resolve turns into
+    a RuntimeError) or an unreadable folder leaves the rest unresolved instead of failing."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
 def ensure_safe_out_dir(input_path: Path, out_dir: Path) -> None:
     """Refuse an output folder that is the input's own folder (outputs would sit beside, or over, inputs)."""
-    in_dir = Path(input_path).resolve().parent
-    out = Path(out_dir).resolve()
+    in_dir = safe_resolve(input_path).parent
+    out = safe_resolve(out_dir)
     if out == in_dir:
         raise FaceveilError(
             f"output folder {out_dir} is the input's own folder ({Path(input_path).name}): choose another one"
@@ -82,20 +92,28 @@ def output_path_for(
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
     ensure_safe_out_dir(input_path, out_dir)
-    sub = _relative_parent(input_path, relative_to)
-    name = _output_name(input_path, fmt)
-    out = out_dir / sub / name
+    out = out_dir / relative_output_path(input_path, fmt, relative_to=relative_to)
     refuse_same_file(input_path, out)
     return out
+
+
+def relative_output_path(input_path: Path | str, fmt: str = "same", *,
+                         relative_to: Path | str | None = None) -> Path:
+    """The output's path inside the output folder: sub-folders below relative_to kept, the name changed only when
+    the format is (see output_path_for)."""
+    input_path = Path(input_path)
+    return _relative_parent(input_path, relative_to) / _output_name(input_path, fmt)
 
 
 def _relative_parent(input_path: Path, relative_to: Path | str | None) -> Path:
     if relative_to is None:
         return Path()
-    try:
-        return input_path.resolve().parent.relative_to(Path(relative_to).resolve())
-    except ValueError:
-        return Path()
+    # the folder as walked (a linked file keeps its place in the tree), else with links resolved
+    for parent, root in ((Path(os.path.abspath(input_path)).parent, Path(os.path.abspath(relative_to))),
+                         (safe_resolve(input_path).parent, safe_resolve(relative_to))):
+        with contextlib.suppress(ValueError):
+            return parent.relative_to(root)
+    return Path()
 
 
 def _output_name(input_path: Path, fmt: str) -> str:
@@ -110,7 +128,7 @@ def _output_name(input_path: Path, fmt: str) -> str:
 
 def refuse_same_file(input_path: Path, out_path: Path) -> None:
     """FaceveilError when out_path is the input file (also through links)."""
-    same = Path(input_path).resolve() == Path(out_path).resolve()
+    same = safe_resolve(input_path) == safe_resolve(out_path)
     if not same and Path(out_path).exists():
         try:
             same = os.path.samefile(input_path, out_path)
@@ -118,3 +136,21 @@ def refuse_same_file(input_path: Path, out_path: Path) -> None:
             same = False
     if same:
         raise FaceveilError(f"refusing to overwrite the input {input_path}: choose another output folder")
+
+
+def prepare_output_folder(out_dir: Path | str) -> Path:
+    """Create the output folder if needed and prove it can be written (a temp file made and removed), before any
+    work is done: a read-only folder must not cost a whole batch's compute. FaceveilError with one line if not."""
+    from faceveil.io import atomic
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FaceveilError(f"output {out_dir} is a file, not a folder: name a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise FaceveilError(f"cannot create the output folder {out_dir}: permission denied") from None
+    except OSError as exc:
+        raise FaceveilError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from None
+    atomic.discard(atomic.temp_path_for(out_dir / "write-test"))
+    return out_dir

@@ -222,7 +222,8 @@ def _read_log(log: IO[bytes]) -> str:
 class VideoWriter:
     """Encode RGB frames to an H.264 mp4, atomically; use as a context manager.
 
-    audio_from: a source video whose audio is carried over (copied when mp4 can hold its codec).
+    audio_from: a source video whose audio is carried over (copied when mp4 can hold its codec) unless drop_audio.
+    replace=False: an existing out_path is an error and stays as it is; max_mode caps the file's permission bits.
     An exception inside the `with` block (KeyboardInterrupt too) stops ffmpeg and removes the temp file.
     """
 
@@ -236,8 +237,12 @@ class VideoWriter:
         preset: str = DEFAULT_PRESET,
         tune: str | None = DEFAULT_TUNE,
         keep_metadata: bool = False,
+        drop_audio: bool = False,
+        replace: bool = True,
+        max_mode: int | None = None,
     ) -> None:
         self.out_path = Path(out_path)
+        self.drop_audio, self.replace, self.max_mode = drop_audio, replace, max_mode
         self.fps = Fraction(fps).limit_denominator(100_000)
         self.audio_from, self.crf, self.preset, self.tune = audio_from, crf, preset, tune
         self.keep_metadata = keep_metadata
@@ -265,7 +270,7 @@ class VideoWriter:
         try:
             self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
         except (BrokenPipeError, OSError) as exc:
-            raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}") from exc
+            raise self._failure() from exc
 
     def close(self) -> Path:
         """Finish encoding and move the file into place; returns the output path."""
@@ -275,8 +280,8 @@ class VideoWriter:
         try:
             self._proc.stdin.close()
             if self._proc.wait() != 0:
-                raise FaceveilError(f"cannot encode {self.out_path}: {self._ffmpeg_error()}")
-            atomic.commit(self._temp, self.out_path)
+                raise self._failure()
+            atomic.commit(self._temp, self.out_path, replace=self.replace, max_mode=self.max_mode)
         except BaseException:
             self.abort()
             raise
@@ -313,7 +318,8 @@ class VideoWriter:
         if self.audio_from is None:
             cmd += ["-map", "0:v:0"]
         else:  # input 1: the source, for its audio and (keep_metadata) its tags; inputs come before maps
-            cmd += ["-i", str(self.audio_from.path), "-map", "0:v:0", "-map", "1:a?", *self._audio_args()]
+            audio = [] if self.drop_audio else ["-map", "1:a?", *self._audio_args()]
+            cmd += ["-i", str(self.audio_from.path), "-map", "0:v:0", *audio]
         return cmd + [
             "-vf", _VIDEO_FILTER,
             "-c:v", "libx264", "-preset", self.preset, *(["-tune", self.tune] if self.tune else []),
@@ -331,6 +337,17 @@ class VideoWriter:
             return ["-c:a", "copy"]
         return ["-c:a", "aac", "-b:a", "192k"]
 
+    def _failure(self) -> FaceveilError:
+        """The encoder's error, blamed on the source when it was the source (its sound, read by the encoder as
+        input #1) that ffmpeg could not read: a damaged input is the input's fault, not the encoder's."""
+        last = self._ffmpeg_error()
+        full = ""
+        if self._log is not None:
+            self._log.seek(0)
+            full = self._log.read().decode("utf-8", "replace")
+        source = self.audio_from.path if self.audio_from is not None else None
+        return encoder_error(full or last, last, self.out_path, source)
+
     def _ffmpeg_error(self) -> str:
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -341,6 +358,14 @@ class VideoWriter:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def encoder_error(log: str, last_line: str, out_path: Path, source: Path | None) -> FaceveilError:
+    """The one-line error of a failed encode: 'SOURCE: damaged input' when ffmpeg's log names the source or its
+    streams (input #1), else 'cannot encode OUT'."""
+    if source is not None and (str(source) in log or re.search(r"#1:\d|[Ii]nput #1", log)):
+        return FaceveilError(f"{source}: damaged input, ffmpeg cannot read it ({last_line})")
+    return FaceveilError(f"cannot encode {out_path}: {last_line}")
 
 
 # ------------------------------------------------------------------------------------------------ read+write

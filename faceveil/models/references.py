@@ -39,6 +39,25 @@ def compare_to_reference(name: str) -> dict:
             "ok": diff <= RELATIVE_TOLERANCE * scale}
 
 
+def compare_blazeface() -> dict:
+    """The face-confirmation detector (BlazeFace) against TF.js: its four outputs joined per anchor, as in the
+    reference (logit, then the 16 regressors; the stride-16 anchors first)."""
+    from faceveil.models.blazeface import BlazeFace
+
+    data = np.load(reference_file("blazeface-back"))
+    model = BlazeFace()
+    rows = []
+    for image in data["inputs"]:
+        logits16, logits32, reg16, reg32 = model.raw(model.normalise(image[None]))
+        rows.append(torch.cat([torch.cat([logits16, reg16], 2), torch.cat([logits32, reg32], 2)], 1))
+    ours = torch.cat(rows).double().numpy()
+    ref = data["outputs"].astype(np.float64)
+    scale = float(np.abs(ref).max())
+    diff = float(np.abs(ours - ref).max())
+    return {"max_abs_diff": diff, "output_scale": scale, "relative_diff": diff / scale,
+            "ok": diff <= RELATIVE_TOLERANCE * scale}
+
+
 def check_all() -> list[dict]:
     """Rows for `faceveil models check`: every weight file (present, sha256) and every model's reference match."""
     rows = [{"item": r["file"], "check": "sha256", "ok": r["present"] and r["sha256_ok"]}
@@ -49,4 +68,8 @@ def check_all() -> list[dict]:
             rows.append({"item": name, "check": "equals original runtime", **result})
         except FaceveilError as exc:
             rows.append({"item": name, "check": "equals original runtime", "ok": False, "error": str(exc)})
+    try:
+        rows.append({"item": "blazeface-back", "check": "equals original runtime", **compare_blazeface()})
+    except FaceveilError as exc:
+        rows.append({"item": "blazeface-back", "check": "equals original runtime", "ok": False, "error": str(exc)})
     return rows

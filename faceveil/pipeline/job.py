@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,12 +21,16 @@ import numpy as np
 import torch
 
 from faceveil.detect import canonical as C
+from faceveil.detect.confirm import FaceConfirmation, FaceConfirmer
 from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.detect.track import Track
 from faceveil.errors import FaceveilError
+from faceveil.io import atomic
 from faceveil.io.images import Photo, read_image, write_image
-from faceveil.pipeline.batch import BatchItem, BatchReport, expand_inputs, run_batch
+from faceveil.io.paths import relative_output_path
+from faceveil.pipeline.batch import BatchItem, BatchReport, SkipItem, expand_inputs, run_batch
 
+EXISTING_CHOICES = ("refuse", "overwrite", "skip")
 DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]  # (track, frame) -> its perturbation or None
 
 
@@ -36,6 +43,12 @@ class OutputSettings:
     jpeg_quality: int = 95
     keep_metadata: bool = False
     copy_unprotected: bool = False
+    existing: str = "refuse"  # an output file that exists before the run: refuse (error row) | overwrite | skip
+    drop_audio: bool = False  # videos: write no sound track (voices identify people too)
+
+    def __post_init__(self) -> None:
+        if self.existing not in EXISTING_CHOICES:
+            raise FaceveilError(f"`existing` takes {', '.join(EXISTING_CHOICES)}, got {self.existing!r}")
 
 
 def select_faces(faces: list[Face], which: str) -> list[Face]:
@@ -48,6 +61,13 @@ def select_faces(faces: list[Face], which: str) -> list[Face]:
     if which.isdigit() and int(which) > 0:
         return ordered[: int(which)]
     raise FaceveilError(f"faces takes all, largest or a positive number, got {which!r}")
+
+
+def with_skipped(details: dict | None, skipped: list[FaceConfirmation]) -> dict | None:
+    """A photo's details with its skipped detections (not a face) under "not_faces" (unchanged when none)."""
+    if not skipped:
+        return details
+    return {**(details or {}), "not_faces": [{**c.to_dict(), "reason": c.describe()} for c in skipped]}
 
 
 def paste_faces(rgb: np.ndarray, faces: list[Face], deltas) -> np.ndarray:
@@ -85,6 +105,7 @@ class PreparedPhoto:
     photo: Photo
     faces: list[Face]
     out_path: Path
+    skipped: list[FaceConfirmation] = field(default_factory=list)  # detections that are not faces
 
 
 class PhotoJob:
@@ -94,10 +115,19 @@ class PhotoJob:
         self.output = output
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.detector = detector or MTCNN()
+        self.confirmer: FaceConfirmer | None = None  # None: the default (BlazeFace), loaded on first use
         self.stages = StageSeconds()
+        self.created: set[Path] = set()  # outputs this job wrote: only these may be written again
+        self.refused: dict[Path, Exception] = {}  # input -> why it is not processed (its output exists)
 
     def __call__(self, item: BatchItem) -> dict:
+        if item.path in self.refused:
+            raise self.refused[item.path]
         return self.video(item) if item.kind == "video" else self.photo(item)
+
+    def take_finished(self) -> list[tuple[Path, dict | Exception]]:
+        """Outcomes of later items finished ahead of their turn (see batch.run_batch); none by default."""
+        return []
 
     def plan(self, upcoming: list[BatchItem]) -> None:
         """The run's items, before the first is processed (a job may work ahead, e.g. batch photos together)."""
@@ -111,13 +141,20 @@ class PhotoJob:
     def select(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
         raise NotImplementedError
 
+    def find_faces(self, rgb: np.ndarray) -> tuple[list[Face], list[FaceConfirmation]]:
+        """The detections confirmed as faces, and the skipped ones (not a face)."""
+        from faceveil.pipeline.faces import default_confirmer
+
+        return (self.confirmer or default_confirmer()).split(rgb, self.detector.detect_large(rgb))
+
     def prepare(self, item: BatchItem) -> PreparedPhoto:
-        """Read the photo, detect its faces, select those the job protects."""
+        """Read the photo, detect its faces, select those the job protects (among the confirmed ones)."""
         with self.stages.timing("read"):
             photo = read_image(item.path)
         with self.stages.timing("detect"):
-            faces = self.select(photo.rgb, self.detector.detect_large(photo.rgb))
-        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt))
+            found, skipped = self.find_faces(photo.rgb)
+            faces = self.select(photo.rgb, found)
+        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt), skipped)
 
     def write(self, prepared: PreparedPhoto, deltas) -> np.ndarray:
         """Paste the faces' perturbations and write the protected photo atomically; returns its pixels."""
@@ -129,24 +166,51 @@ class PhotoJob:
 
     def unprotected(self, prepared: PreparedPhoto, what: str, details: dict | None = None) -> dict:
         """The outcome of a photo with no face to protect: written unchanged only when copy_unprotected asks."""
+        details = with_skipped(details, prepared.skipped)
         outcome: dict = {"status": "no_face", "details": details} if details is not None else {"status": "no_face"}
         if self.output.copy_unprotected:
             self._write(prepared.photo, prepared.out_path)
             return {**outcome, "message": f"{what}; copied unprotected", "output": prepared.out_path}
         return {**outcome, "message": f"{what}; nothing written (copying unprotected photos is off)"}
 
-    def write_video(self, item: BatchItem, delta_for_track: DeltaForTrack) -> tuple[Path, dict]:
-        """The video with every tracked face's perturbation pasted on each frame; (output path, statistics)."""
+    def write_video(self, item: BatchItem, delta_for_track: DeltaForTrack) -> tuple[Path | None, dict]:
+        """The video with every tracked face's perturbation pasted on each frame; (output path, statistics). A video
+        on which no face was masked follows the photos' rule: written only with copy_unprotected (path None)."""
         from faceveil.pipeline.video import protect_video
 
-        out_path = item.output_path(self._out_dir())
+        out_path = self._target(item.output_path(self._out_dir()))
         stats = protect_video(item.path, out_path, delta_for_track, progress=False,
-                              keep_metadata=self.output.keep_metadata)
+                              keep_metadata=self.output.keep_metadata, keep_untouched=self.output.copy_unprotected,
+                              drop_audio=self.output.drop_audio, replace=self._may_replace(out_path),
+                              max_mode=_mode_of(item.path))
+        if not stats["written"]:
+            return None, stats
+        self.created.add(out_path)
         return out_path, stats
 
+    def unprotected_video(self, stats: dict, what: str, details: dict) -> dict:
+        """The outcome of a video on which no face was masked: written unchanged only when copy_unprotected asks."""
+        if stats.get("written"):
+            return {"status": "no_face", "faces": 0, "message": f"{what}; copied unprotected", "details": details}
+        return {"status": "no_face", "faces": 0, "details": details,
+                "message": f"{what}; nothing written (copying unprotected videos is off)"}
+
     def _write(self, photo: Photo, path: Path) -> None:
-        o = self.output
-        write_image(photo, path, fmt=o.fmt, jpeg_quality=o.jpeg_quality, keep_metadata=o.keep_metadata)
+        o, path = self.output, self._target(path)
+        write_image(photo, path, fmt=o.fmt, jpeg_quality=o.jpeg_quality, keep_metadata=o.keep_metadata,
+                    replace=self._may_replace(path), max_mode=_mode_of(photo.path))
+        self.created.add(path)
+
+    def _target(self, path: Path) -> Path:
+        """The output path with its folder made (sub-folders of --recursive mirror the input's)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FaceveilError(f"cannot create the output folder {path.parent}: {exc.strerror or exc}") from None
+        return path
+
+    def _may_replace(self, path: Path) -> bool:
+        return self.output.existing == "overwrite" or path in self.created
 
     def _out_dir(self) -> Path:
         if self.out_dir is None:
@@ -154,18 +218,107 @@ class PhotoJob:
         return self.out_dir
 
 
-def run_on_files(job: PhotoJob, inputs: Iterable[str | Path], out_dir: str | Path, *, recursive: bool = False,
-                 report_path: str | Path | None = None, progress: bool = True, desc: str = "faceveil",
-                 header: dict | None = None) -> BatchReport:
-    """Every photo and video of `inputs` (files or folders) through the job into out_dir under the same names (never
-    over an input, never taking the output folder as input); one bad file is one error row, never the end."""
-    from faceveil.io.paths import ensure_safe_out_dir
+def _mode_of(source: Path | None) -> int | None:
+    """The permission bits of a source file: its outputs get these at most (None: unknown, the umask's)."""
+    if source is None:
+        return None
+    try:
+        return os.stat(source).st_mode & 0o777
+    except OSError:
+        return None
+
+
+@dataclass
+class FilesPlan:
+    """A run's items with their outputs decided before any work: no two inputs share an output, outputs that exist
+    already are refused (or skipped, or replaced) by the rule the user chose."""
+
+    items: list[BatchItem]
+    out_dir: Path
+    refused: dict[Path, Exception]  # input -> SkipItem (skip) or FaceveilError (refuse)
+    stale_removed: int  # temp files of killed runs removed from the output folders
+    max_mode: int | None  # the inputs' shared permission bits (reports get these at most)
+
+
+def plan_files(inputs: Iterable[str | Path], out_dir: str | Path, output: OutputSettings, *,
+               recursive: bool = False) -> FilesPlan:
+    """Expand the inputs, check the output folder can be written, give every input its own output name (renamed,
+    and said so in its report row, when two inputs would share one), and apply the existing-file rule. Costs no
+    model loading: call it before building a job so that bad inputs or folders are refused at once."""
+    from faceveil.io.paths import ensure_safe_out_dir, prepare_output_folder
 
     inputs, out_dir = [str(i) for i in inputs], Path(out_dir)
     for raw in inputs:  # before expanding: the output folder is excluded from the inputs
         ensure_safe_out_dir(Path(raw) / "x" if Path(raw).is_dir() else Path(raw), out_dir)
     items = expand_inputs(inputs, kinds=("image", "video"), exclude=out_dir, recursive=recursive)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job.out_dir = out_dir
-    job.plan(items)
-    return run_batch(items, job, report_path=report_path, quiet=not progress, desc=desc, header=header)
+    prepare_output_folder(out_dir)
+    items = unique_outputs(items, output.fmt)
+    folders = {(out_dir / item.output).parent for item in items if item.output is not None}
+    stale = sum(atomic.remove_stale_temp_files(folder) for folder in folders)
+    refused = existing_outputs(items, out_dir, output.existing)
+    modes = [m for m in (_mode_of(item.path) for item in items) if m is not None]
+    max_mode = functools.reduce(lambda a, b: a & b, modes) if modes else None
+    return FilesPlan(items, out_dir, refused, stale, max_mode)
+
+
+def unique_outputs(items: list[BatchItem], fmt: str) -> list[BatchItem]:
+    """Each item with its own output (relative to the output folder): when several inputs map to one name (a/x.jpg
+    and b/x.jpg named alone, x.jpg and x.png under --format png, clip.mov and clip.mp4), the first keeps it and the
+    others get NAME-2, NAME-3, ... with a note for their report rows. Names are compared case-blind (a file system
+    that ignores case would merge them too)."""
+    planned = [(item, relative_output_path(item.path, fmt if item.kind == "image" else "same",
+                                           relative_to=item.root)) for item in items]
+    taken = {str(out).casefold() for _, out in planned}
+    used: set[str] = set()
+    assigned: dict[Path, BatchItem] = {}
+    # an input whose output keeps its own name (x.png -> x.png) has the first claim on it, then the inputs in order
+    for item, path in sorted(planned, key=lambda pair: pair[1].name != pair[0].path.name):
+        note = ""
+        if str(path).casefold() in used:
+            first = path
+            path = _free_name(path, used | taken)
+            note = f"output renamed to {path.name}: another input also maps to {first.name}"
+        used.add(str(path).casefold())
+        assigned[item.path] = dataclasses.replace(item, output=path, note=note)
+    return [assigned[item.path] for item in items]
+
+
+def _free_name(path: Path, taken: set[str]) -> Path:
+    for n in itertools.count(2):
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if str(candidate).casefold() not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def existing_outputs(items: list[BatchItem], out_dir: Path, existing: str) -> dict[Path, Exception]:
+    """Inputs whose output already exists (a file this run did not make): refused with an error, or skipped."""
+    refused: dict[Path, Exception] = {}
+    if existing == "overwrite":
+        return refused
+    for item in items:
+        target = out_dir / (item.output or relative_output_path(item.path, relative_to=item.root))
+        if not os.path.lexists(target):
+            continue
+        if existing == "skip":
+            refused[item.path] = SkipItem(f"{target} exists (--skip-existing): kept as it is")
+        else:
+            refused[item.path] = FaceveilError(
+                f"{target} exists and was not made by this run: not overwritten (--overwrite replaces it, "
+                "--skip-existing keeps it)")
+    return refused
+
+
+def run_on_files(job: PhotoJob, inputs: Iterable[str | Path] | FilesPlan, out_dir: str | Path, *,
+                 recursive: bool = False, report_path: str | Path | None = None, progress: bool = True,
+                 desc: str = "faceveil", header: dict | None = None) -> BatchReport:
+    """Every photo and video of `inputs` (files or folders, or a plan_files plan) through the job into out_dir under
+    the same names (never over an input, never taking the output folder as input, never over a file the run did not
+    make unless the job's output settings say overwrite); one bad file is one error row, never the end."""
+    plan = inputs if isinstance(inputs, FilesPlan) else plan_files(inputs, out_dir, job.output, recursive=recursive)
+    job.out_dir = plan.out_dir
+    job.refused = dict(plan.refused)
+    job.plan([item for item in plan.items if item.path not in plan.refused])
+    header = {**(header or {}), "stale_temp_files_removed": plan.stale_removed} if plan.stale_removed else header
+    return run_batch(plan.items, job, report_path=report_path, quiet=not progress, desc=desc, header=header,
+                     max_mode=plan.max_mode)

@@ -39,9 +39,10 @@ from faceveil.methods.opom.learners import paper_config
 from faceveil.methods.opom.loss import DEFAULT_DIVERSITY_WEIGHT
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces
+from faceveil.pipeline.faces import default_confirmer
+from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces, with_skipped
 from faceveil.pipeline.maskfile import PersonMask
-from faceveil.pipeline.presets import ENROLL_DEFAULTS, L2_DEFAULT_EPS
+from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_MAX_EPS, ENROLL_MAX_MASKS, L2_DEFAULT_EPS
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_faces
 
@@ -89,18 +90,20 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
     momentum, dropout, budget, ssim, psnr = _lever_defaults(norm, momentum, dropout, budget, ssim, psnr)
     iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
     eps, alpha = _user_budget(norm, eps, alpha, iters)
-    if eps <= 0 or (norm == "linf" and eps > 255) or alpha <= 0 or iters < 0:
-        raise FaceveilError("eps must be above 0 (at most 255 under L-inf), alpha above 0 and iters at least 0")
+    if norm not in ("linf", "l2"):
+        raise FaceveilError(f"norm takes linf or l2, got {norm!r}")
+    if not 0 < eps <= ENROLL_MAX_EPS[norm]:  # a mask file above it is refused by apply as tampered
+        raise FaceveilError(f"eps must be in (0, {ENROLL_MAX_EPS[norm]:g}] under {norm}, got {eps:g}")
+    if not alpha > 0 or iters < 0:
+        raise FaceveilError("alpha must be above 0 and iters at least 0")
     rate, per_model = dropout_setting(dropout)
     if budget not in ("linf", "texture") or (budget == "texture" and norm != "linf"):
         raise FaceveilError(f"budget takes linf or texture (texture shapes an L-inf budget), got {budget!r} with "
                             f"norm {norm}")
     if not 0 <= ssim < 1 or psnr < 0:
         raise FaceveilError(f"ssim must be in [0, 1) and psnr at least 0 (0 = off), got {ssim} and {psnr}")
-    if masks < 1:
-        raise FaceveilError(f"masks must be at least 1, got {masks}")
-    if norm not in ("linf", "l2"):
-        raise FaceveilError(f"norm takes linf or l2, got {norm!r}")
+    if not 1 <= masks <= ENROLL_MAX_MASKS:
+        raise FaceveilError(f"masks must be in 1..{ENROLL_MAX_MASKS}, got {masks}")
     attack = paper_config(seed)
     # L2 budgets are given at the 112-crop scale; canonical pixels are 1/CANONICAL_ZOOM of a crop pixel per side
     scale = 1 / 255 if norm == "linf" else C.CANONICAL_ZOOM / 255
@@ -163,9 +166,10 @@ def largest_faces(paths: list[Path], detector: MTCNN, progress: bool = False) ->
         except FaceveilError as exc:
             rows.append({**row, "status": "unreadable", "message": str(exc)})
             continue
-        faces = detector.detect_large(rgb)
+        faces, skipped = default_confirmer().split(rgb, detector.detect_large(rgb))
         if not faces:
-            rows.append({**row, "status": "no_face", "message": "no face found"})
+            why = "; ".join(c.describe() for c in skipped)
+            rows.append({**row, "status": "no_face", "message": f"no face found ({why})" if why else "no face found"})
             continue
         face = max(faces, key=lambda f: f.size)
         found.append(FoundFace(rgb, face))
@@ -202,11 +206,26 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False, 
         options.universal_faces = sample_faces(detector, ensemble.geometries, settings.mode)
     result = registry.learn_person_masks(settings.method, batch, ensemble, settings.attack, options, progress)
     models = sorted(set(MATCH_MODELS) | set(settings.surrogates))
-    mask = PersonMask(name=name, masks=result.masks, geometry=C.CANONICAL.name, method=settings.method,
-                      surrogates=list(settings.surrogates), eps=recorded_budget(result.masks, settings.attack),
+    masks = within_enroll_cap(result.masks, settings.attack.norm)
+    mask = PersonMask(name=name, masks=masks, geometry=C.CANONICAL.name, method=settings.method,
+                      surrogates=list(settings.surrogates), eps=recorded_budget(masks, settings.attack),
                       norm=settings.attack.norm,
                       references=reference_embeddings(found, models), meta=_meta(settings, len(found), len(paths)))
     return Enrolled(mask, rows, result.info)
+
+
+def within_enroll_cap(masks: torch.Tensor, norm: str) -> torch.Tensor:
+    """Masks brought within the largest budget a mask file may hold (ENROLL_MAX_EPS: apply refuses more as
+    tampered), for the settings that let a mask pass its nominal eps: L-inf clipped, L2 (on what is pasted) scaled
+    down."""
+    from faceveil.attacks.budgets import pasted_l2
+
+    if norm == "linf":
+        cap = ENROLL_MAX_EPS["linf"] / 255
+        return masks.clamp(-cap, cap)
+    cap = ENROLL_MAX_EPS["l2"] * C.CANONICAL_ZOOM / 255
+    factor = (cap / pasted_l2(masks).clamp_min(1e-12)).clamp(max=1.0)
+    return masks * factor.view(-1, 1, 1, 1)
 
 
 def recorded_budget(masks: torch.Tensor, attack: AttackConfig) -> float:
@@ -376,7 +395,7 @@ class MaskApplier(PhotoJob):
 
     def apply_to_pixels(self, rgb: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         """Detection + matching + paste on one photo in memory: (protected copy, one row per detected face)."""
-        chosen = self.select(rgb, self.detector.detect_large(rgb))
+        chosen = self.select(rgb, self.find_faces(rgb)[0])
         return self.apply_faces(rgb, chosen), self._rows
 
     def photo(self, item: BatchItem) -> dict:
@@ -396,7 +415,8 @@ class MaskApplier(PhotoJob):
                                       self.detector)
             details["faces"] = with_checks(rows, checks)
             details["verdict"] = verdict(checks)
-        return {"status": "ok", "faces": masked, "output": prepared.out_path, "details": details}
+        return {"status": "ok", "faces": masked, "output": prepared.out_path,
+                "details": with_skipped(details, prepared.skipped)}
 
     def delta_for_track_function(self):
         """A video_pipeline `delta_for_track` with its own per-track state: the mask for tracks of the person,
@@ -424,6 +444,7 @@ class MaskApplier(PhotoJob):
         details = {"frames": stats.get("frames"), "fps": stats.get("fps"), "tracks": len(states),
                    "masked_tracks": matched, "skipped_tracks": len(states) - matched,
                    "masked_face_frames": stats.get("pasted")}
-        status = "ok" if matched else "no_face"
-        message = "" if matched else f"no face of {self.mask.name} in the video (written unchanged)"
-        return {"status": status, "faces": matched, "output": out_path, "message": message, "details": details}
+        if not stats.get("pasted"):
+            return {**self.unprotected_video(stats, f"no face of {self.mask.name} in the video", details),
+                    "output": out_path}
+        return {"status": "ok", "faces": matched, "output": out_path, "details": details}

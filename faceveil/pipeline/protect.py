@@ -20,7 +20,7 @@ from faceveil.methods.base import MethodOptions, Perturbation
 from faceveil.methods.targets import DEFAULT_MAX_TARGETS, load_targets
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.job import OutputSettings, PhotoJob, PreparedPhoto, paste_faces, select_faces
+from faceveil.pipeline.job import OutputSettings, PhotoJob, PreparedPhoto, paste_faces, select_faces, with_skipped
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_arrays
 
@@ -100,10 +100,15 @@ class PhotoProtector(PhotoJob):
         if not first.faces:
             return self.unprotected(first, "no face found")
         group = [first, *self._companions(item, len(first.faces))]
-        outcomes = self._protect_together(group)
-        for prepared, outcome in zip(group[1:], outcomes[1:], strict=True):
-            self._outcomes[prepared.item.path] = outcome
-        return _raise_or_return(outcomes[0])
+        self._protect_together(group)
+        return _raise_or_return(self._outcomes.pop(item.path))
+
+    def take_finished(self) -> list[tuple[Path, dict | Exception]]:
+        """The photos finished ahead of their turn (optimised with an earlier photo): reported as soon as they
+        are written, also when the run is interrupted before it reaches them."""
+        finished = list(self._outcomes.items())
+        self._outcomes.clear()
+        return finished
 
     def _prepare(self, item: BatchItem) -> PreparedPhoto:
         return self._ready.pop(item.path) if item.path in self._ready else self.prepare(item)
@@ -131,8 +136,9 @@ class PhotoProtector(PhotoJob):
             faces += len(prepared.faces)
         return group
 
-    def _protect_together(self, group: list[PreparedPhoto]) -> list[dict | Exception]:
-        """One optimisation for every face of the group, then each photo pasted, written and verified."""
+    def _protect_together(self, group: list[PreparedPhoto]) -> None:
+        """One optimisation for every face of the group, then each photo pasted, written and verified; each
+        photo's outcome is kept (self._outcomes) as soon as it is written."""
         start = time.perf_counter()
         try:
             marks = [f.landmarks for p in group for f in p.faces]
@@ -140,21 +146,23 @@ class PhotoProtector(PhotoJob):
             with self.stages.timing("optimise"):
                 delta, result = self.optimise(from_photos(photos, marks, self.ensemble.geometries, "photos"))
         except Exception as exc:
-            return [exc] * len(group)
+            for prepared in group:
+                self._outcomes[prepared.item.path] = exc
+            return
         self.batches.append(len(marks))
         seconds_per_face = (time.perf_counter() - start) / len(marks)
         targets = self._target_rows(result) if result is not None else None
-        outcomes: list[dict | Exception] = []
         first = 0
         for prepared in group:
             faces = slice(first, first + len(prepared.faces))
             first = faces.stop
+            outcome: dict | Exception
             try:
-                outcomes.append(self._finish(prepared, delta[faces], None if targets is None else targets[faces],
-                                             seconds_per_face, (len(group), len(marks))))
+                outcome = self._finish(prepared, delta[faces], None if targets is None else targets[faces],
+                                       seconds_per_face, (len(group), len(marks)))
             except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+                outcome = exc
+            self._outcomes[prepared.item.path] = outcome
 
     def _finish(self, prepared: PreparedPhoto, delta: torch.Tensor, targets: list[dict] | None,
                 seconds_per_face: float, batch: tuple[int, int]) -> dict:
@@ -169,11 +177,12 @@ class PhotoProtector(PhotoJob):
             details["faces"] = [check.to_dict() for check in checks]
         elif targets is not None:
             details["faces"] = [{"face": i, "target": t} for i, t in enumerate(targets)]
-        return {"status": "ok", "faces": len(prepared.faces), "output": prepared.out_path, "details": details}
+        return {"status": "ok", "faces": len(prepared.faces), "output": prepared.out_path,
+                "details": with_skipped(details, prepared.skipped)}
 
     def protect_array(self, rgb: np.ndarray) -> ArrayProtection:
         """One photo's pixels protected in memory (no file written): every selected face optimised together."""
-        faces = self.select(rgb, self.detector.detect_large(rgb))
+        faces = self.select(rgb, self.find_faces(rgb)[0])
         if not faces:
             return ArrayProtection(rgb.copy(), [], None)
         batch = from_photos([rgb] * len(faces), [f.landmarks for f in faces], self.ensemble.geometries, "photos")
@@ -203,8 +212,10 @@ class PhotoProtector(PhotoJob):
             return masks[track.id]
 
         out_path, stats = self.write_video(item, delta_for_track)
-        return {"status": "ok" if masks else "no_face", "faces": len(masks), "output": out_path,
-                "details": {"frames": stats.get("frames"), "tracks": len(masks), "fps": stats.get("fps")}}
+        details = {"frames": stats.get("frames"), "tracks": len(masks), "fps": stats.get("fps")}
+        if not stats.get("pasted"):
+            return {**self.unprotected_video(stats, "no face found in the video", details), "output": out_path}
+        return {"status": "ok", "faces": len(masks), "output": out_path, "details": details}
 
     def verify(self, original: Path, saved: Path, faces: list[Face],
                targets: list[dict] | None = None) -> list[FaceCheck]:

@@ -35,6 +35,7 @@ from faceveil.io.video import (
     iter_frames,
     probe_video,
 )
+from faceveil.pipeline.faces import default_confirmer
 
 DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]
 
@@ -81,19 +82,27 @@ def protect_video(
     tune: str | None = DEFAULT_TUNE,
     keep_metadata: bool = False,
     on_frame: Callable[[int, list[Track]], None] | None = None,
+    keep_untouched: bool = True,
+    drop_audio: bool = False,
+    replace: bool = True,
+    max_mode: int | None = None,
 ) -> dict:
-    """Write dst: src with every tracked face's perturbation pasted on; returns statistics (see `_summary`).
+    """Write dst: src with every tracked face's perturbation pasted on; returns statistics (see `_summary`;
+    "written" says whether dst was written).
 
     tracker: a FaceTracker to use (default: a new one at the video's frame rate); it is reset first.
     on_frame(index, tracks): called for each frame as it is written, with the faces pasted on it.
+    keep_untouched=False: a video on which no perturbation was pasted is not written (the photos' rule: nothing
+    unprotected is written unless asked). drop_audio: the output has no sound track. replace=False: an existing dst
+    is an error; max_mode caps its permission bits.
     """
     started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu()
     info = probe_video(src)
-    tracker = tracker or FaceTracker(fps=float(info.fps))
+    tracker = tracker or FaceTracker(fps=float(info.fps), confirm=default_confirmer().faces)
     tracker.reset()
     stats = _Stats()
     writer = VideoWriter(dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune,
-                         keep_metadata=keep_metadata)
+                         keep_metadata=keep_metadata, drop_audio=drop_audio, replace=replace, max_mode=max_mode)
     bar = tqdm(total=info.frame_count or None, unit="frame", desc="video", disable=not progress)
     with bar, contextlib.closing(iter_frames(src, info)) as frames:
         try:
@@ -102,13 +111,18 @@ def protect_video(
                 if on_frame is not None:
                     on_frame(pending.index, pending.tracks)
                 bar.update(1)
+            written = keep_untouched or stats.pasted > 0
             with stats.encode:
-                writer.close()  # waits for ffmpeg to encode the last frames
+                if written:
+                    writer.close()  # waits for ffmpeg to encode the last frames
+                else:
+                    writer.abort()
         except BaseException:
             writer.abort()
             raise
-    return _summary(stats, tracker, info, time.perf_counter() - started, time.process_time() - cpu_started,
-                    _children_cpu() - children_started)
+    summary = _summary(stats, tracker, info, time.perf_counter() - started, time.process_time() - cpu_started,
+                       _children_cpu() - children_started)
+    return {**summary, "written": written}
 
 
 def _tracked(frames: Iterator[np.ndarray], tracker: FaceTracker, stats: _Stats) -> Iterator[_Pending]:
@@ -195,6 +209,7 @@ def _summary(stats: _Stats, tracker: FaceTracker, info: VideoInfo, seconds: floa
         "backfilled": stats.backfilled,
         "detection_calls": tracker.detections,
         "onet_crops": tracker.onet_crops,
+        "not_faces_skipped": tracker.not_faces,
         "split_seconds": {  # wall; decode/encode: waiting for ffmpeg's pipes (ffmpeg itself runs beside us)
             "decode": stats.decode.wall,
             "detection": tracker.detect_time.wall,

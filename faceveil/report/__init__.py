@@ -37,14 +37,20 @@ def batch_header(command: str, settings: Any) -> dict:
     return {"command": command, "settings": settings_dict(settings)}
 
 
-def write_report(path: str | Path, kind: str, payload: dict, progress: bool = False) -> Path:
-    """Render the payload as one HTML file, written atomically. Returns the path."""
-    from faceveil.io.atomic import atomic_path
+def write_report(path: str | Path, kind: str, payload: dict, progress: bool = False, *, originals: bool = False,
+                 max_mode: int | None = None) -> Path:
+    """Render the payload as one HTML file, written atomically. Returns the path.
+
+    A photo report is meant to be shared: it shows only the protected pictures unless originals=True, and then says
+    at its top that it holds the unprotected faces. max_mode caps the file's permission bits (a report is never
+    more readable than the photos it shows)."""
+    from faceveil.io.atomic import atomic_path, check_target
     from faceveil.report.render import render
 
     path = Path(path)
-    html = render(kind, payload, progress)
+    check_target(path)
+    html = render(kind, payload, progress, originals=originals)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temp:
-        temp.write_text(html, encoding="utf-8")
+    with atomic_path(path, max_mode=max_mode) as temp:
+        temp.write_text(html, encoding="utf-8", errors="replace")
     return path

@@ -85,10 +85,13 @@ table.data td.wide { min-width: 16em; }
 
 
 def esc(value: Any) -> str:
-    return escape(str(value), quote=True)
+    """HTML-escaped text; a file name that is not UTF-8 (kept by Python as surrogates) gets replacement characters
+    instead of failing when the page is written."""
+    text = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return escape(text, quote=True)
 
 
-def page(title: str, kind_label: str, lede: str, body: str) -> str:
+def page(title: str, kind_label: str, lede: str, body: str, footer: str = "") -> str:
     """The whole document: one file, inline CSS, no scripts."""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -100,7 +103,8 @@ def page(title: str, kind_label: str, lede: str, body: str) -> str:
         f"<header class=\"top\"><h1>{esc(title)}</h1><span class=\"kind\">{esc(kind_label)}</span></header>\n"
         f"<p class=\"lede\">{esc(lede)}</p>\n{body}\n"
         f"<footer>Made by faceveil {esc(__version__)} on this computer; nothing in this file was sent anywhere. "
-        "All images are embedded in the file.</footer>\n</main>\n</body>\n</html>\n"
+        f"All images are embedded in the file.{' ' + esc(footer) if footer else ''}</footer>\n</main>\n</body>\n"
+        "</html>\n"
     )
 
 

@@ -31,7 +31,7 @@ class PhotoPair:
     """An original and its protected version as RGB uint8 arrays of the same size (the protected one is resized to
     the original's size when a tool changed it; `resized` says so)."""
 
-    before: np.ndarray
+    before: np.ndarray | None  # None: only the protected photo is shown (a shareable report)
     after: np.ndarray
     resized: bool = False
 
@@ -62,6 +62,11 @@ def load_pair(original: Path, protected: Path) -> PhotoPair:
     return PhotoPair(before, after)
 
 
+def load_protected(protected: Path) -> PhotoPair:
+    """Only the protected photo (orientation applied): what a shareable report shows."""
+    return PhotoPair(None, read_image(protected).rgb)
+
+
 def amplified_difference(before: np.ndarray, after: np.ndarray, gain: float = DIFF_GAIN) -> np.ndarray:
     """|after - before| x gain on mid-grey, per channel: grey where nothing changed, brighter where the mask is.
     The absolute value (not the signed change) survives the area-averaging of a downscale, so a small thumbnail
@@ -81,7 +86,9 @@ def fit(image: np.ndarray, side: int, resample: Image.Resampling = Image.Resampl
 
 
 def thumbnails(pair: PhotoPair, side: int = THUMB_SIDE) -> dict[str, str]:
-    """Data URIs of the before, after and amplified-change views of the whole photo."""
+    """Data URIs of the before, after and amplified-change views of the whole photo (only after without before)."""
+    if pair.before is None:
+        return {"after": data_uri(fit(pair.after, side))}
     diff = amplified_difference(pair.before, pair.after)
     return {"before": data_uri(fit(pair.before, side)), "after": data_uri(fit(pair.after, side)),
             "change": data_uri(fit(diff, side, Image.Resampling.BOX))}
@@ -100,9 +107,11 @@ def face_window(box: list[float], width: int, height: int, margin: float = FACE_
 
 
 def face_closeups(pair: PhotoPair, box: list[float], side: int = FACE_SIDE) -> dict[str, str]:
-    """Data URIs of one face's before, after and amplified-change close-ups."""
-    h, w = pair.before.shape[:2]
+    """Data URIs of one face's before, after and amplified-change close-ups (only after without before)."""
+    h, w = pair.after.shape[:2]
     x0, y0, x1, y1 = face_window(box, w, h)
+    if pair.before is None:
+        return {"after": data_uri(fit(pair.after[y0:y1, x0:x1], side))}
     before, after = pair.before[y0:y1, x0:x1], pair.after[y0:y1, x0:x1]
     diff = amplified_difference(before, after)
     return {"before": data_uri(fit(before, side)), "after": data_uri(fit(after, side)),

@@ -24,9 +24,13 @@ HOW_TO_READ = (
     "protected one. The black line is the model's decision threshold (calibrated on LFW): a bar that reaches the "
     "red zone past it means the model still says “same person”. Green bars stop short of the line: the model no "
     "longer links the protected photo to the original. Models marked “optimised against” are the ones the mask "
-    "was computed with; the others are independent checks. “Changes ×10” shows where the photo was altered, "
-    "amplified ten times (grey = untouched)."
+    "was computed with; the others are independent checks."
 )
+HOW_TO_READ_CHANGES = " “Changes ×10” shows where the photo was altered, amplified ten times (grey = untouched)."
+
+
+def how_to_read(originals: bool) -> str:
+    return HOW_TO_READ + (HOW_TO_READ_CHANGES if originals else "")
 
 
 def judge_entries(face: dict) -> dict[str, dict]:
@@ -112,13 +116,31 @@ def resolve(path: str | None, base: Path | None) -> Path | None:
     return base / p
 
 
+def embeddable(path: Path, base: Path | None) -> Path:
+    """The photo to embed, or FaceveilError: a results file read from disk (base = its folder) may only bring in
+    photos inside that folder (links resolved), so that a crafted JSON cannot pull any local image into a report."""
+    if base is None:
+        return path
+    from faceveil.io.paths import safe_resolve
+
+    real, root = safe_resolve(path), safe_resolve(base)
+    if not real.is_relative_to(root):
+        raise FaceveilError(f"{path} is outside the folder of the results file ({base}): not embedded")
+    return real
+
+
 def photo_figures(pair: I.PhotoPair, boxes: list[list[float]], jpeg: bool = False) -> str:
-    """The before / after / change thumbnails, face boxes outlined by CSS over the original (pixels untouched)."""
+    """The before / after / change thumbnails, face boxes outlined by CSS over the original (pixels untouched);
+    without the original (a shareable report), the protected photo alone with the boxes over it."""
     thumbs = I.thumbnails(pair)
-    h, w = pair.before.shape[:2]
+    h, w = (pair.before if pair.before is not None else pair.after).shape[:2]
     outlines = "".join(
         "<div class=\"box\" style=\"left:{left:.2f}%;top:{top:.2f}%;width:{width:.2f}%;height:{height:.2f}%\">"
         .format(**I.box_percent(b, w, h)) + f"<span>{i}</span></div>" for i, b in enumerate(boxes))
+    if pair.before is None:
+        caption = "Protected (faces numbered)" if boxes else "Protected"
+        return (f"<div class=\"triple\"><figure><div class=\"photo\"><img src=\"{thumbs['after']}\" "
+                f"alt=\"protected photo\">{outlines}</div><figcaption>{caption}</figcaption></figure></div>")
     caption = "Original (faces numbered)" if boxes else "Original"
     original = (f"<figure><div class=\"photo\"><img src=\"{thumbs['before']}\" alt=\"original photo\">{outlines}"
                 f"</div><figcaption>{caption}</figcaption></figure>")
@@ -135,7 +157,8 @@ def face_block(index: int, face: dict, pair: I.PhotoPair | None, context: dict, 
     if pair is not None and face.get("box") and index < MAX_FACES_WITH_CLOSEUPS:
         c = I.face_closeups(pair, face["box"])
         pictures = (f"<div class=\"triple\">{H.figure(c['before'], 'original')}{H.figure(c['after'], 'protected')}"
-                    f"{H.figure(c['change'], 'changes ×10')}</div>")
+                    f"{H.figure(c['change'], 'changes ×10')}</div>" if "before" in c
+                    else f"<div class=\"triple\">{H.figure(c['after'], 'protected')}</div>")
     bars = bars_table(entries, context["thresholds"], context["surrogates"], face.get("ranks")) if entries else ""
     layout = "face" if pictures else "face solo"  # no close-ups (no face box): the bars take the full width
     return (f"<div class=\"{layout}\"><div>{pictures}</div><div><h3>Face {index}</h3>"
@@ -158,9 +181,12 @@ def photo_card(result: dict, context: dict, with_images: bool) -> tuple[str, lis
         return (f"<section class=\"card photo-card\">{head}<p>Video: {H.esc(details.get('tracks'))} face track(s) "
                 f"masked over {H.esc(details.get('frames'))} frames, written to {H.esc(output)}.</p></section>", [])
     pair, note = None, ""
-    if with_images and source is not None and output is not None:
+    originals = context.get("originals", False)
+    if with_images and output is not None and (source is not None or not originals):
         try:
-            pair = I.load_pair(source, output)
+            after = embeddable(output, context["base"])
+            pair = (I.load_pair(embeddable(source, context["base"]), after) if originals and source is not None
+                    else I.load_protected(after))
         except FaceveilError as exc:
             note = f"<p class=\"muted\">Pictures not shown: {H.esc(exc)}</p>"
     elif with_images:
@@ -242,18 +268,18 @@ def documents(payload: dict) -> list[dict]:
     return list(payload.get("documents") or [payload])
 
 
-def context_for(doc: dict) -> dict:
+def context_for(doc: dict, originals: bool = False) -> dict:
     settings = doc.get("settings") or {}
     return {"thresholds": dict(settings.get("thresholds") or {}), "surrogates": list(settings.get("surrogates") or []),
-            "base": Path(doc["_base"]) if doc.get("_base") else None}
+            "base": Path(doc["_base"]) if doc.get("_base") else None, "originals": originals}
 
 
-def protect_body(payload: dict, progress: bool = False) -> tuple[str, str]:
-    """(lede, body) of a protect / apply report."""
+def protect_body(payload: dict, progress: bool = False, originals: bool = False) -> tuple[str, str]:
+    """(lede, body) of a protect / apply report (the original photos only with originals=True)."""
     cards, tones, results_all, ledes = [], [], [], []
     shown = 0
     for doc in documents(payload):
-        context = context_for(doc)
+        context = context_for(doc, originals)
         results = list(doc.get("results") or [])
         results_all += results
         ledes.append(run_lede(doc.get("settings") or {}))
@@ -268,7 +294,7 @@ def protect_body(payload: dict, progress: bool = False) -> tuple[str, str]:
     files = count(len(results_all), "photo")
     lede = "; ".join(x for x in dict.fromkeys(ledes) if x)
     body = (f"<div id=\"summary\">{summary_banner(tones)}{per_model_line(results_all)}</div>"
-            f"<p class=\"howto\">{HOW_TO_READ}</p>{capped}{''.join(cards)}")
+            f"<p class=\"howto\">{how_to_read(originals)}</p>{capped}{''.join(cards)}")
     return f"{files}" + (f" — {lede}" if lede else ""), body
 
 
@@ -297,14 +323,14 @@ def verify_faces(doc: dict) -> list[dict]:
     return [faces[i] for i in sorted(faces)]
 
 
-def verify_body(payload: dict, progress: bool = False) -> tuple[str, str]:
+def verify_body(payload: dict, progress: bool = False, originals: bool = False) -> tuple[str, str]:
     """(lede, body) of a verify report: protect's view plus the gallery rank and the transforms."""
     from faceveil.report import plots
 
     cards, tones = [], []
     for doc in tqdm(documents(payload), desc="report", unit="pair", disable=not progress or not sys.stderr.isatty()):
         settings = doc.get("settings") or {}
-        context = context_for(doc)
+        context = context_for(doc, originals)
         faces = verify_faces(doc)
         for face in faces:
             chart = plots.transform_bars(face["by_transform"], context["thresholds"])
@@ -320,5 +346,6 @@ def verify_body(payload: dict, progress: bool = False) -> tuple[str, str]:
         card, face_tones = photo_card(result, context, True)
         cards.append(card)
         tones += face_tones
-    body = f"<div id=\"summary\">{summary_banner(tones)}</div><p class=\"howto\">{HOW_TO_READ}</p>{''.join(cards)}"
+    body = (f"<div id=\"summary\">{summary_banner(tones)}</div><p class=\"howto\">{how_to_read(originals)}</p>"
+            f"{''.join(cards)}")
     return f"{count(len(documents(payload)), 'original / protected pair')} checked", body

@@ -13,24 +13,37 @@ TITLES = {"protect": "Photo protection report", "apply": "Photo protection repor
           "verify": "Protection check", "eval": "Evaluation report"}
 
 
-def render(kind: str, payload: dict, progress: bool = False) -> str:
+ORIGINALS_WARNING = ("This report contains the UNPROTECTED photos and close-ups of the unprotected faces "
+                     "(--report-originals). Do not share it: anyone with this file can recognise the people in it.")
+PROTECTED_ONLY_NOTE = ("This report shows only the protected pictures; the original photos and faces are not in "
+                       "this file.")
+
+
+def render(kind: str, payload: dict, progress: bool = False, *, originals: bool = False) -> str:
     if kind not in KINDS:
         raise FaceveilError(f"unknown report kind {kind!r}; known: {', '.join(KINDS)}")
     if not isinstance(payload, dict):
         raise FaceveilError(f"a {kind} report needs a JSON object, got {type(payload).__name__}")
+    footer = ""
     if kind in PHOTO_KINDS:
         from faceveil.report.photos import protect_body
 
-        lede, body = protect_body(payload, progress)
+        lede, body = protect_body(payload, progress, originals=originals)
     elif kind == "verify":
         from faceveil.report.photos import verify_body
 
-        lede, body = verify_body(payload, progress)
+        lede, body = verify_body(payload, progress, originals=originals)
     else:
         from faceveil.report.evals import eval_body
 
         lede, body = eval_body(payload)
-    return H.page("faceveil", TITLES[kind], lede, body)
+    if kind in PHOTO_KINDS or kind == "verify":
+        if originals:
+            body = H.banner("bad", ORIGINALS_WARNING) + body
+            footer = ORIGINALS_WARNING
+        else:
+            footer = PROTECTED_ONLY_NOTE
+    return H.page("faceveil", TITLES[kind], lede, body, footer)
 
 
 def kind_of(doc: dict, source: str) -> str:

@@ -7,6 +7,11 @@ method, path (no query string, no client address), status and milliseconds.
 
 The model runs in a worker thread pool of `workers` slots off the event loop, so /health answers while the
 model works; when more than `max_pending` requests are waiting, new ones get 503 at once rather than queueing.
+
+A client cannot hold the service by sending slowly (ClientPolicy): a body must keep up a minimum rate after a grace
+period (408 and the connection closed otherwise), one client address may have at most `per_client` requests in
+flight (429 beyond), and a stalled body holds a connection, never a model slot. A client that goes away mid-request
+is logged as what it is (status 499, "client closed the request"), not as a 500.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
 import anyio.to_thread
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from faceveil import __version__
 from faceveil.errors import FaceveilError
@@ -38,6 +45,7 @@ log = logging.getLogger("faceveil.serve")
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_PENDING = 64
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request": logged, never sent
 STAGES = ("s", "g_hat")  # s: the full APF noise (APF_s); g_hat: the transferred gradient T(g) alone (APF_g_hat)
 # |g| may exceed eps by float rounding of eps * sign(...) on the client: a relative and an absolute slack.
 EPS_RTOL, EPS_ATOL = 1e-4, 1e-6
@@ -62,8 +70,32 @@ class Limits:
         return self.eps * (1 + EPS_RTOL) + EPS_ATOL
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers={"Cache-Control": "no-store"})
+@dataclass(frozen=True)
+class ClientPolicy:
+    """How much of the service one client may hold. A body must arrive at `min_body_rate` bytes/s on average once
+    `body_grace_s` has passed (a 150 KB face gradient may take 5 + 9 s at the defaults: a slow mobile uplink), so a
+    stalled body is cut after the grace period and one that trickles soon after. Connections beyond
+    `max_connections` get uvicorn's 503."""
+
+    body_grace_s: float = 5.0
+    min_body_rate: float = 16 * 1024
+    per_client: int = 16
+    max_connections: int = 512
+
+    def __post_init__(self) -> None:
+        if not (self.body_grace_s > 0 and self.min_body_rate > 0 and self.per_client >= 1
+                and self.max_connections >= 1):
+            raise FaceveilError("body grace and minimum body rate must be above 0, per-client and connection limits "
+                                "at least 1")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was answered."""
+
+
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    headers = {"Cache-Control": "no-store", **({"Connection": "close"} if close else {})}
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 def _looks_like_image(shape: tuple[int, ...]) -> bool:
@@ -90,8 +122,9 @@ def check_gradient(g: np.ndarray, limits: Limits) -> None:
                                   "the L-inf eps-ball (Eq. 1)")
 
 
-async def read_body_limited(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) a declared or actual size over `limit` before buffering more than that."""
+async def read_body_limited(request: Request, limit: int, policy: ClientPolicy = ClientPolicy()) -> bytes:
+    """The body, refusing (413) a declared or actual size over `limit` before buffering more than that, and (408) one
+    that falls behind the policy's minimum rate; ClientGone when the client hangs up."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -99,12 +132,50 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise wire.WireError(413, f"body of {int(declared)} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    start = time.monotonic()
+    stream = request.stream().__aiter__()
+    while True:
+        # the next bytes are due when the average rate since the grace period would fall below the minimum
+        due = start + policy.body_grace_s + size / policy.min_body_rate
+        try:
+            with anyio.fail_after(max(due - time.monotonic(), 0)):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError:
+            raise wire.WireError(408, f"request body too slow: {size} bytes in {time.monotonic() - start:.1f} s "
+                                      f"(at least {policy.min_body_rate:g} bytes/s after {policy.body_grace_s:g} s)"
+                                 ) from None
+        except ClientDisconnect:
+            raise ClientGone(f"after {size} bytes of the body") from None
         size += len(chunk)
         if size > limit:
             raise wire.WireError(413, f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+
+
+class PerClient:
+    """Requests in flight per client address (event loop thread only): at most `limit` each, 429 beyond."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, {}
+
+    def total(self) -> int:
+        return sum(self.in_flight.values())
+
+    @contextlib.contextmanager
+    def admit(self, request: Request) -> Iterator[None]:
+        key = request.client.host if request.client else ""
+        if self.in_flight.get(key, 0) >= self.limit:
+            raise wire.WireError(429, f"too many requests from this client at once (limit {self.limit}); retry "
+                                      "when one is answered")
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
 
 
 def check_media_type(request: Request) -> None:
@@ -177,16 +248,20 @@ def _json_safe(value) -> dict:
 
 
 def create_app(model: ApfServerModel, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1,
-               max_pending: int = DEFAULT_MAX_PENDING) -> FastAPI:
+               max_pending: int = DEFAULT_MAX_PENDING, policy: ClientPolicy | None = None) -> FastAPI:
     """The APF noise service around a server model (ApfServerModel: eps, meta, forward(g) -> s, transferred)."""
+    policy = policy or ClientPolicy()
+    clients = PerClient(policy.per_client)
     if max_batch < 1 or workers < 1 or max_pending < 1:
         raise FaceveilError("max_batch, workers and max_pending must be at least 1")
     limits = Limits(grid=int(model.meta.get("grid", APF_GRID)), eps=float(model.eps), max_batch=max_batch)
     runner = ModelRunner(model, limits, workers, max_pending)
     health = {"status": "ok", "service": "faceveil-apf", "version": __version__, "grid": limits.grid, "channels": 3,
               "eps": limits.eps, "max_batch": max_batch, "max_body_bytes": limits.max_body_bytes, "stages": STAGES,
-              "workers": workers, "wire": {"media_type": wire.MEDIA_TYPE, "magic": wire.MAGIC.decode(),
-                                           "dtype": wire.DTYPE, "byte_order": "little"},
+              "workers": workers, "per_client": policy.per_client, "body_grace_s": policy.body_grace_s,
+              "min_body_rate": policy.min_body_rate,
+              "wire": {"media_type": wire.MEDIA_TYPE, "magic": wire.MAGIC.decode(), "dtype": wire.DTYPE,
+                       "byte_order": "little"},
               "model": _json_safe(model.meta)}
     app = FastAPI(title="faceveil APF noise service", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -202,29 +277,33 @@ def create_app(model: ApfServerModel, max_batch: int = DEFAULT_MAX_BATCH, worker
 
     @app.get("/health")
     async def get_health() -> JSONResponse:
-        return JSONResponse({**health, "pending": runner.pending})
+        return JSONResponse({**health, "pending": runner.pending, "in_flight": clients.total()})
 
     @app.post("/v1/noise")
     async def post_noise(request: Request) -> Response:
         try:
-            return await _answer_noise(request, limits, runner)
-        except wire.WireError as exc:
-            return _error(exc.status, str(exc))
+            with clients.admit(request):
+                return await _answer_noise(request, limits, runner, policy)
+        except wire.WireError as exc:  # a body left unread (408, 413, 429) cannot share the connection with the next
+            return _error(exc.status, str(exc), close=exc.status in (408, 413, 429))
+        except ClientGone as exc:  # nobody to answer: the status is for the log line
+            log.info("client closed the request %s", exc)
+            return _error(CLIENT_CLOSED, "client closed the request")
         except Exception as exc:  # never a crash, never a traceback that could carry request data
             log.error("internal error: %s", type(exc).__name__)
             return _error(500, f"internal error ({type(exc).__name__})")
 
     app.add_middleware(PathOnlyLog)
-    app.state.limits, app.state.max_pending = limits, max_pending
+    app.state.limits, app.state.max_pending, app.state.policy = limits, max_pending, policy
     return app
 
 
-async def _answer_noise(request: Request, limits: Limits, runner: ModelRunner) -> Response:
+async def _answer_noise(request: Request, limits: Limits, runner: ModelRunner, policy: ClientPolicy) -> Response:
     check_media_type(request)
     stage = request.query_params.get("stage", "s")
     if stage not in STAGES:
         raise wire.WireError(400, f"stage must be one of {', '.join(STAGES)}")
-    body = await read_body_limited(request, limits.max_body_bytes)
+    body = await read_body_limited(request, limits.max_body_bytes, policy)
     g = wire.decode(body)
     check_gradient(g, limits)
     noise, seconds = await runner.run(wire.to_tensor(g), stage)
@@ -262,11 +341,12 @@ def url_of(sock: socket.socket) -> str:
 
 def uvicorn_server(app: FastAPI) -> uvicorn.Server:
     """uvicorn with its access log off (it would print client addresses and query strings), no Server header, and
-    the process's logging left alone (log_config=None). Connections beyond the admitted requests (plus room for
-    /health) get uvicorn's 503."""
+    the process's logging left alone (log_config=None). Connections beyond the policy's max_connections get
+    uvicorn's 503: it counts every open connection, stalled ones too, so it is set far above max_pending (which
+    bounds the model's queue on its own) and a slow body is cut by the body rate, not by starving everyone."""
     config = uvicorn.Config(app, access_log=False, log_config=None, log_level="warning", lifespan="off",
                             server_header=False, date_header=False, timeout_keep_alive=5,
-                            limit_concurrency=app.state.max_pending + 16)
+                            limit_concurrency=max(app.state.policy.max_connections, app.state.max_pending + 16))
     return uvicorn.Server(config)
 
 
