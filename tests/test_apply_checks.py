@@ -3,6 +3,8 @@ protect's row shape, the verdict counts, and the line that says when a mask prot
 
 from __future__ import annotations
 
+import pytest
+
 from faceveil.cli.person import verdict_line
 from faceveil.pipeline.person import verdict, with_checks
 from faceveil.pipeline.results import FaceCheck, JudgeScore
@@ -42,10 +44,12 @@ def test_a_texture_or_visibility_mask_records_the_budget_it_reaches(tmp_path) ->
 
     from faceveil.attacks.core import AttackConfig
     from faceveil.pipeline.maskfile import PersonMask, load_mask, save_mask
-    from faceveil.pipeline.person import recorded_budget
+    from faceveil.pipeline.person import recorded_budget, within_enroll_cap
 
     masks = torch.full((1, 3, 256, 256), 4 / 255)
-    masks[..., 100:120, :] = 20 / 255  # a brow band at 2.5 x the mean budget
+    masks[..., 100:120, :] = 20 / 255  # a brow band at 2.5 x the mean budget: above the largest file budget (16)
+    masks = within_enroll_cap(masks, "linf")
+    assert float(masks.max()) == pytest.approx(16 / 255) and float(masks.min()) == pytest.approx(4 / 255)
     plain, texture = AttackConfig(eps=8 / 255), AttackConfig(eps=8 / 255, budget="texture")
     assert recorded_budget(masks.clamp(max=8 / 255), plain) == 8 / 255
     assert recorded_budget(masks, texture) == float(masks.max())
