@@ -327,9 +327,10 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
                 all_faces: bool = False, mask_index: int = 0, recursive: bool = False,
                 report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
                 on_frame: FrameProgress | None = None, **output: Any) -> BatchReport:
-    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
-    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, keep_date, copy_unprotected, existing (refuse
-    | overwrite | skip), drop_audio. on_frame(video, frames written, frames in all): called as each video frame is
+    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir, and every
+    masked face of a saved photo checked by the judges: what `faceveil apply` runs. `output`: fmt, jpeg_quality,
+    keep_metadata, keep_date, copy_unprotected, existing (refuse | overwrite | skip), drop_audio, verify (default
+    True), judges (default all). on_frame(video, frames written, frames in all): called as each video frame is
     written (a page's progress bar)."""
     prepare_process()
     from faceveil.pipeline.job import plan_files, run_on_files

@@ -102,6 +102,16 @@ non_negative = number_in(0, 1e12)
 positive = number_in(0, 1e12, low_open=True)
 fraction = number_in(0, 1)
 dropout_rate = number_in(0, 0.99)
+ssim_target = number_in(0, 0.999)  # a visibility budget's face-area SSIM (0 = off)
+
+
+def dropout_choice(text: str) -> float | str:
+    """argparse type: a DFANet dropout rate in [0, 0.99], or "calibrated" (each surrogate at its own rate)."""
+    if text.strip().lower() == "calibrated":
+        return "calibrated"
+    return dropout_rate(text)
+
+
 port_number = number_in(0, 65535, integer=True)
 
 
@@ -271,3 +281,22 @@ def table_stream(args: argparse.Namespace):
     """Where a photo command prints its table: stderr when the JSON report goes to stdout (--json -)."""
     return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
 
+
+def print_judge_table(results, judges: list[str], only=None, stream=None) -> None:
+    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised. `only`: a
+    test of the face rows to print (apply prints its masked faces)."""
+    from faceveil.pipeline.batch import printable
+
+    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
+    for r in results:
+        faces = [f for f in (r.details or {}).get("faces") or [{}] if only is None or only(f)] or [{}]
+        for face in faces:
+            cells = []
+            for j in judges:
+                v = face.get(j)
+                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
+            lines.append(f"| {printable(Path(r.file).name)} | {face.get('face', '')} | {r.status} | "
+                         + " | ".join(cells) + " |")
+    print("\n".join(lines), file=stream or sys.stdout)
+    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them",
+          file=stream or sys.stdout)
