@@ -15,7 +15,6 @@ from faceveil.cli.common import (
     check_report_targets,
     finish_batch,
     in_range,
-    positive_int,
     smoothing_size,
     table_stream,
 )
@@ -143,14 +142,10 @@ def _add_apf_flags(g) -> None:
 
 
 def _add_engine_flags(g) -> None:
-    g.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local: this process; ray: a pool of Ray actors, one Protector each (needs the extra "
-                        "faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)")
-    g.add_argument("--address", metavar="ADDR", default=None,
-                   help="ray: join the cluster of `ray start --head` at HOST:PORT (or auto); default: a local Ray "
-                        "instance started for the run")
-    g.add_argument("--workers", type=positive_int, default=2, metavar="N",
-                   help="ray: actors in the pool, one CPU and one copy of the models each")
+    from faceveil.cli.engine import add_engine_flags
+
+    add_engine_flags(g, "local: this process; ray: a pool of Ray actors, one Protector each (needs the extra "
+                        "faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)", "the models")
 
 
 DEMO_FOLDER = "faceveil-demo"
