@@ -214,9 +214,16 @@ def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | N
     return doc
 
 
-def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
-    """After a photo job: the HTML report if asked (also after Ctrl-C: the photos done so far), and the exit status
-    (130 interrupted, 2 when a file failed, else 0)."""
+# Exit status of a photo job (protect, demo, apply): 0 every file written and no written face still recognised by a
+# judge; 3 every file written but some face is still recognised by at least one judge (the verdict says which);
+# 2 a file failed or the report could not be written; 130 / 143 interrupted (SIGINT / SIGTERM).
+EXIT_STILL_RECOGNISED = 3
+
+
+def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> int:
+    """After a photo job: the summary line (what was written, how many faces each verdict), the HTML report if
+    asked (also after Ctrl-C: the photos done so far), and the exit status (see EXIT_STILL_RECOGNISED)."""
+    print(f"faceveil {kind}: {report.tally.line()}", file=stream or sys.stdout)
     if getattr(args, "report", None):
         from faceveil.report import write_report
 
@@ -229,7 +236,9 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
     if report.interrupted:
         print(f"faceveil: interrupted ({report.signal}): {report.summary()}", file=sys.stderr)
         return 143 if report.signal == "SIGTERM" else 130
-    return 2 if any(r.status == "error" for r in report.results) or report.report_error else 0
+    if any(r.status == "error" for r in report.results) or report.report_error:
+        return 2
+    return EXIT_STILL_RECOGNISED if report.still_recognised else 0
 
 
 def check_report_targets(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from faceveil.cli.common import (
+    EXIT_STILL_RECOGNISED,
     Groups,
     add_output_flags,
     add_report_flag,
@@ -157,26 +158,36 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
             inputs, out_dir, recursive=args.recursive, report_path=args.json, progress=not args.quiet,
             header=header)
     _print_table(report.results, settings.judges, table_stream(args))
-    return finish_batch(report, "protect", args)
+    return finish_batch(report, "protect", args, table_stream(args))
 
 
 def _print_table(results, judges: list[str], stream=None) -> None:
-    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised."""
-    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
+    """Before/after: per face, each judge's similarity original -> protected ('*' = still recognised) and the
+    face's verdict in words; per file, its status ('written' for ok) and, with several faces, the photo's verdict."""
+    from faceveil.models import zoo
+    from faceveil.pipeline.results import face_rows
+
+    lines = ["| file | face | status | " + " | ".join(judges) + " | verdict |", "|" + "---|" * (4 + len(judges))]
     for r in results:
-        faces = (r.details or {}).get("faces") or [{}]
+        name, status = printable(Path(r.file).name), "written" if r.status == "ok" else r.status
+        faces = face_rows(r.details)
+        if len(faces) != 1:  # the photo's own line: its verdict (several faces), or why nothing was protected
+            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(r.verdict or r.message)} |")
         for face in faces:
             cells = []
             for j in judges:
                 v = face.get(j)
                 cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {printable(Path(r.file).name)} | {face.get('face', '')} | {r.status} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {face.get('face', '')} | {status} | " + " | ".join(cells)
+                         + f" | {face.get('verdict', '')} |")
         for other in (r.details or {}).get("not_faces", []):  # detections the face check refused: left alone
-            lines.append(f"| {printable(Path(r.file).name)} | - | {other['reason']} |" + " |" * len(judges))
-    print("\n".join(lines), file=stream or sys.stdout)
-    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them",
-          file=stream or sys.stdout)
+            lines.append(f"| {name} | - | {other['reason']} |" + " |" * (len(judges) + 1))
+    out = stream or sys.stdout
+    print("\n".join(lines), file=out)
+    thresholds = ", ".join(f"{j} {zoo.threshold(j):.3f}" for j in judges)
+    print("score = similarity original -> protected (cosine; -L2 for dlib: nearer 0 = more alike); "
+          f"* = at or above the model's threshold, the model still recognises the face. Thresholds: {thresholds}",
+          file=out)
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
@@ -190,4 +201,5 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.output == DEMO_FOLDER and args.existing == "refuse":  # its own folder: a rerun replaces its own outputs
         args.existing = "overwrite"
     print(f"faceveil demo: protecting {len(samples)} sample photos into {args.output}/", file=sys.stderr)
-    return _run_protect(samples, args.output, args)
+    code = _run_protect(samples, args.output, args)
+    return 0 if code == EXIT_STILL_RECOGNISED else code  # the demo shows the verdicts; it ran, so it succeeds

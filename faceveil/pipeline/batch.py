@@ -29,6 +29,7 @@ from tqdm import tqdm
 from faceveil.errors import FaceveilError
 from faceveil.io import atomic
 from faceveil.io.paths import IMAGE_EXTS, VIDEO_EXTS, is_video_path, output_path_for, safe_resolve
+from faceveil.pipeline.results import FaceTally, face_rows, photo_verdict, with_verdict
 
 __all__ = [
     "STATUSES", "BatchItem", "BatchReport", "ItemResult", "SkipItem", "expand_inputs", "run_batch",
@@ -72,6 +73,10 @@ class ItemResult:
     seconds: float = 0.0
     output: str | None = None
     details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
+    # a written file's verdict ("ok" only says it was written): protected = no checked face is recognised by any
+    # judge (None: nothing checked), verdict = the same in plain words (results.photo_verdict)
+    protected: bool | None = None
+    verdict: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +102,20 @@ class BatchReport:
     def failed(self) -> bool:
         return self.interrupted or self.counts["error"] > 0 or self.report_error is not None
 
+    @property
+    def tally(self) -> FaceTally:
+        """The written files' faces by verdict (the summary line at the end of a batch)."""
+        tally = FaceTally()
+        for result in self.results:
+            if result.status == "ok":
+                tally.add(face_rows(result.details), video="frames" in (result.details or {}))
+        return tally
+
+    @property
+    def still_recognised(self) -> bool:
+        """Some written face is still recognised by at least one judge."""
+        return self.tally.recognised > 0
+
     def summary(self) -> str:
         counts = ", ".join(f"{n} {status}" for status, n in self.counts.items() if n)
         tail = f"; interrupted, {len(self.not_done)} not done" if self.interrupted else ""
@@ -106,7 +125,8 @@ class BatchReport:
         return {
             **self.header,
             "results": [result.to_dict() for result in self.results],
-            "summary": self.counts, "interrupted": self.interrupted, "not_done": self.not_done,
+            "summary": self.counts, "verdict": self.tally.to_dict(), "interrupted": self.interrupted,
+            "not_done": self.not_done,
         }
 
 
@@ -297,11 +317,20 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     if status not in STATUSES:
         return ItemResult(str(item.path), "error", f"callback returned unknown status {status!r}")
     output = outcome.get("output")
-    return ItemResult(
+    details = outcome.get("details")
+    result = ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
-        details=outcome.get("details"),
+        details=details,
     )
+    if status == "ok":
+        rows = face_rows(details)
+        if rows:  # every face row gets its verdict, whichever job made it
+            details = result.details = {**details, "faces": [{**with_verdict(row), **row} for row in rows]}
+        result.protected, result.verdict = photo_verdict(face_rows(details))
+        if not rows and "frames" in (details or {}):
+            result.verdict = "written; the faces of a video are not checked by the models"
+    return result
 
 
 def _one_line(exc: BaseException, *, with_type: bool) -> str:
