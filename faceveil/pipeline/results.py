@@ -142,8 +142,13 @@ def photo_verdict(rows: Iterable[Mapping[str, Any]]) -> tuple[bool | None, str]:
     judges = max((len(v.judges) for _, v in verdicts), default=0)
     parts = [f"{states.count(PROTECTED)} of {len(verdicts)} faces protected against all {judges} models"
              if judges else f"{len(verdicts)} faces"]
-    parts += [f"face {i} still recognised by {', '.join(v.recognised_by)}" for i, v in verdicts
-              if v.state == RECOGNISED]
+    by_models: dict[tuple[str, ...], list[str]] = {}  # faces recognised by the same models: said once
+    for i, v in verdicts:
+        if v.state == RECOGNISED:
+            by_models.setdefault(tuple(v.recognised_by), []).append(str(i))
+    for models, faces in by_models.items():
+        who = f"all {judges} models" if len(models) == judges > 1 else ", ".join(models)
+        parts.append(f"face{'s' if len(faces) > 1 else ''} {', '.join(faces)} still recognised by {who}")
     lost = [str(i) for i, v in verdicts if v.state == NOT_FOUND]
     if lost:
         parts.append(f"face {', '.join(lost)} not found again" if len(lost) == 1 else
