@@ -208,8 +208,10 @@ def run_batch(
     max_mode caps the report file's permission bits.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
-    message, faces, output. Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process
-    with a `take_finished()` method hands over (path, outcome) pairs of later items it has already finished.
+    message, faces, output, details, seconds. A process with `set_progress(advance)` is given a function to call
+    with its work in progress in items' worth (the bar moves per optimisation step or video frame; None at the end).
+    Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process with a `take_finished()`
+    method hands over (path, outcome) pairs of later items it has already finished.
     """
     items = list(items)
     by_path = {item.path: item for item in items}
@@ -229,15 +231,28 @@ def run_batch(
             if path in by_path and path not in done:
                 record(_outcome_result(by_path[path], outcome))
 
-    bar = tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr))
+    # the bar counts files, and moves within a file as the job reports its steps (optimisation steps, video frames)
+    bar = tqdm(total=len(items), desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr),
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def advance(worth: float) -> None:
+        """The job's work in progress, in files' worth, on top of the files done."""
+        if not bar.disable:
+            bar.n = round(min(len(done) + worth, len(items)), 3)
+            bar.refresh()
+
+    listen = getattr(process, "set_progress", None)
+    if listen is not None:
+        listen(advance)
     with _interrupts() as caught:
         try:
-            for item in bar:
+            for item in items:
                 if item.path in done:
                     continue
                 record(_run_one(item, process))
                 record_finished()
-                bar.set_postfix(report.counts, refresh=False)
+                bar.set_postfix({"files": f"{len(done)}/{len(items)}", **report.counts}, refresh=False)
+                advance(0.0)
                 if caught.signal is not None:  # an interrupt that something below swallowed
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -247,6 +262,8 @@ def run_batch(
             record_finished()  # photos written before the interrupt keep their rows
             report.not_done = [str(item.path) for item in items if item.path not in done]
         finally:
+            if listen is not None:
+                listen(None)
             bar.close()
             writer.finish(report)
     return report
@@ -296,16 +313,21 @@ def _interrupts() -> Iterator[_Caught]:
 
 
 def _run_one(item: BatchItem, process: Process) -> ItemResult:
+    """The item's row; its seconds are the wall time of the call, or the outcome's own `seconds` (a job that works
+    on several items at once books each its share, so that the rows add up to the batch)."""
     start = time.perf_counter()
+    given = None
     try:
-        result = _result_from(item, process(item))
+        outcome = process(item)
+        given = (outcome or {}).get("seconds")
+        result = _result_from(item, outcome)
     except SkipItem as exc:
         result = ItemResult(str(item.path), "skipped", _one_line(exc, with_type=False))
     except FaceveilError as exc:
         result = ItemResult(str(item.path), "error", _one_line(exc, with_type=False))
     except Exception as exc:  # one bad file never stops the rest
         result = ItemResult(str(item.path), "error", _one_line(exc, with_type=True))
-    result.seconds = round(time.perf_counter() - start, 3)
+    result.seconds = round(float(given) if given is not None else time.perf_counter() - start, 3)
     if item.note:
         result.message = "; ".join(m for m in (item.note, result.message) if m)
     return result
