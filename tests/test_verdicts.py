@@ -182,3 +182,58 @@ def test_faces_recognised_by_the_same_models_are_said_once() -> None:
     rows = [_check(0, JUDGES).to_dict(), _check(1, JUDGES).to_dict(), _check(2, ("dlib",)).to_dict()]
     assert photo_verdict(rows)[1] == ("0 of 3 faces protected against all 7 models; faces 0, 1 still recognised by "
                                       "all 7 models; face 2 still recognised by dlib")
+
+
+# ----------------------------------------------------------------------------------------------- progress, timings
+
+
+def test_the_runner_hands_a_progress_hook_and_books_given_seconds() -> None:
+    heard: list = []
+
+    class Job:
+        def set_progress(self, advance) -> None:
+            heard.append(advance)
+
+        def __call__(self, item: BatchItem) -> dict:
+            heard[0](0.5)  # half a file done: the bar moves (a no-op without a terminal)
+            return {"status": "no_face", "seconds": 1.25}
+
+    report = run_batch([BatchItem(Path("a.jpg")), BatchItem(Path("b.jpg"))], Job(), quiet=True)
+    assert callable(heard[0]) and heard[-1] is None  # taken back at the end
+    assert [r.seconds for r in report.results] == [1.25, 1.25]
+
+
+@needs_weights
+@pytest.mark.slow
+def test_progress_per_step_and_seconds_that_add_up(tmp_path: Path) -> None:
+    """Two photos optimised together: the job reports each optimisation step, and the two rows' seconds are each
+    photo's share (both above 0, adding up to the batch's wall time)."""
+    import time
+
+    from PIL import Image
+
+    from faceveil.api import Protector, sample_photos
+    from faceveil.pipeline.job import plan_files
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        with Image.open(sample_photos()[2]) as im:
+            im.convert("RGB").resize((320, 213)).save(src / name, quality=95)
+    protector = Protector(strength="low", iters=3, surrogates="mobileface", judges="mobileface", faces="largest")
+    job = protector._protector()
+    worth: list[float] = []
+    job.report_progress = worth.append  # type: ignore[method-assign]
+    plan = plan_files([src], tmp_path / "out", protector.settings)
+    job.out_dir = plan.out_dir
+    job.plan(plan.items)
+    start = time.perf_counter()
+    report = run_batch(plan.items, job, quiet=True)
+    wall = time.perf_counter() - start
+    assert [r.status for r in report.results] == ["ok", "ok"]
+    assert report.results[0].details["batch"] == {"photos": 2, "faces": 2}
+    faces = sum(r.faces for r in report.results)
+    assert faces == 2 and len(worth) >= 3
+    assert worth[:3] == pytest.approx([0.8 * 2 * k / 3 for k in (1, 2, 3)])  # two photos, three steps
+    seconds = [r.seconds for r in report.results]
+    assert all(s > 0 for s in seconds) and sum(seconds) == pytest.approx(wall, rel=0.2)
