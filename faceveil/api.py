@@ -3,7 +3,7 @@
     import faceveil
     result = faceveil.protect("me.jpg", strength="mid", seed=0)     # a path, a PIL image or an RGB uint8 array
     result.save("me-protected.jpg")                                   # atomic, location and camera metadata stripped
-    print(result.verdict)                                             # "protected against 7 of 7 models" per face
+    print(result.verdict)                                             # per face: "protected against all 7 models"
 
     protector = faceveil.Protector(strength="high")                  # models loaded once, reused
     report = protector.protect_files(["album/"], "protected/")       # every photo and video of a folder
