@@ -55,6 +55,7 @@ def test_photo_words_and_the_batch_line() -> None:
     assert words == ("1 of 3 faces protected against all 7 models; face 1 still recognised by faceres; face 2 not "
                      "found again")
     assert photo_verdict([_check(0).to_dict(), _check(1).to_dict()])[0] is True
+    assert photo_verdict(rows, detail=False) == (False, "1 of 3 faces protected against all 7 models")
     tally = FaceTally()
     tally.add(rows)
     tally.add([_check(0).to_dict()])
@@ -144,6 +145,7 @@ def test_the_protect_table_has_a_verdict_column(capsys) -> None:
     assert "| verdict |" in out.splitlines()[0]
     assert "| written |" in out and "| ok |" not in out
     assert "still recognised by faceres |" in out and "not found again in the saved photo" in out
+    assert "| p0.jpg | | written |" + " |" * len(JUDGES) + " 0 of 2 faces protected against all 7 models |" in out
     assert "Thresholds: mobileface" in out and "dlib -" in out
 
 

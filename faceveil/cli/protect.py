@@ -165,14 +165,15 @@ def _print_table(results, judges: list[str], stream=None) -> None:
     """Before/after: per face, each judge's similarity original -> protected ('*' = still recognised) and the
     face's verdict in words; per file, its status ('written' for ok) and, with several faces, the photo's verdict."""
     from faceveil.models import zoo
-    from faceveil.pipeline.results import face_rows
+    from faceveil.pipeline.results import face_rows, photo_verdict
 
     lines = ["| file | face | status | " + " | ".join(judges) + " | verdict |", "|" + "---|" * (4 + len(judges))]
     for r in results:
         name, status = printable(Path(r.file).name), "written" if r.status == "ok" else r.status
         faces = face_rows(r.details)
-        if len(faces) != 1:  # the photo's own line: its verdict (several faces), or why nothing was protected
-            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(r.verdict or r.message)} |")
+        if len(faces) != 1:  # the photo's own line: how many of its faces are protected, or why none was
+            said = photo_verdict(faces, detail=False)[1] if faces else r.verdict or r.message
+            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(said)} |")
         for face in faces:
             cells = []
             for j in judges:

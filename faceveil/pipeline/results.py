@@ -127,10 +127,11 @@ def face_rows(details: Mapping[str, Any] | None) -> list[dict]:
     return [f for f in (details or {}).get("faces") or [] if isinstance(f, dict)]
 
 
-def photo_verdict(rows: Iterable[Mapping[str, Any]]) -> tuple[bool | None, str]:
+def photo_verdict(rows: Iterable[Mapping[str, Any]], detail: bool = True) -> tuple[bool | None, str]:
     """(protected, words) for a written photo from its face rows: protected is True when every face the job
     changed was checked and none is recognised, False when some face is still recognised, None when none was
-    checked. One face: that face's words; several: how many are protected, which are not and by whom."""
+    checked. One face: that face's words; several: how many are protected, and (detail) which are not and by
+    whom (a table that lists the faces below says only the first part)."""
     verdicts = [(int(row.get("face", i)), face_verdict(row)) for i, row in enumerate(rows)]
     verdicts = [(i, v) for i, v in verdicts if v.state != LEFT_ALONE]
     if not verdicts:
@@ -142,6 +143,8 @@ def photo_verdict(rows: Iterable[Mapping[str, Any]]) -> tuple[bool | None, str]:
     judges = max((len(v.judges) for _, v in verdicts), default=0)
     parts = [f"{states.count(PROTECTED)} of {len(verdicts)} faces protected against all {judges} models"
              if judges else f"{len(verdicts)} faces"]
+    if not detail:
+        return protected, parts[0]
     by_models: dict[tuple[str, ...], list[str]] = {}  # faces recognised by the same models: said once
     for i, v in verdicts:
         if v.state == RECOGNISED:
