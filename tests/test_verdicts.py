@@ -239,3 +239,10 @@ def test_progress_per_step_and_seconds_that_add_up(tmp_path: Path) -> None:
     assert worth[:3] == pytest.approx([0.8 * 2 * k / 3 for k in (1, 2, 3)])  # two photos, three steps
     seconds = [r.seconds for r in report.results]
     assert all(s > 0 for s in seconds) and sum(seconds) == pytest.approx(wall, rel=0.2)
+
+
+def test_the_line_is_named_after_the_command_run(capsys) -> None:
+    args = argparse.Namespace(report=None, quiet=True, command="demo")
+    assert finish_batch(_report([_check(0, ("dlib",)).to_dict()]), "protect", args) == EXIT_STILL_RECOGNISED
+    assert capsys.readouterr().out == ("faceveil demo: 1 photo written; 0 of 1 face protected against every model; "
+                                       "1 still recognised by at least one model\n")

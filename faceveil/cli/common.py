@@ -221,9 +221,10 @@ EXIT_STILL_RECOGNISED = 3
 
 
 def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> int:
-    """After a photo job: the summary line (what was written, how many faces each verdict), the HTML report if
-    asked (also after Ctrl-C: the photos done so far), and the exit status (see EXIT_STILL_RECOGNISED)."""
-    print(f"faceveil {kind}: {report.tally.line()}", file=stream or sys.stdout)
+    """After a photo job: the summary line (what was written, how many faces each verdict; named after the command
+    run), the HTML report if asked (also after Ctrl-C: the photos done so far), and the exit status (see
+    EXIT_STILL_RECOGNISED)."""
+    print(f"faceveil {getattr(args, 'command', None) or kind}: {report.tally.line()}", file=stream or sys.stdout)
     if getattr(args, "report", None):
         from faceveil.report import write_report
 
