@@ -246,3 +246,12 @@ def test_the_line_is_named_after_the_command_run(capsys) -> None:
     assert finish_batch(_report([_check(0, ("dlib",)).to_dict()]), "protect", args) == EXIT_STILL_RECOGNISED
     assert capsys.readouterr().out == ("faceveil demo: 1 photo written; 0 of 1 face protected against every model; "
                                        "1 still recognised by at least one model\n")
+
+
+@pytest.mark.parametrize("code, expected", [(0, 0), (EXIT_STILL_RECOGNISED, 0), (2, 2), (130, 130)])
+def test_demo_exits_0_whatever_the_verdicts(monkeypatch, code: int, expected: int) -> None:
+    from faceveil.cli import protect
+
+    monkeypatch.setattr(protect, "_run_protect", lambda inputs, out, args: code)
+    args = argparse.Namespace(output=protect.DEMO_FOLDER, existing="refuse")
+    assert protect._cmd_demo(args) == expected
