@@ -18,7 +18,7 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 _API = ("protect", "protect_files", "Protector", "enroll", "apply", "apply_files", "verify", "ImageResult",
-        "sample_photos")
+        "sample_photos", "detect_faces", "DetectedFace", "load_pixels", "video_info")
 _SUBPACKAGES = ("methods", "models")
 
 __all__ = [*_API, "PersonMask", *_SUBPACKAGES, "__version__"]

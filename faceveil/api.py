@@ -13,14 +13,19 @@
     faceveil.apply(faceveil.PersonMask.load("ada.fvmask"), "party.jpg").save("party-protected.jpg")
     faceveil.verify("me.jpg", "me-protected.jpg")                    # what each judge model still recognises
 
+    faces = faceveil.detect_faces("group.jpg")                        # boxes, scores, confirmed or not
+    faceveil.protect("group.jpg", faces=[0, 2])                       # only faces 0 and 2 (detect_faces' numbers)
+
 Images come in as paths, PIL images or numpy arrays (H x W x 3 uint8 RGB) and go out as numpy arrays (`.pil()` for
 a PIL image). Errors are FaceveilError with one line that names the parameter at fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +38,13 @@ from faceveil.runtime import prepare_process
 if TYPE_CHECKING:
     from PIL import Image
 
+    from faceveil.detect.mtcnn import MTCNN
     from faceveil.pipeline.batch import BatchItem, BatchReport
     from faceveil.pipeline.maskfile import PersonMask
     from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
     from faceveil.pipeline.results import FaceCheck
+
+FrameProgress = Callable[[Path, int, "int | None"], None]  # (video, frames written, frames in all or None)
 
 def sample_photos() -> list[Path]:
     """The sample photos the install brought (six photos of several people, from a registry package)."""
@@ -52,9 +60,9 @@ def strengths() -> list[dict[str, Any]]:
     from faceveil.pipeline import presets
 
     default = presets.ProtectChoices().strength
-    return [{"name": name, "eps": eps, "iters": iters, "default": name == default,
+    return [{"name": name, "eps": recipe.eps, "iters": recipe.iters, "default": name == default,
              "measured": presets.STRENGTH_MEASURED.get(name)}
-            for name, (eps, iters) in presets.STRENGTHS.items()]
+            for name, recipe in presets.STRENGTHS.items()]
 
 
 def judge_names() -> list[str]:
@@ -80,6 +88,62 @@ def load_pixels(image: Any) -> np.ndarray:
             raise FaceveilError(f"image: expected an H x W x 3 uint8 RGB array, got {image.dtype} {image.shape}")
         return np.ascontiguousarray(image)
     raise FaceveilError(f"image: expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """One detection in a photo, in the order faces are numbered everywhere (largest first). `index` is the number
+    a selection (`faces=[...]`) uses; None for a detection the face confirmation turned down (not a face: never
+    protected)."""
+
+    index: int | None
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in photo pixels
+    score: float  # the face detector's (MTCNN) probability
+    face_score: float  # the confirming detector's (BlazeFace) probability
+    confirmed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "box": [round(v, 1) for v in self.box], "score": round(self.score, 4),
+                "face_score": round(self.face_score, 4), "confirmed": self.confirmed}
+
+
+_DETECTOR: MTCNN | None = None
+_DETECTOR_LOCK = threading.Lock()
+
+
+def detect_faces(image: Any) -> list[DetectedFace]:
+    """The faces `protect` would find in an image, before protecting: confirmed faces first, numbered largest first
+    as `protect(..., faces=[...])` takes them, then the detections turned down as not a face (index None)."""
+    prepare_process()
+    from faceveil.detect.mtcnn import MTCNN
+    from faceveil.pipeline.faces import default_confirmer
+    from faceveil.pipeline.job import order_faces
+
+    global _DETECTOR
+    rgb = load_pixels(image)
+    with _DETECTOR_LOCK:  # one detector for the process; its callers may be threads (the web app)
+        _DETECTOR = _DETECTOR or MTCNN()
+        checks = default_confirmer().check(rgb, _DETECTOR.detect_large(rgb))
+    confirmed = order_faces([c.face for c in checks if c.confirmed])
+    verdicts = {id(c.face): c for c in checks}
+    rejected = [c for c in checks if not c.confirmed]
+    found = [_detected(i, verdicts[id(face)]) for i, face in enumerate(confirmed)]
+    return found + [_detected(None, c) for c in sorted(rejected, key=lambda c: -c.face.size)]
+
+
+def _detected(index: int | None, check: Any) -> DetectedFace:
+    x1, y1, x2, y2 = (float(v) for v in check.face.box)
+    return DetectedFace(index, (x1, y1, x2, y2), float(check.face.score), float(check.score), bool(check.confirmed))
+
+
+def video_info(path: str | Path) -> dict[str, Any]:
+    """What a video file holds (width, height, fps, frames, seconds, audio), read without decoding it; a
+    FaceveilError with one line when it is not a readable video."""
+    from faceveil.io.video import probe_video
+
+    info = probe_video(path)
+    return {"width": info.width, "height": info.height, "fps": float(info.fps), "frames": info.frame_count,
+            "seconds": info.duration, "audio": info.has_audio}
 
 
 def verdict_text(faces: Sequence[FaceCheck]) -> str:
@@ -164,11 +228,26 @@ class Protector:
             self._job = PhotoProtector(self.settings, None)
         return self._job
 
-    def protect(self, image: Any) -> ImageResult:
-        """One image protected in memory; its faces checked by the judges (unless verify=False)."""
-        rgb = load_pixels(image)
+    @contextlib.contextmanager
+    def _choosing(self, faces: str | Sequence[int] | None) -> Iterator[PhotoProtector]:
+        """The job, with this call's face selection in place of the settings' (restored after)."""
         job = self._protector()
-        done = job.protect_array(rgb)
+        if faces is None:
+            yield job
+            return
+        kept = self.settings.faces
+        self.settings.faces = faces if isinstance(faces, str) else list(faces)
+        try:
+            yield job
+        finally:
+            self.settings.faces = kept
+
+    def protect(self, image: Any, *, faces: str | Sequence[int] | None = None) -> ImageResult:
+        """One image protected in memory; its faces checked by the judges (unless verify=False). faces: this call's
+        selection (all | largest | N | face indices as detect_faces numbers them); None: the settings'."""
+        rgb = load_pixels(image)
+        with self._choosing(faces) as job:
+            done = job.protect_array(rgb)
         faces = []
         if self.settings.verify and done.faces:
             targets = job.target_rows(done.perturbation) if done.perturbation is not None else None
@@ -177,16 +256,20 @@ class Protector:
 
     def protect_files(self, inputs: Iterable[str | Path], out_dir: str | Path, *, recursive: bool = False,
                       report_path: str | Path | None = None, progress: bool = True,
-                      header: dict | None = None) -> BatchReport:
+                      header: dict | None = None, faces: str | Sequence[int] | None = None,
+                      on_frame: FrameProgress | None = None) -> BatchReport:
         """Every photo and video of `inputs` (files or folders) protected into out_dir under the same names (never
         over an input, never over a file this run did not make unless existing="overwrite"; existing="skip"
         resumes a batch); one bad file is one error row, never the end of the run. The inputs and the output
-        folder are checked before any model is loaded."""
+        folder are checked before any model is loaded. faces: this call's selection (as in `protect`; face indices
+        apply to every photo). on_frame: called as each video frame is written."""
         from faceveil.pipeline.job import plan_files, run_on_files
 
         plan = plan_files(inputs, out_dir, self.settings, recursive=recursive)
-        return run_on_files(self._protector(), plan, out_dir, report_path=report_path, progress=progress,
-                            desc="protect", header=header)
+        with self._choosing(faces) as job:
+            job.on_frame = on_frame
+            return run_on_files(job, plan, out_dir, report_path=report_path, progress=progress,
+                                desc="protect", header=header)
 
     def protect_items(self, items: Sequence[BatchItem], out_dir: str | Path) -> BatchReport:
         """Inputs already expanded (a distributed engine's share of a run: faceveil.distributed) protected into
@@ -248,10 +331,11 @@ def apply(mask: PersonMask | str | Path, image: Any, *, all_faces: bool = False,
 def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out_dir: str | Path, *,
                 all_faces: bool = False, mask_index: int = 0, recursive: bool = False,
                 report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
-                **output: Any) -> BatchReport:
+                on_frame: FrameProgress | None = None, **output: Any) -> BatchReport:
     """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
     `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected, existing (refuse |
-    overwrite | skip), drop_audio."""
+    overwrite | skip), drop_audio. on_frame(video, frames written, frames in all): called as each video frame is
+    written (a page's progress bar)."""
     prepare_process()
     from faceveil.pipeline.job import plan_files, run_on_files
     from faceveil.pipeline.maskfile import PersonMask
@@ -262,6 +346,7 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
     settings = ApplySettings(all_faces=all_faces, mask_index=mask_index, **output)
     plan = plan_files(inputs, out_dir, settings, recursive=recursive)
     job = MaskApplier(mask, settings)
+    job.on_frame = on_frame
     return run_on_files(job, plan, out_dir, report_path=report_path, progress=progress, desc="apply",
                         header=header)
 

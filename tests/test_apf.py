@@ -126,7 +126,7 @@ def test_di_transforms_seeded_and_default_unchanged():
     again = input_diversity(x, 0.5, torch.Generator().manual_seed(4), transforms=("resize",))
     assert torch.equal(legacy, again)
     with pytest.raises(ValueError):
-        input_diversity(x, 1.0, torch.Generator(), transforms=("resize", "blur"))
+        input_diversity(x, 1.0, torch.Generator(), transforms=("resize", "nope"))
 
 
 # ----------------------------------------------------------------------------------- with weights and LFW faces

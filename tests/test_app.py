@@ -155,6 +155,29 @@ def test_a_photo_is_stored_under_a_name_the_server_makes(served):
     assert not list(root.parent.glob("evil*")) and not list(root.glob("evil*"))
 
 
+def test_face_choices_and_videos_are_checked(served, tmp_path):
+    import io
+
+    from PIL import Image
+
+    app, _ = served
+    _, opened = _request(app.url + "api/session", b"")
+    base = app.url + f"api/session/{opened['session']}/"
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(png, format="PNG")
+    _, photo = _request(base + "photos", png.getvalue(), {"X-File-Name": "a.png"})
+    json_header = {"Content-Type": "application/json"}
+    for faces, words in (({"99": [0]}, "not being protected"), ({str(photo["id"]): ["a"]}, "face numbers"),
+                         ([0], "map a photo")):
+        body = json.dumps({"photos": [photo["id"]], "faces": faces}).encode()
+        status, answer = _request(base + "protect", body, json_header)
+        assert status == 400 and words in answer["error"], answer
+    status, answer = _request(base + "photos?role=apply", b"not a video\n", {"X-File-Name": "clip.mp4"})
+    assert status == 400 and "clip.mp4 is not a video" in answer["error"]
+    status, answer = _request(base + "photos?role=protect", b"not a video\n", {"X-File-Name": "clip.mp4"})
+    assert status == 400 and "clip.mp4 is not a photo" in answer["error"]  # only the person tab takes videos
+
+
 def test_other_hosts_are_refused(served):
     app, _ = served
     status, body = _request(app.url + "api/health", headers={"Host": "evil.example:8766"})
@@ -193,6 +216,22 @@ def test_the_command_serves_and_cleans_up_on_ctrl_c(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the real page
+
+
+def tiny_video(photo: Path, out: Path, frames: int) -> Path:
+    """A short synthetic clip made of one sample photo drifting a few pixels a frame (6 fps, 960 pixels wide)."""
+    import numpy as np
+    from PIL import Image
+
+    from faceveil.io.video import VideoWriter
+
+    still = Image.open(photo).convert("RGB")
+    still = still.resize((960, round(still.height * 960 / still.width / 2) * 2))
+    pixels = np.asarray(still)
+    with VideoWriter(out, 6) as writer:
+        for i in range(frames):
+            writer.write(np.ascontiguousarray(np.roll(pixels, 3 * i, axis=1)))
+    return out
 
 
 def _screenshots(tmp_path: Path) -> Path:
@@ -348,12 +387,28 @@ def test_person_mask_in_the_browser(tmp_path, browser):
         page.click("#enroll-button")
         page.wait_for_selector("#mask-download:not([hidden])", timeout=900000)
         assert "The mask of Ada is ready" in page.inner_text("#enroll-status")
-        drop_files(page, "drop-apply", [photos[0]])
+        clip = tiny_video(photos[0], tmp_path / "party clip.mp4", frames=8)
+        drop_files(page, "drop-apply", [photos[0], clip])
+        page.wait_for_function("document.querySelectorAll('#photos-apply li').length === 2", timeout=60000)
+        assert page.inner_text("#photos-apply .video-thumb").startswith("video")
         page.wait_for_function("!document.getElementById('apply-button').disabled", timeout=30000)
+        page.evaluate("""() => {  // every status line the bar shows, to see the video's frames counted
+            const status = document.querySelector('#progress-apply .status');
+            window.seen = [];
+            new MutationObserver(() => window.seen.push(status.textContent))
+                .observe(status, { childList: true, characterData: true, subtree: true });
+        }""")
         page.click("#apply-button")
         page.wait_for_selector("#progress-apply .percent:text('100 %')", timeout=900000)
-        page.wait_for_selector("#results-apply .result", timeout=60000)
+        page.wait_for_function("document.querySelectorAll('#results-apply .result').length === 2", timeout=60000)
+        assert any("frame 8 of 8" in line for line in page.evaluate("window.seen")), page.evaluate("window.seen")
         page.screenshot(path=str(_screenshots(tmp_path) / "person-done.png"), full_page=True)
+        with page.expect_download() as zipped:
+            page.click("#zip-apply")
+        with zipfile.ZipFile(zipped.value.path()) as archive:
+            assert sorted(archive.namelist()) == sorted([photos[0].name, clip.name])
+            (tmp_path / "masked.mp4").write_bytes(archive.read(clip.name))
+        assert faceveil.video_info(tmp_path / "masked.mp4")["frames"] == 8
         with page.expect_download() as downloaded:
             page.click("#mask-download")
         assert downloaded.value.suggested_filename == "Ada.fvmask"
@@ -361,3 +416,90 @@ def test_person_mask_in_the_browser(tmp_path, browser):
     finally:
         app.stop()
     assert not list((tmp_path / "sessions").glob("session-*"))  # the app's stop removed the page's folder
+
+
+# ------------------------------------------------------------------------------------------------ face selection
+
+
+def test_a_selection_of_face_indices_takes_those_faces_largest_first():
+    import numpy as np
+
+    from faceveil.detect.mtcnn import Face
+    from faceveil.pipeline.job import select_faces
+
+    faces = [Face((0, 0, w, w), 0.99, np.zeros((5, 2), np.float32)) for w in (10, 30, 20)]  # sizes 10, 30, 20
+    assert [f.size for f in select_faces(faces, [2, 0])] == [30, 10]  # indices into largest first: 30, 20, 10
+    assert [f.size for f in select_faces(faces, (1, 1))] == [20]
+    assert select_faces(faces, []) == []
+    assert select_faces(faces, "all") == select_faces(faces, [0, 1, 2])  # today's choices unchanged
+    assert [f.size for f in select_faces(faces, "2")] == [30, 20]
+    with pytest.raises(FaceveilError, match="no face 3 in this photo: 3 face"):
+        select_faces(faces, [3])
+    with pytest.raises(FaceveilError, match="whole numbers"):
+        select_faces(faces, [True])
+
+
+def _box_pixels(rgb, box) -> object:
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return rgb[max(y1, 0):y2, max(x1, 0):x2]
+
+
+@pytest.mark.slow
+@needs_weights
+def test_protect_only_the_chosen_faces():
+    import numpy as np
+
+    import faceveil
+
+    photo = next(p for p in faceveil.sample_photos() if p.name == "sample2.jpg")  # two people
+    found = faceveil.detect_faces(photo)
+    assert [f.index for f in found if f.confirmed] == [0, 1] and all(f.face_score >= 0.5 for f in found)
+    original = faceveil.load_pixels(photo)
+    protector = faceveil.Protector(strength="low", iters=2, judges=JUDGES, verify=False)
+    second_only = protector.protect(photo, faces=[1]).image
+    assert np.array_equal(_box_pixels(second_only, found[0].box), _box_pixels(original, found[0].box))
+    assert not np.array_equal(_box_pixels(second_only, found[1].box), _box_pixels(original, found[1].box))
+    both = protector.protect(photo, faces=[0, 1]).image
+    assert np.array_equal(both, protector.protect(photo).image)  # every index chosen = today's "all"
+    assert protector.settings.faces == "all"  # the call's selection did not stay
+
+
+@pytest.mark.slow
+@needs_browser
+@needs_weights
+def test_untick_a_face_in_the_browser(served, browser, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import faceveil
+
+    app, _ = served
+    shots = _screenshots(tmp_path)
+    sample = next(p for p in faceveil.sample_photos() if p.name == "sample2.jpg")  # two people
+    photo = tmp_path / "two people.png"  # lossless: the unticked face must come back pixel for pixel
+    Image.fromarray(faceveil.load_pixels(sample)).save(photo)
+    page = _open_page(browser, app.url)
+    drop_files(page, "drop-protect", [photo])
+    page.wait_for_function("document.querySelectorAll('#pickers-protect input.face-pick').length === 2",
+                           timeout=300000)
+    page.wait_for_function("document.querySelector('#pickers-protect img').complete")
+    page.uncheck("#pickers-protect input.face-pick[data-index='0']")
+    assert page.locator("#pickers-protect .outline.off").count() == 1
+    page.locator("#pickers-protect .picker").screenshot(path=str(shots / "face-picker.png"))
+    page.check("#strength-low")
+    page.click(".advanced summary")
+    page.fill("#iters-protect", str(CHEAP["iters"]))
+    page.click("#protect-button")
+    page.wait_for_selector("#progress-protect .percent:text('100 %')", timeout=900000)
+    page.wait_for_selector("#results-protect .result .verdicts li", timeout=60000)
+    verdicts = page.locator("#results-protect .verdicts li").all_inner_texts()
+    assert verdicts and all(v.startswith("Face 2") for v in verdicts), verdicts  # the picker's numbers
+    with page.expect_download() as one:
+        page.click("#results-protect .result a.button")
+    protected = np.asarray(Image.open(one.value.path()).convert("RGB"))
+    original = np.asarray(Image.open(photo).convert("RGB"))
+    faces = [f for f in faceveil.detect_faces(photo) if f.confirmed]
+    assert np.array_equal(_box_pixels(protected, faces[0].box), _box_pixels(original, faces[0].box))  # unticked
+    assert not np.array_equal(_box_pixels(protected, faces[1].box), _box_pixels(original, faces[1].box))
+    page.screenshot(path=str(shots / "face-picker-done.png"), full_page=True)
+    print(f"screenshots: {shots}")

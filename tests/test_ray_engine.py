@@ -1,6 +1,8 @@
 """`faceveil protect --engine ray` on a real local Ray cluster (`ray start --head` on 127.0.0.1, in a temporary
 directory, stopped at the end): the same files, byte for byte, and the same report rows as the local engine; a bad
-file is one error row; an actor killed mid-batch has its photos redone, with no duplicate or partial file."""
+file is one error row; an actor killed mid-batch has its photos redone, with no duplicate or partial file.
+`faceveil eval identification|robustness --engine ray` (the tip-im protocol's masks computed by the actors): the
+local engine's rows."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pytest
 from PIL import Image
 
 from faceveil.io import weights
-from tests.conftest import needs_weights
+from tests.conftest import LFW_ROOT, needs_lfw, needs_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_MISSING = importlib.util.find_spec("ray") is None
@@ -41,6 +43,55 @@ def test_engine_ray_without_ray_is_one_line_naming_the_extra(tmp_path: Path, mon
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "faceveil[ray]" in err, err
+
+
+@pytest.mark.parametrize("command", [["eval", "identification"], ["eval", "robustness"]])
+def test_eval_engine_ray_without_ray_is_one_line_naming_the_extra(command: list[str], tmp_path: Path, monkeypatch,
+                                                                   capsys):
+    from faceveil.cli.main import main
+
+    (tmp_path / "images").mkdir()
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main([*command, "--dataset", f"lfw={tmp_path}", "--engine", "ray", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "faceveil[ray]" in err, err
+
+
+@pytest.mark.parametrize("command", [["eval", "identification"], ["eval", "robustness"]])
+def test_eval_engine_ray_with_another_protocol_is_one_line(command: list[str], tmp_path: Path, capsys):
+    from faceveil.cli.main import main
+
+    (tmp_path / "images").mkdir()
+    code = main([*command, "--protocol", "opom", "--dataset", f"lfw={tmp_path}", "--engine", "ray", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "tip-im" in err, err
+
+
+def test_masks_come_back_in_job_order_once_and_a_failed_cluster_is_one_error():
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from faceveil.distributed.ray_eval import _in_order
+    from faceveil.errors import FaceveilError
+
+    def row(index: int) -> dict:
+        return {"index": index, "mask": pickle.dumps(np.full((1, 2), index, dtype=np.float32))}
+
+    got = list(_in_order(iter([row(2), row(0), row(0), row(1)]), 3))  # as jobs finish; job 0 retried
+    assert [float(m[0, 0]) for m in got] == [0.0, 1.0, 2.0] and all(m.dtype == torch.float32 for m in got)
+    with pytest.raises(FaceveilError, match="1 of 2"):
+        list(_in_order(iter([row(0)]), 2))
+
+    def broken():
+        yield row(0)
+        raise RuntimeError("actor\nlost")
+
+    with pytest.raises(FaceveilError, match="^ray: actor lost$"):
+        list(_in_order(broken(), 2))
 
 
 def test_temp_files_a_dead_actor_left_are_swept_and_nothing_else(tmp_path: Path):
@@ -243,3 +294,37 @@ def test_a_killed_actor_has_its_photos_redone_without_duplicate_or_partial_files
     assert [row["status"] for row in rows].count("ok") == 3
     assert sorted(p.name for p in out.iterdir()) == sorted(_files(local_dir / "out"))  # no .part file left
     assert _files(out) == _files(local_dir / "out")  # redone whole: the same bytes as the local engine
+
+
+# ----------------------------------------------------------------------------------------------- evaluations
+
+# The smallest tip-im protocol run that still spreads: 2 probes in batches of 1 (two jobs for two actors), a
+# targeted method (the actors build the target set), 2 iterations.
+EVAL_CHEAP = ["--protocol", "tip-im", "--method", "tip-im", "--limit", "2", "--extra", "5", "--iters", "2",
+              "--surrogates", "mobileface", "--judges", "mobileface", "--batch", "1", "--seed", "3", "--quiet"]
+ROBUSTNESS_CHEAP = ["--transforms", "jpeg75"]
+
+
+def _evaluate(command: list[str], args: list[str], env: dict, cwd: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "faceveil.cli", *command, "--dataset", f"lfw={LFW_ROOT}",
+                           *EVAL_CHEAP, *args, "--json", "out.json"], env={**env, **ONE_THREAD}, cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((cwd / "out.json").read_text())
+
+
+@pytest.mark.slow
+@needs_ray
+@needs_weights
+@needs_lfw
+@pytest.mark.parametrize("command", [["eval", "identification"], ["eval", "robustness"]])
+def test_eval_on_ray_gives_the_local_engines_rows(command: list[str], ray_cluster, tmp_path: Path):
+    address, env, _ = ray_cluster
+    extra = ROBUSTNESS_CHEAP if command[1] == "robustness" else []
+    (tmp_path / "local").mkdir()
+    (tmp_path / "ray").mkdir()
+    local = _evaluate(command, extra, env, tmp_path / "local")
+    ray = _evaluate(command, [*extra, "--engine", "ray", "--address", address, "--workers", "2"], env,
+                    tmp_path / "ray")
+    assert ray["rows"] and ray["rows"] == local["rows"]  # every float equal: the masks are the local ones, bit for bit
+    assert (local["settings"]["engine"], ray["settings"]["engine"]) == ("local", "ray")

@@ -100,6 +100,8 @@ def test_smoothing_does_not_depend_on_the_thread_count():
 
 def test_thorough_preset_and_explicit_flags_winning():
     from faceveil.cli.protect import protect_settings
+    from faceveil.models import zoo
+    from faceveil.pipeline import presets
 
     parser = build_parser()
 
@@ -107,10 +109,14 @@ def test_thorough_preset_and_explicit_flags_winning():
         return protect_settings(parser.parse_args(["protect", "x", "-o", "y", *flags]))
 
     plain, thorough = settings(), settings("--thorough")
-    assert plain.surrogates == ["mobileface", "mfn512"] and thorough.surrogates == ["mobileface", "mfn512", "dlib"]
+    assert plain.surrogates == zoo.parse_models(presets.EVERY_FAMILY)
+    assert thorough.surrogates == ["mobileface", "mfn512", "dlib"]
     assert (plain.attack.diversity, plain.attack.smoothing, plain.attack.steps) == (0.0, 0, 50)
+    assert (plain.attack.budget, plain.attack.ssim_target, plain.attack.psnr_floor) == ("texture", 0.93, 33.0)
+    assert plain.attack.ssim_penalty and plain.attack.sample_surrogates == 2
     assert (thorough.attack.diversity, thorough.attack.smoothing, thorough.attack.steps) == (0.5, 7, 100)
-    assert thorough.attack.eps == plain.attack.eps and thorough.attack.alpha == plain.attack.alpha == 1 / 255
+    assert thorough.attack.eps == 8 / 255 and thorough.attack.alpha == 1 / 255 and thorough.attack.ssim_target == 0
+    assert settings("--eps", "6").attack.eps == 6 / 255 and settings("--strength", "high").attack.steps == 100
     own = settings("--thorough", "--surrogates", "mfn512", "--diversity", "0", "--smoothing", "3", "--iters", "20")
     assert own.surrogates == ["mfn512"] and (own.attack.diversity, own.attack.smoothing, own.attack.steps) == (0, 3, 20)
     assert settings("--thorough", "--strength", "low").attack.steps == 60

@@ -96,31 +96,48 @@ class Worker:
 
     def protector(self, request: ProtectRequest) -> api.Protector:
         if self._protector is None or self._protector[0] != request:
-            advanced: dict[str, Any] = {"judges": self.settings.judges}
+            # the session folder is the app's own: a photo protected again (another strength) replaces its result
+            advanced: dict[str, Any] = {"judges": self.settings.judges, "existing": "overwrite"}
             if request.iters is not None:
                 advanced["iters"] = request.iters
             self._protector = (request, api.Protector(strength=request.strength, seed=request.seed, **advanced))
         return self._protector[1]
 
-    def protect(self, session: Session, photos: list[Photo], request: ProtectRequest) -> None:
+    def protect(self, session: Session, photos: list[Photo], request: ProtectRequest,
+                chosen: dict[int, list[int]] | None = None) -> None:
         """Each photo protected alone (the same as `faceveil protect --batch-faces 1` with these settings) and
-        written into the session's folder as soon as it is done."""
+        written into the session's folder as soon as it is done. chosen: per photo id, the faces the person
+        ticked (indices as api.detect_faces numbers them); a photo not in it has every face protected."""
         protector = self.protector(request)
         out_dir = session.folder_for("protected")
+        chosen = chosen or {}
         for done, photo in enumerate(photos):
             if session.ended:
                 return
             session.emit({"type": "photo-start", "job": "protect", "id": photo.id, "index": done,
                           "total": len(photos), "percent": round(100 * done / len(photos))})
             started = time.monotonic()
-            report = protector.protect_files([photo.path], out_dir, progress=False)
-            row = report.results[0]
-            photo.result = Path(row.output) if row.status == "ok" and row.output else None
-            faces = [face_verdict(face) for face in (row.details or {}).get("faces", [])]
-            photo.report = {"status": row.status, "message": _status_words(row.status, row.message),
-                            "faces": faces, "seconds": round(time.monotonic() - started, 2)}
+            ticked = chosen.get(photo.id)
+            if ticked == []:
+                photo.result = None
+                photo.report = {"status": "no_face", "faces": [], "seconds": 0.0,
+                                "message": "every face was unticked: nothing protected"}
+            else:
+                photo.report = self._protect_one(protector, photo, out_dir, ticked)
+                photo.report["seconds"] = round(time.monotonic() - started, 2)
             session.emit({"type": "photo-done", "job": "protect", "id": photo.id, "index": done + 1,
                           "total": len(photos), "percent": round(100 * (done + 1) / len(photos)), **photo.report})
+
+    @staticmethod
+    def _protect_one(protector: api.Protector, photo: Photo, out_dir: Path, ticked: list[int] | None) -> dict:
+        report = protector.protect_files([photo.path], out_dir, progress=False, faces=ticked)
+        row = report.results[0]
+        photo.result = Path(row.output) if row.status == "ok" and row.output else None
+        rows = (row.details or {}).get("faces", [])
+        if ticked is not None:  # the checks number the protected faces 0.. : back to the numbers the page showed
+            rows = [{**face, "face": ticked[int(face.get("face", 0))]} for face in rows]
+        return {"status": row.status, "message": _status_words(row.status, row.message),
+                "faces": [face_verdict(face) for face in rows]}
 
     # -------------------------------------------------------------------------------------------- person masks
 
@@ -144,14 +161,43 @@ class Worker:
             session.emit({"type": "photo-start", "job": "apply", "id": photo.id, "index": done,
                           "total": len(photos), "percent": round(100 * done / len(photos))})
             started = time.monotonic()
-            result = api.apply(session.mask, photo.path, judges=judges)
-            photo.result = result.save(out_dir / photo.path.name)
-            faces = [face_verdict(check.to_dict()) for check in result.faces]
-            photo.report = {"status": "ok" if faces else "no_face",
-                            "message": "" if faces else "no face of this person was found: nothing changed",
-                            "faces": faces, "seconds": round(time.monotonic() - started, 2)}
+            if photo.kind == "video":
+                photo.report = self._apply_video(session, photo, out_dir, done, len(photos))
+            else:
+                result = api.apply(session.mask, photo.path, judges=judges)
+                photo.result = result.save(out_dir / photo.path.name)
+                faces = [face_verdict(check.to_dict()) for check in result.faces]
+                photo.report = {"status": "ok" if faces else "no_face",
+                                "message": "" if faces else "no face of this person was found: nothing changed",
+                                "faces": faces}
+            photo.report["seconds"] = round(time.monotonic() - started, 2)
             session.emit({"type": "photo-done", "job": "apply", "id": photo.id, "index": done + 1,
                           "total": len(photos), "percent": round(100 * (done + 1) / len(photos)), **photo.report})
+
+    def _apply_video(self, session: Session, photo: Photo, out_dir: Path, done: int, total: int) -> dict:
+        """The mask on the person's faces in every frame (tracked, no optimisation), the bar moving per frame."""
+        last = [0.0]
+
+        def on_frame(_: Path, frames: int, frames_total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.25 and frames != frames_total:  # a few events a second are enough for a bar
+                return
+            last[0] = now
+            share = min(frames / frames_total, 1.0) if frames_total else 0.0
+            session.emit({"type": "frame", "job": "apply", "id": photo.id, "frame": frames, "frames": frames_total,
+                          "percent": round(100 * (done + share) / total)})
+
+        report = api.apply_files(session.mask, [photo.path], out_dir, progress=False, on_frame=on_frame,
+                                 existing="overwrite")
+        row = report.results[0]
+        photo.result = Path(row.output) if row.output else None
+        details = row.details or {}
+        tracks, masked = details.get("tracks", 0), details.get("masked_tracks", 0)
+        words = (f"The mask is on {masked} of {tracks} faces followed through {details.get('frames')} frames"
+                 if row.status == "ok" else row.message if row.status == "no_face"
+                 else _status_words(row.status, row.message))
+        return {"status": "ok" if row.status == "ok" and photo.result else row.status, "kind": "video",
+                "message": words, "faces": [], "frames": details.get("frames"), "tracks": tracks, "masked": masked}
 
     # -------------------------------------------------------------------------------------------- check
 

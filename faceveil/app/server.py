@@ -24,17 +24,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from faceveil import __version__, api
 from faceveil.app.jobs import AppSettings, ProtectRequest, Worker
 from faceveil.app.sessions import FORMAT_EXTENSIONS, Photo, Session, Sessions, display_name
-from faceveil.app.uploads import Limits, RejectedUpload, check_photo
+from faceveil.app.uploads import Limits, RejectedUpload, check_photo, check_video, is_video_name
 from faceveil.errors import FaceveilError
 
 DEFAULT_PORT = 8766
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "app.css": "text/css; charset=utf-8"}
 ROLES = ("protect", "enroll", "apply", "check")
-MEDIA = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+MEDIA = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".mp4": "video/mp4", ".m4v": "video/mp4",
+         ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 # Everything the page loads comes from this server: no CDN, no remote font, no third-party script.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self'; style-src 'self'; "
                                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -83,7 +84,7 @@ def create_app(root: Path, *, settings: AppSettings | None = None, limits: Limit
             return JSONResponse({"error": "this app answers on localhost only"}, status_code=421)
         length = request.headers.get("content-length")
         upload = request.url.path.endswith("/photos") and request.method == "POST"
-        most = limits.max_upload_bytes if upload else limits.max_json_bytes
+        most = max(limits.max_upload_bytes, limits.max_video_bytes) if upload else limits.max_json_bytes
         if length is not None and (not length.isdigit() or int(length) > most):
             return JSONResponse({"error": f"request too large: the most is {most // 1024 ** 2 or 1} MB"
                                  if upload else "request too large"}, status_code=413)
@@ -171,18 +172,39 @@ def _session_routes(app: FastAPI, sessions: Sessions, limits: Limits) -> None:
         if len(session.photos) >= limits.max_photos:
             raise HTTPException(413, f"{name} was not added: this page holds at most {limits.max_photos} photos; "
                                      "download what is done and reload")
+        video = role == "apply" and is_video_name(name)  # the person-mask tab also takes a short video
         pid = session.new_photo_id()
         incoming = session.folder_for("uploads") / f".incoming-{pid}"
         try:
-            await _receive(request, incoming, limits.max_upload_bytes, name)
-            fmt, width, height = check_photo(incoming, name, limits)
+            await _receive(request, incoming, limits.max_video_bytes if video else limits.max_upload_bytes, name)
+            if video:
+                ext, width, height, info = await asyncio.to_thread(check_video, incoming, name, limits)
+            else:
+                fmt, width, height = check_photo(incoming, name, limits)
+                ext, info = FORMAT_EXTENSIONS[fmt], {}
         except RejectedUpload as exc:
             incoming.unlink(missing_ok=True)
             raise HTTPException(400, str(exc)) from None
-        path = incoming.with_name(f"{pid:04d}{FORMAT_EXTENSIONS[fmt]}")
+        path = incoming.with_name(f"{pid:04d}{ext}")
         incoming.rename(path)
-        session.photos[pid] = Photo(pid, display_name(name, fmt), path, width, height, role)
-        return {"id": pid, "name": session.photos[pid].name, "width": width, "height": height}
+        photo = Photo(pid, display_name(name, ext if video else fmt), path, width, height, role,
+                      kind="video" if video else "photo")
+        session.photos[pid] = photo
+        return {"id": pid, "name": photo.name, "width": width, "height": height, "kind": photo.kind, **info}
+
+    @app.get("/api/session/{sid}/photos/{pid}/faces")
+    def faces(sid: str, pid: int) -> dict[str, Any]:
+        """The photo's faces before protecting (outlined on the page, each with a tick box): numbered largest
+        first, as the protect request's `faces` selection names them."""
+        photo = _photo(_session(sessions, sid), pid)
+        if photo.kind != "photo":
+            raise HTTPException(400, f"{photo.name} is not a photo")
+        if photo.faces is None:
+            try:
+                photo.faces = [face.to_dict() for face in api.detect_faces(photo.path)]
+            except FaceveilError as exc:
+                raise HTTPException(400, f"{photo.name}: {exc}") from None
+        return {"id": pid, "faces": photo.faces}
 
     @app.post("/api/session/{sid}/photos/{pid}/remove")
     def remove(sid: str, pid: int) -> dict[str, bool]:
@@ -264,6 +286,24 @@ def _whole(value: Any, name: str, lowest: int, highest: int) -> int:
     return value
 
 
+def _face_choices(value: Any, photos: list[Photo]) -> dict[int, list[int]]:
+    """{photo id: the indices of the faces to protect} from the page's {"<id>": [indices]}; a photo not named keeps
+    every face."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise HTTPException(400, "faces must map a photo to the faces to protect")
+    ids, chosen = {p.id for p in photos}, {}
+    for key, indices in value.items():
+        if not str(key).isdigit() or int(key) not in ids:
+            raise HTTPException(400, f"faces names photo {key!r}, which is not being protected")
+        if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1000
+                                                    for i in indices):
+            raise HTTPException(400, "faces: each photo's faces are a list of face numbers")
+        chosen[int(key)] = sorted(set(indices))
+    return chosen
+
+
 def _job_routes(app: FastAPI, sessions: Sessions, worker: Worker) -> None:
     def start(session: Session) -> None:
         if session.busy:
@@ -278,10 +318,11 @@ def _job_routes(app: FastAPI, sessions: Sessions, worker: Worker) -> None:
         if strength not in [s["name"] for s in api.strengths()]:
             raise HTTPException(400, f"unknown strength {strength!r}")
         iters = body.get("iters")
+        chosen = _face_choices(body.get("faces"), photos)
         request_ = ProtectRequest(strength=strength, seed=_whole(body.get("seed", 0), "seed", 0, 2 ** 31 - 1),
                                   iters=None if iters in (None, "") else _whole(iters, "iterations", 1, 1000))
         start(session)
-        worker.submit(session, "protect", worker.protect, photos, request_)
+        worker.submit(session, "protect", worker.protect, photos, request_, chosen)
         return {"queued": len(photos)}
 
     @app.post("/api/session/{sid}/enroll")

@@ -19,6 +19,7 @@ from typing import Any
 IDLE_SECONDS = 3600  # a session whose page has not called for this long is ended (its folder removed)
 STALE_SECONDS = 86400  # folders left by an app that did not stop cleanly are removed at the next start
 FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # what the app accepts, by decoded format
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")  # videos, which the person-mask tab takes
 
 
 def cache_root() -> Path:
@@ -39,7 +40,7 @@ def display_name(client_name: str, fmt: str) -> str:
     stem, dot, ext = base.rpartition(".")
     if not dot or not stem:
         stem, ext = base, ""
-    wanted = FORMAT_EXTENSIONS.get(fmt, ".jpg")
+    wanted = FORMAT_EXTENSIONS.get(fmt, fmt if fmt in VIDEO_EXTENSIONS else ".jpg")
     same = {".jpg", ".jpeg", ".jpe"} if wanted == ".jpg" else {wanted}
     return stem[:96] + ("." + ext if "." + ext.lower() in same else wanted)  # the user's own spelling kept
 
@@ -57,6 +58,8 @@ class Photo:
     role: str  # which tab it was added to: protect | enroll | apply | check
     result: Path | None = None  # the protected (or masked) file
     report: dict[str, Any] | None = None  # what the page is told about it once done
+    kind: str = "photo"  # photo | video
+    faces: list[dict[str, Any]] | None = None  # its detected faces (faceveil.api.detect_faces), once asked for
 
 
 @dataclass

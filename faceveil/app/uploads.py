@@ -10,7 +10,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from faceveil.app.sessions import FORMAT_EXTENSIONS
+from faceveil import api
+from faceveil.app.sessions import FORMAT_EXTENSIONS, VIDEO_EXTENSIONS
+from faceveil.errors import FaceveilError
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,19 @@ class Limits:
     max_photos: int = 60  # photos in one session
     max_files_per_drop: int = 30  # the page refuses a larger drop before sending anything
     max_json_bytes: int = 64 * 1024  # any other request body
+    max_video_bytes: int = 200 * 1024 * 1024  # one short video (person-mask tab)
+    max_video_seconds: int = 120
+    max_video_pixels: int = 1920 * 1080  # one frame
 
     def to_dict(self) -> dict[str, int]:
         return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
-                "max_photos": self.max_photos, "max_files_per_drop": self.max_files_per_drop}
+                "max_photos": self.max_photos, "max_files_per_drop": self.max_files_per_drop,
+                "max_video_bytes": self.max_video_bytes, "max_video_seconds": self.max_video_seconds}
+
+
+def is_video_name(name: str) -> bool:
+    """Whether the browser's name for a file says video (its bytes are then checked as a video, never trusted)."""
+    return name.lower().endswith(VIDEO_EXTENSIONS)
 
 
 class RejectedUpload(ValueError):
@@ -64,3 +75,20 @@ def _check_pixels(name: str, width: int, height: int, limits: Limits) -> None:
                              f"the most is {limits.max_pixels / 1e6:.0f})")
     if width < 16 or height < 16:
         raise RejectedUpload(f"{name} is too small: {width} x {height} pixels")
+
+
+def check_video(path: Path, name: str, limits: Limits) -> tuple[str, int, int, dict]:
+    """(extension to store it under, width, height, what it holds) of an uploaded video, or RejectedUpload."""
+    if path.stat().st_size == 0:
+        raise RejectedUpload(f"{name} is empty (0 bytes): nothing to protect")
+    try:
+        info = api.video_info(path)
+    except FaceveilError:
+        raise RejectedUpload(f"{name} is not a video the app can read") from None
+    if info["width"] * info["height"] > limits.max_video_pixels:
+        raise RejectedUpload(f"{name} is too large: {info['width']} x {info['height']} frames "
+                             "(the most is 1920 x 1080)")
+    if info["seconds"] > limits.max_video_seconds:
+        raise RejectedUpload(f"{name} is too long: {info['seconds']:.0f} s (the most is {limits.max_video_seconds} s)")
+    ext = "." + name.rsplit(".", 1)[-1].lower()
+    return (ext if ext in VIDEO_EXTENSIONS else ".mp4"), info["width"], info["height"], info

@@ -10,6 +10,7 @@ import numba
 import torch
 import torch.nn.functional as F
 
+from faceveil.attacks import eot
 from faceveil.runtime.jit import parallel_kernel, use_torch_threads
 
 # The DI transforms: "resize" is Xie et al.'s (rescale and pad); APF adds "rotate" and "colour".
@@ -45,15 +46,19 @@ def _resize_pad(x: torch.Tensor, p: float, generator: torch.Generator, min_scale
 
 def _multi_diversity(x: torch.Tensor, p: float, generator: torch.Generator, min_scale: float,
                      transforms: tuple[str, ...]) -> torch.Tensor:
-    unknown = set(transforms) - set(DI_TRANSFORMS)
+    unknown = set(transforms) - set(DI_TRANSFORMS) - set(eot.EOT_TRANSFORMS)
     if unknown:
-        raise ValueError(f"unknown DI transform(s) {sorted(unknown)}; known: {', '.join(DI_TRANSFORMS)}")
+        raise ValueError(f"unknown DI transform(s) {sorted(unknown)}; known: "
+                         f"{', '.join(DI_TRANSFORMS + eot.EOT_TRANSFORMS)}")
     if "resize" in transforms:
         x = _resize_pad(x, p, generator, min_scale)
     if "rotate" in transforms and p > 0 and float(torch.rand((), generator=generator)) < p:
         x = _rotate(x, float(torch.rand((), generator=generator)) * 2 - 1)
     if "colour" in transforms and p > 0 and float(torch.rand((), generator=generator)) < p:
         x = _towards_grey(x, float(torch.rand((), generator=generator)))
+    for name in eot.EOT_TRANSFORMS:  # expectation over transforms (attacks.eot), in that module's order
+        if name in transforms and p > 0 and float(torch.rand((), generator=generator)) < p:
+            x = eot.apply(name, x, generator)
     return x
 
 

@@ -190,14 +190,14 @@ class FaceBatch:
         return torch.tensor([w.window[:2] for w in self.face_warps], dtype=torch.long)
 
     def crops(self, regions: Regions, geometry: str, jitter: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, zoom: float = 0.0) -> torch.Tensor:
         """Each face's crop for a geometry; with `jitter` > 0, through a random similarity of about that many crop
         pixels (shift, and rotation/scale moving the crop's edge that far): the alignment error a re-detection or
         an attacker's own aligner introduces, averaged over during optimisation (expectation over transforms)."""
         size = get_geometry(geometry).size
         matrices = self.crop_to_region[geometry]
-        if jitter > 0 and generator is not None:
-            matrices = C.compose(matrices, alignment_jitter(len(self), size, jitter, generator))
+        if (jitter > 0 or zoom > 0) and generator is not None:  # zoom: other aligners' margins (looser, tighter)
+            matrices = C.compose(matrices, alignment_jitter(len(self), size, jitter, generator, zoom))
         return sample_regions(regions, matrices, (size, size))
 
     def take(self, index: torch.Tensor) -> FaceBatch:
@@ -281,13 +281,14 @@ def _face_region(photo: np.ndarray, marks: np.ndarray, mode: str):
     return region, to_region, marks
 
 
-def alignment_jitter(count: int, size: int, pixels: float, generator: torch.Generator) -> torch.Tensor:
+def alignment_jitter(count: int, size: int, pixels: float, generator: torch.Generator,
+                     zoom: float = 0.0) -> torch.Tensor:
     """[count,2,3] random similarities of crop pixels near the identity (uniform, about `pixels` at the edge)."""
     def uniform(bound: float) -> torch.Tensor:
         return (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
     half = size / 2
-    angle, zoom = uniform(pixels / half), 1 + uniform(pixels / half)
+    angle, zoom = uniform(pixels / half), 1 + uniform(pixels / half + zoom)
     shift_x, shift_y = uniform(pixels), uniform(pixels)
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     centre = (size - 1) / 2

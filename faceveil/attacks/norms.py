@@ -39,6 +39,13 @@ def descend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str, ep
     return project(stepped, norm, eps, in_place=True)
 
 
+def descend_map(delta: torch.Tensor, direction: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The L-inf sign step with a per-pixel step and budget (tensors broadcast to delta, e.g. a texture budget map
+    times alpha and eps): clamp(delta - alpha * sign(direction), -eps, eps)."""
+    stepped = delta - alpha * direction.sign()
+    return torch.minimum(torch.maximum(stepped, -eps), eps)
+
+
 def momentum_update(velocity: torch.Tensor | None, grad: torch.Tensor, mu: float) -> torch.Tensor:
     """MI-FGSM: g_{t+1} = mu * g_t + grad / ||grad||_1 (per sample, mean-abs normalised)."""
     scaled = grad / _mean_abs(grad).view(-1, *([1] * (grad.dim() - 1)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from faceveil.cli.common import Groups
+from faceveil.cli.common import Groups, port_number
 
 DEFAULT_PORT = 8766
 
@@ -33,7 +33,7 @@ def register(groups: Groups) -> None:
         description="Serve the faceveil web app on this computer and open it in the browser. Uploads stay in a "
                     "temporary folder under your cache, deleted when the page closes or the app stops.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless --public)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 = any free port, printed at start)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="port (0 = any free port, printed at start)")
     p.add_argument("--public", action="store_true",
                    help="allow a non-loopback --host (anyone who reaches it sees the photos: no TLS, no login)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")

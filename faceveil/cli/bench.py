@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from faceveil.cli.common import Groups, emit, load_average, positive, positive_int, threads
+from faceveil.cli.common import Groups, count_or_zero, dataset_root, emit, load_average, positive, positive_int, threads
 from faceveil.errors import FaceveilError
 
 
@@ -45,10 +45,16 @@ def register(groups: Groups) -> None:
     p = bench.add_parser("scale", help="photos/s and s/face: the local engine vs Ray with 1, 2, ... workers "
                          "(needs faceveil[ray])")
     p.add_argument("--workers", default="1,2", help="comma list of Ray actor counts")
-    p.add_argument("--photos", type=int, default=6, help="how many of the sample photos")
-    p.add_argument("--copies", type=int, default=2, help="each photo this many times (a longer run)")
-    p.add_argument("--iters", type=int, default=5, help="iterations per face (protect's other flags at defaults)")
+    p.add_argument("--photos", type=positive_int, default=6, help="how many of the sample photos")
+    p.add_argument("--copies", type=positive_int, default=2, help="each photo this many times (a longer run)")
+    p.add_argument("--iters", type=positive_int, default=5,
+                   help="iterations per face (protect's other flags at defaults)")
     p.add_argument("--judges", default="mobileface", help="models that check each saved photo")
+    p.add_argument("--eval-probes", type=count_or_zero, default=8, metavar="N",
+                   help="also time an evaluation's protection runs: the tip-im protocol's first N probes of LFW, "
+                        "pgd against mobileface, --iters iterations (0 = skip; skipped with a note without LFW)")
+    p.add_argument("--eval-batch", type=positive_int, default=2, metavar="B", help="probes per protection job")
+    p.add_argument("--dataset", default=None, metavar="lfw=PATH", help="LFW (default: $FACEVEIL_LFW or beside repo)")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_scale)
@@ -117,7 +123,38 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if not photos or not workers or min(workers) < 1 or args.copies < 1:
         raise FaceveilError("--photos, --copies and --workers take positive numbers")
-    rows, info = scale.run(settings_from_flags(flags), photos, workers, args.copies, progress=not args.quiet)
+    if args.eval_probes < 0 or args.eval_batch < 1:
+        raise FaceveilError("--eval-probes takes 0 or more, --eval-batch 1 or more")
+    evaluation, eval_info = _scale_evaluation(args)
+    rows, info = scale.run(settings_from_flags(flags), photos, workers, args.copies, progress=not args.quiet,
+                           evaluation=evaluation)
     info["copies"] = args.copies
-    emit("bench scale", {"protect_flags": flags, **info}, rows, args.json)
+    emit("bench scale", {"protect_flags": flags, **info, "evaluation": eval_info}, rows, args.json)
     return 0
+
+
+EVAL_SURROGATES = ["mobileface"]
+EVAL_EXTRA = 5  # further gallery identities: the split's preparation is not what is timed
+
+
+def _scale_evaluation(args: argparse.Namespace):
+    """bench scale's evaluation case (the split prepared here, untimed), or None with the reason."""
+    from faceveil.attacks.core import AttackConfig
+    from faceveil.datasets.lfw import default_lfw_root
+    from faceveil.distributed import scale
+    from faceveil.evaluate.protocols import tip_im
+    from faceveil.pipeline import presets
+
+    if args.eval_probes == 0:
+        return None, "skipped (--eval-probes 0)"
+    root = dataset_root(args.dataset) if args.dataset else default_lfw_root()
+    if root is None:
+        return None, "skipped: no LFW found (--dataset lfw=PATH or FACEVEIL_LFW)"
+    paper = presets.PAPER_DEFAULTS
+    attack = AttackConfig(eps=paper["eps"] / 255, alpha=paper["alpha"] / 255, steps=args.iters, norm="linf",
+                          momentum=paper["momentum"], seed=0)
+    settings = tip_im.Settings(method="pgd", mode="crops", attack=attack, batch=args.eval_batch, progress=False)
+    prepared = tip_im.prepare(root, EVAL_SURROGATES, settings, seed=0, limit=args.eval_probes, extra=EVAL_EXTRA)
+    info = {"protocol": "tip-im", "dataset": str(root), "probes": len(prepared.split.probes), "method": "pgd",
+            "surrogates": EVAL_SURROGATES, "iters": args.iters, "batch": args.eval_batch, "mode": "crops"}
+    return scale.EvalCase(prepared, EVAL_SURROGATES, settings), info

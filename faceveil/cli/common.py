@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 # The command modules, in the order their commands appear in `faceveil --help` and in each group's help.
-MODULES = ("models", "evaluate", "protect", "verify", "bench", "apf", "person", "serve", "advcloak", "robustness",
-           "report", "app")
+MODULES = ("models", "evaluate", "goal", "protect", "verify", "bench", "apf", "person", "serve", "advcloak",
+           "robustness", "report", "app")
 GROUP_HELP = {
     "models": "the recogniser zoo: fetch, list, check",
     "eval": "evaluation protocols on a dataset",

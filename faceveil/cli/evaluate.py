@@ -26,6 +26,7 @@ from faceveil.cli.common import (
     smoothing_size,
     threads,
 )
+from faceveil.cli.engine import add_engine_flags, mask_map, require_local_unless_tip_im
 from faceveil.errors import FaceveilError
 from faceveil.methods import registry
 from faceveil.pipeline import presets
@@ -95,6 +96,7 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_engine_flags(p)
     add_report_flag(p)
 
 
@@ -140,14 +142,22 @@ def _tip_im_identification(args: argparse.Namespace) -> int:
                           smoothing=args.smoothing, seed=args.seed)
     settings = identification.Settings(method=args.method, mode=args.mode, attack=attack, gamma=args.gamma,
                                        batch=args.batch, progress=not args.quiet)
-    rows, info = identification.run(root, judges, surrogates, settings, args.seed, args.limit, args.extra)
+    with mask_map(args) as masks:
+        rows, info = identification.run(root, judges, surrogates, settings, args.seed, args.limit, args.extra, masks)
     meta = {"protocol": args.protocol, "dataset": str(root), "method": args.method, "mode": args.mode,
             "judges": judges, "surrogates": surrogates or "leave-one-family-out", "eps": args.eps,
             "alpha": args.alpha, "iters": args.iters, "momentum": args.momentum, "diversity": args.diversity,
             "jitter": jitter, "smoothing": args.smoothing,
-            "gamma": args.gamma, "batch": args.batch, "threads": threads(), **info}
+            "gamma": args.gamma, "batch": args.batch, "threads": threads(), **_engine(args), **info}
     emit("eval identification", meta, rows, args.json, report=args.report)
     return 0
+
+
+def _engine(args: argparse.Namespace) -> dict:
+    """Where the masks were computed (ray: the actors, one thread each)."""
+    if args.engine != "ray":
+        return {"engine": "local"}
+    return {"engine": "ray", "workers": args.workers, "address": args.address or "local instance"}
 
 
 # ----------------------------------------------------------------------------------------------- opom protocol
@@ -159,6 +169,7 @@ def _opom_identification(args: argparse.Namespace) -> int:
     from faceveil.models import zoo
 
     reject_tip_im_flags(args)
+    require_local_unless_tip_im(args)
     root = dataset_root(args.dataset)
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None

@@ -20,6 +20,7 @@ from faceveil.cli.common import (
     threads,
     write_outputs,
 )
+from faceveil.cli.engine import add_engine_flags, mask_map
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import ROBUSTNESS, adapter_for, require_protocol
 
@@ -35,7 +36,7 @@ def _dataset(text: str | None):
     return root
 
 
-def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None):
+def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] | None, masks=None):
     """The protocol's request from the flags (None = the protocol's own default)."""
     from faceveil.cli.evaluate import distractor_count, test_image_cap
     from faceveil.evaluate.robustness import Request
@@ -48,7 +49,7 @@ def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] 
         gamma=args.gamma, masks=args.masks, dropout=args.dropout,
         distractors=distractor_count(args.distractors, args.limit) if opom else None,
         train_images=args.train_images, test_images=test_image_cap(args.test_images) if opom else None,
-        min_images=args.min_images, checkpoint=args.checkpoint, stage=args.stage)
+        min_images=args.min_images, checkpoint=args.checkpoint, stage=args.stage, mask_map=masks)
 
 
 def _cmd_eval_robustness(args: argparse.Namespace) -> int:
@@ -66,12 +67,14 @@ def _cmd_eval_robustness(args: argparse.Namespace) -> int:
     judges = zoo.parse_models(args.judges)
     surrogates = zoo.parse_models(args.surrogates) if args.surrogates else None
     names = transforms.parse_names(args.transforms)
-    adapter, resolved = adapter_for(args.protocol, _request(args, judges, surrogates))
-    options = robustness.Options(names, args.seed, args.adaptive, folds, progress=not args.quiet)
     start = time.perf_counter()
-    rows, meta = robustness.evaluate(adapter, options)
-    settings = {**resolved, "judges": judges, "surrogates": surrogates or "leave-one-family-out", **meta,
-                "limit": args.limit, "threads": threads(), "total_seconds": round(time.perf_counter() - start, 2)}
+    with mask_map(args) as masks:
+        adapter, resolved = adapter_for(args.protocol, _request(args, judges, surrogates, masks))
+        options = robustness.Options(names, args.seed, args.adaptive, folds, progress=not args.quiet)
+        rows, meta = robustness.evaluate(adapter, options)
+    settings = {**resolved, "engine": args.engine, "judges": judges,
+                "surrogates": surrogates or "leave-one-family-out", **meta, "limit": args.limit, "threads": threads(),
+                "total_seconds": round(time.perf_counter() - start, 2)}
     print(markdown_table(robustness.display_rows(rows)))
     print(f"{adapter.metric} = protection rate; retained = rate / untransformed rate; clean_{adapter.metric} = the "
           "same rate for the unprotected probes after the same transform; gain = rate - clean rate")
@@ -131,6 +134,7 @@ def register(groups: Groups) -> None:
     p.add_argument("--adaptive-folds", type=positive_int, default=None,
                    help="identity folds of the adaptive probe (default 5)")
     _add_protocol_flags(p)
+    add_engine_flags(p)
     p.add_argument("--seed", type=seed_value, default=0, help="split, protection and random transforms")
     p.add_argument("--json", metavar="OUT")
     add_report_flag(p)

@@ -14,6 +14,7 @@ as NFS) and have faceveil installed with its weights fetched (`faceveil models f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -69,7 +70,9 @@ class ProtectActor:
         # One intra-op thread per actor CPU: torch's float sums depend on the thread count, so an actor's masks
         # equal those of a local run with the same count (OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1), bit for bit.
         torch.set_num_threads(CPUS_PER_ACTOR)
-        self.protector = Protector.from_settings(settings)
+        # The driver planned the run (plan_files): every output an actor writes is this run's, and a retried batch
+        # must replace what a killed actor of this run already wrote.
+        self.protector = Protector.from_settings(dataclasses.replace(settings, existing="overwrite"))
         self.out_dir = out_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

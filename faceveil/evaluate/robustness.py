@@ -125,6 +125,8 @@ class Request:
     min_images: int | None = None  # opom: identities with this many images are protected (None: the protocol's 12)
     checkpoint: str | None = None  # apf: the server networks (None = the packaged ones)
     stage: str = "s"  # apf: g, g_hat or s
+    # tip-im: how the probe batches' masks are computed (tip_im.MaskMap; None: here, one after another)
+    mask_map: Callable[..., Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- transforms

@@ -13,7 +13,7 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,16 +51,38 @@ class OutputSettings:
             raise FaceveilError(f"`existing` takes {', '.join(EXISTING_CHOICES)}, got {self.existing!r}")
 
 
-def select_faces(faces: list[Face], which: str) -> list[Face]:
-    """Largest first; 'all', 'largest' or a count N."""
-    ordered = sorted(faces, key=lambda f: -f.size)
+FaceChoice = str | Sequence[int]  # all | largest | N (the N largest) | the indices of the faces, largest first
+
+
+def order_faces(faces: list[Face]) -> list[Face]:
+    """The order faces are numbered in everywhere (detect_faces, selections, reports): largest first."""
+    return sorted(faces, key=lambda f: -f.size)
+
+
+def select_faces(faces: list[Face], which: FaceChoice) -> list[Face]:
+    """Largest first; 'all', 'largest', a count N, or a selection of indices into the largest-first order (the
+    numbers faceveil.api.detect_faces gives; an empty selection protects no face)."""
+    ordered = order_faces(faces)
+    if not isinstance(which, str):
+        return [ordered[i] for i in chosen_indices(which, len(ordered))]
     if which == "all":
         return ordered
     if which == "largest":
         return ordered[:1]
     if which.isdigit() and int(which) > 0:
         return ordered[: int(which)]
-    raise FaceveilError(f"faces takes all, largest or a positive number, got {which!r}")
+    raise FaceveilError(f"faces takes all, largest, a positive number or a list of face indices, got {which!r}")
+
+
+def chosen_indices(which: Sequence[int], found: int) -> list[int]:
+    """A selection of face indices, checked against the faces found, sorted and without repeats."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in which):
+        raise FaceveilError(f"faces: a selection is a list of face indices (whole numbers), got {list(which)!r}")
+    wrong = [i for i in which if not 0 <= i < found]
+    if wrong:
+        raise FaceveilError(f"faces: no face {wrong[0]} in this photo: {found} face(s) found (indices 0..{found - 1})"
+                            if found else f"faces: no face {wrong[0]} in this photo: no face found")
+    return sorted(set(which))
 
 
 def with_skipped(details: dict | None, skipped: list[FaceConfirmation]) -> dict | None:
@@ -117,6 +139,7 @@ class PhotoJob:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.detector = detector or MTCNN()
         self.confirmer: FaceConfirmer | None = None  # None: the default (BlazeFace), loaded on first use
+        self.on_frame: Callable[[Path, int, int | None], None] | None = None  # video progress (frames written, all)
         self.stages = StageSeconds()
         self.created: set[Path] = set()  # outputs this job wrote: only these may be written again
         self.refused: dict[Path, Exception] = {}  # input -> why it is not processed (its output exists)
@@ -195,11 +218,21 @@ class PhotoJob:
         stats = protect_video(item.path, out_path, delta_for_track, progress=False,
                               keep_metadata=self.output.keep_metadata, keep_untouched=self.output.copy_unprotected,
                               drop_audio=self.output.drop_audio, replace=self._may_replace(out_path),
-                              max_mode=_mode_of(item.path), on_progress=self.report_progress)
+                              max_mode=_mode_of(item.path), on_frame=self._frame_progress(item.path),
+                              on_progress=self.report_progress)
         if not stats["written"]:
             return None, stats
         self.created.add(out_path)
         return out_path, stats
+
+    def _frame_progress(self, path: Path) -> Callable[[int, list[Track]], None] | None:
+        """protect_video's per-frame hook, told to `on_frame` as (video, frames written, frames in all)."""
+        if self.on_frame is None:
+            return None
+        from faceveil.io.video import probe_video
+
+        report, total = self.on_frame, probe_video(path).frame_count or None
+        return lambda index, _tracks: report(path, index + 1, total)
 
     def unprotected_video(self, stats: dict, what: str, details: dict) -> dict:
         """The outcome of a video on which no face was masked: written unchanged only when copy_unprotected asks."""

@@ -20,7 +20,15 @@ from faceveil.methods.base import MethodOptions, Perturbation
 from faceveil.methods.targets import DEFAULT_MAX_TARGETS, load_targets
 from faceveil.models import zoo
 from faceveil.pipeline.batch import BatchItem
-from faceveil.pipeline.job import OutputSettings, PhotoJob, PreparedPhoto, paste_faces, select_faces, with_skipped
+from faceveil.pipeline.job import (
+    FaceChoice,
+    OutputSettings,
+    PhotoJob,
+    PreparedPhoto,
+    paste_faces,
+    select_faces,
+    with_skipped,
+)
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_arrays
 
@@ -35,7 +43,7 @@ class ProtectSettings(OutputSettings):
     surrogates: list[str] = field(default_factory=lambda: ["mobileface", "mfn512"])
     judges: list[str] = field(default_factory=lambda: list(zoo.SPECS))
     attack: AttackConfig = field(default_factory=AttackConfig)
-    faces: str = "all"  # all | largest | N (the N largest)
+    faces: FaceChoice = "all"  # all | largest | N (the N largest) | face indices, largest first
     verify: bool = True
     # targeted methods (TIP-IM and its baselines)
     gamma: float = 0.0  # weight of TIP-IM's MMD naturalness term (tip_im.DEFAULT_GAMMA)
@@ -102,7 +110,8 @@ class PhotoProtector(PhotoJob):
             return _raise_or_return(self._outcomes.pop(item.path))
         first = self._prepare(item)
         if not first.faces:
-            return self.unprotected(first, "no face found")
+            chosen = not isinstance(self.settings.faces, str)  # an empty selection of indices
+            return self.unprotected(first, "no face chosen" if chosen else "no face found")
         group = [first, *self._companions(item, len(first.faces))]
         self._protect_together(group)
         return _raise_or_return(self._outcomes.pop(item.path))

@@ -2,7 +2,7 @@
 "use strict";
 
 const state = { session: null, info: null, photos: { protect: [], enroll: [], apply: [] }, check: {},
-                results: {}, busy: false };
+                results: {}, busy: false, faces: {} };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props = {}, ...children) {
@@ -85,7 +85,12 @@ async function addFiles(role, files, slot) {
     return;
   }
   for (const file of files) {
-    if (file.size > limits.max_upload_bytes) {
+    const video = role === "apply" && /\.(mp4|m4v|mov|mkv|webm|avi)$/i.test(file.name);
+    if (video && file.size > limits.max_video_bytes) {
+      message(`${file.name} is too large: more than ${Math.round(limits.max_video_bytes / 1048576)} MB`);
+      continue;
+    }
+    if (!video && file.size > limits.max_upload_bytes) {
       message(`${file.name} is too large: more than ${Math.round(limits.max_upload_bytes / 1048576)} MB`);
       continue;
     }
@@ -104,16 +109,85 @@ async function addFiles(role, files, slot) {
 
 function addThumbnail(role, photo) {
   state.photos[role].push(photo);
-  const img = el("img", { src: `/api/session/${state.session}/photos/${photo.id}/original`, alt: photo.name });
+  const img = photo.kind === "video"
+    ? el("div", { class: "video-thumb", text: `video · ${Math.round(photo.seconds || 0)} s` })
+    : el("img", { src: `/api/session/${state.session}/photos/${photo.id}/original`, alt: photo.name });
   const remove = el("button", { class: "remove", text: "remove", title: `remove ${photo.name}` });
   remove.addEventListener("click", async () => {
     await call(`/photos/${photo.id}/remove`, { method: "POST" });
     state.photos[role] = state.photos[role].filter((p) => p.id !== photo.id);
+    delete state.faces[photo.id];
     item.remove();
+    const picker = $(`picker-${photo.id}`);
+    if (picker) picker.remove();
     refreshButtons();
   });
   const item = el("li", { id: `photo-${photo.id}` }, img, el("div", { text: photo.name }), remove);
   $(`photos-${role}`).append(item);
+  if (role === "protect") showFacePicker(photo);
+}
+
+// ------------------------------------------------------------------------------------------------- face picker
+
+async function showFacePicker(photo) {
+  // The photo's faces outlined before protecting, each with a tick box: only ticked faces are protected.
+  const frame = el("div", { class: "frame" },
+                   el("img", { src: `/api/session/${state.session}/photos/${photo.id}/original`, alt: photo.name }));
+  const hint = el("p", { class: "hint", text: "Finding the faces…" });
+  const ticks = el("div", { class: "ticks" });
+  const picker = el("div", { class: "picker", id: `picker-${photo.id}` }, el("h3", { text: photo.name }), hint,
+                    frame, ticks);
+  $("pickers-protect").append(picker);
+  state.pending = (state.pending || 0) + 1;
+  refreshButtons();
+  let faces = [];
+  try {
+    faces = (await call(`/photos/${photo.id}/faces`)).faces;
+  } catch (error) {
+    hint.textContent = `Could not look for faces: ${error.message}`;
+    return;
+  } finally {
+    state.pending -= 1;
+    refreshButtons();
+  }
+  const confirmed = faces.filter((f) => f.confirmed);
+  state.faces[photo.id] = confirmed;
+  hint.textContent = confirmed.length
+    ? `${confirmed.length} face${confirmed.length > 1 ? "s" : ""} found. Untick the faces that are not yours: ` +
+      "only ticked faces are protected."
+    : "No face found in this photo: there is nothing to protect.";
+  for (const face of faces) {
+    const [x0, y0, x1, y1] = face.box;
+    const box = el("div", { class: face.confirmed ? "outline" : "outline skipped" },
+                   el("span", { text: face.confirmed ? `Face ${face.index + 1}` : "not a face: skipped" }));
+    Object.assign(box.style, { left: `${100 * x0 / photo.width}%`, top: `${100 * y0 / photo.height}%`,
+                               width: `${100 * (x1 - x0) / photo.width}%`, height: `${100 * (y1 - y0) / photo.height}%` });
+    frame.append(box);
+    if (!face.confirmed) {
+      box.title = `Not a face (confirmation score ${face.face_score.toFixed(2)}): never protected`;
+      continue;
+    }
+    const id = `face-${photo.id}-${face.index}`;
+    const input = el("input", { type: "checkbox", id, class: "face-pick", "data-photo": String(photo.id),
+                                "data-index": String(face.index) });
+    input.checked = true;
+    const sync = () => { box.classList.toggle("off", !input.checked); };
+    input.addEventListener("change", sync);
+    box.addEventListener("click", () => { input.checked = !input.checked; sync(); });
+    box.title = `Face ${face.index + 1}: click to tick or untick`;
+    ticks.append(el("label", { for: id }, input, ` Face ${face.index + 1} is mine: protect it`));
+  }
+}
+
+function chosenFaces() {
+  // {photo id: the ticked face numbers} for every photo whose faces were found (the others keep every face).
+  const chosen = {};
+  for (const photo of state.photos.protect) {
+    if (!state.faces[photo.id]) continue;
+    chosen[photo.id] = Array.from(document.querySelectorAll(`input.face-pick[data-photo="${photo.id}"]`))
+      .filter((input) => input.checked).map((input) => Number(input.dataset.index));
+  }
+  return chosen;
 }
 
 function placeCheckPhoto(photo, slot) {
@@ -138,7 +212,7 @@ function wireDrop(zone) {
 }
 
 function refreshButtons() {
-  $("protect-button").disabled = state.busy || state.photos.protect.length === 0;
+  $("protect-button").disabled = state.busy || state.photos.protect.length === 0 || (state.pending || 0) > 0;
   $("enroll-button").disabled = state.busy || state.photos.enroll.length === 0;
   $("apply-button").disabled = state.busy || state.photos.apply.length === 0 || !state.mask;
   $("check-button").disabled = state.busy || !(state.check.a && state.check.b);
@@ -168,7 +242,8 @@ function protect() {
   const chosen = document.querySelector('input[name="strength"]:checked');
   const iters = $("iters-protect").value;
   start("/protect", { photos: state.photos.protect.map((p) => p.id), strength: chosen ? chosen.value : "mid",
-                      seed: Number($("seed-protect").value || 0), iters: iters ? Number(iters) : null }, "protect");
+                      seed: Number($("seed-protect").value || 0), iters: iters ? Number(iters) : null,
+                      faces: chosenFaces() }, "protect");
 }
 
 function setProgress(job, value, status) {
@@ -202,6 +277,10 @@ function onEvent(event) {
   if (event.type === "photo-start") {
     const photo = photoById(event.id);
     setProgress(job, event.percent, `working on ${photo ? photo.name : "a photo"} (${event.index + 1} of ${event.total})`);
+  } else if (event.type === "frame") {
+    const photo = photoById(event.id);
+    const of = event.frames ? ` of ${event.frames}` : "";
+    setProgress(job, event.percent, `${photo ? photo.name : "the video"}: frame ${event.frame}${of}`);
   } else if (event.type === "photo-done") {
     setProgress(job, event.percent, `${event.index} of ${event.total} done`);
     showResult(job, event);
@@ -250,6 +329,14 @@ function showResult(job, event) {
     return;
   }
   const stamp = Date.now();
+  if (event.kind === "video") {
+    const video = el("video", { src: `${base}/result?t=${stamp}`, controls: "", preload: "metadata" });
+    card.append(video, el("p", { text: event.message }),
+                el("a", { class: "button", href: `${base}/result?download=1`, download: "", text: "Download this video" }));
+    $(`results-${job}`).append(card);
+    showZip(job);
+    return;
+  }
   const before = el("img", { class: "before", src: `${base}/original`, alt: "before" });
   const after = el("img", { class: "after", src: `${base}/result?t=${stamp}`, alt: "after" });
   const compare = el("div", { class: "compare" }, before, after,
@@ -276,6 +363,10 @@ function showResult(job, event) {
                              text: "Download this photo" });
   card.append(compare, slider, zooms(base, stamp, event.faces), verdicts, download);
   $(`results-${job}`).append(card);
+  showZip(job);
+}
+
+function showZip(job) {
   const zip = $(`zip-${job}`);
   zip.href = `/api/session/${state.session}/results.zip?role=${job}`;
   zip.hidden = false;

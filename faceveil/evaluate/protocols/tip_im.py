@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,8 @@ class Settings:
     gamma: float = 0.0
     batch: int = BATCH
     progress: bool = True
+    save_as: str = "png"  # photos mode: how each protected photo is saved before it is re-read (png, or jpg)
+    jpeg_quality: int = 95  # with save_as "jpg" (protect's default quality)
 
 
 def settings_for(method: str, mode: str, eps: float, alpha: float, iters: int, momentum: float,
@@ -130,13 +132,20 @@ def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.nda
 
 
 def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
-                   folder: Path, detector) -> None:
-    """Paste, save as PNG, re-read, re-detect (nearest the centre), keep the re-read photo and its landmarks."""
+                   folder: Path, detector, save_as: str = "png", jpeg_quality: int = 95) -> None:
+    """Paste, save (PNG, or JPEG at `jpeg_quality`: what `protect` writes for a JPEG photo), re-read, re-detect
+    (nearest the centre), keep the re-read photo and its landmarks."""
     from faceveil.detect.mtcnn import nearest_to_center
 
+    if save_as not in ("png", "jpg"):
+        raise ValueError(f"save_as takes png or jpg, got {save_as!r}")
     for photo, d, m in zip(photos, delta, marks, strict=True):
-        path = folder / f"probe{len(out.images):05d}.png"
-        Image.fromarray(C.paste(photo, m, d)).save(path)
+        path = folder / f"probe{len(out.images):05d}.{save_as}"
+        image = Image.fromarray(C.paste(photo, m, d))
+        if save_as == "jpg":  # as faceveil.io.images writes a JPEG: no chroma subsampling
+            image.save(path, quality=jpeg_quality, subsampling=0)
+        else:
+            image.save(path)
         again = read_image(path).rgb
         face = nearest_to_center(detector.detect_large(again), again.shape[1], again.shape[0])
         out.redetect_failures += face is None
@@ -147,24 +156,81 @@ def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor
         _record_quality(out, align(photo, m, C.CANONICAL), align(again, m, C.CANONICAL))
 
 
-def _target_set(split: Split, landmarks: dict[Path, np.ndarray], ensemble: Ensemble) -> TargetSet:
-    faces = [TargetIdentity(name, (target_face(read_image(p).rgb, landmarks[p], str(p)),)) for name, p in split.targets]
+@dataclass
+class MaskJob:
+    """One probe batch's protection as plain data, so that a process elsewhere can run it (MaskComputer): the
+    surrogate set, the probe files and landmarks, the split's target identities (file and landmarks: targeted
+    methods aim at them) and the settings. Each job's mask depends on the job alone (the core seeds each call)."""
+
+    surrogates: tuple[str, ...]
+    files: list[Path]
+    marks: list[np.ndarray]
+    targets: list[tuple[str, Path, np.ndarray]]
+    settings: Settings
+
+
+# The masks (delta [B,3,256,256]) of a protection run's jobs, in job order. The default computes them here, one
+# after another; `faceveil eval ... --engine ray` passes one that spreads them over Ray actors
+# (faceveil.distributed.ray_eval): this layer never imports it.
+MaskMap = Callable[[list[MaskJob]], Iterable[torch.Tensor]]
+
+
+class MaskComputer:
+    """Runs mask jobs; builds one ensemble and method per surrogate set and method (models loaded on first use)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple, tuple[Ensemble, ImageMethod]] = {}
+
+    def __call__(self, job: MaskJob) -> torch.Tensor:
+        ensemble, method = self._for(job)
+        photos = [read_image(p).rgb for p in job.files]
+        batch = from_photos(photos, job.marks, ensemble.geometries, job.settings.mode)
+        return method(batch, ensemble, job.settings.attack).delta
+
+    def _for(self, job: MaskJob) -> tuple[Ensemble, ImageMethod]:
+        s = job.settings
+        key = (job.surrogates, s.method, s.gamma, s.attack.seed, tuple(str(p) for _, p, _ in job.targets))
+        if key not in self._built:
+            ensemble = Ensemble(list(job.surrogates))
+            self._built[key] = ensemble, _method(s, ensemble, job.targets)
+        return self._built[key]
+
+
+def local_masks(jobs: list[MaskJob]) -> Iterator[torch.Tensor]:
+    """The default MaskMap: each job's mask computed in this process, as it is asked for."""
+    computer = MaskComputer()
+    return (computer(job) for job in jobs)
+
+
+def probe_jobs(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str],
+               settings: Settings) -> list[MaskJob]:
+    """The probes in batches of settings.batch, one job each."""
+    targets = [(name, p, landmarks[p]) for name, p in split.targets]
+    jobs = []
+    for start in range(0, len(split.probes), settings.batch):
+        files = [p for _, p in split.probes[start:start + settings.batch]]
+        jobs.append(MaskJob(tuple(surrogates), files, [landmarks[p] for p in files], targets, settings))
+    return jobs
+
+
+def _target_set(targets: list[tuple[str, Path, np.ndarray]], ensemble: Ensemble) -> TargetSet:
+    faces = [TargetIdentity(name, (target_face(read_image(p).rgb, marks, str(p)),)) for name, p, marks in targets]
     return TargetSet(faces, ensemble)
 
 
-def _method(settings: Settings, ensemble: Ensemble, split: Split,
-            landmarks: dict[Path, np.ndarray]) -> ImageMethod:
+def _method(settings: Settings, ensemble: Ensemble, targets: list[tuple[str, Path, np.ndarray]]) -> ImageMethod:
     entry = registry.check_kind(settings.method, "image")
-    targets = _target_set(split, landmarks, ensemble) if entry.targeted else None
+    target_set = _target_set(targets, ensemble) if entry.targeted else None
     return registry.image_method(settings.method, MethodOptions(gamma=settings.gamma, seed=settings.attack.seed),
-                                 targets)
+                                 target_set)
 
 
 def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str],
-                   settings: Settings) -> Protected:
-    """Protect every probe in batches; crops mode keeps the canonical faces, photos mode round-trips the files."""
-    ensemble = Ensemble(surrogates)
-    method = _method(settings, ensemble, split, landmarks)
+                   settings: Settings, masks: MaskMap | None = None) -> Protected:
+    """Protect every probe in batches; crops mode keeps the canonical faces, photos mode round-trips the files.
+    masks: how the batches' masks are computed (default: here, in order); the collection stays here."""
+    jobs = probe_jobs(split, landmarks, surrogates, settings)
+    geometries = sorted({zoo.spec(name).geometry for name in surrogates})  # Ensemble.geometries, no model loaded
     out = Protected()
     detector = None
     if settings.mode == "photos":
@@ -172,16 +238,16 @@ def protect_probes(split: Split, landmarks: dict[Path, np.ndarray], surrogates: 
 
         detector = default_detector()
     with tempfile.TemporaryDirectory(prefix="faceveil-ident-") as tmp:
-        starts = range(0, len(split.probes), settings.batch)
-        for start in tqdm(starts, desc="protect", disable=not settings.progress, unit="batch"):
-            files = [p for _, p in split.probes[start:start + settings.batch]]
-            photos, marks = [read_image(p).rgb for p in files], [landmarks[p] for p in files]
-            batch = from_photos(photos, marks, ensemble.geometries, settings.mode)
-            delta = method(batch, ensemble, settings.attack).delta
+        computed = (masks or local_masks)(jobs)
+        for job, delta in tqdm(zip(jobs, computed, strict=True), total=len(jobs), desc="protect",
+                               disable=not settings.progress, unit="batch"):
+            photos, marks = [read_image(p).rgb for p in job.files], job.marks
+            batch = from_photos(photos, marks, geometries, settings.mode)
             if settings.mode == "crops":
                 collect_crops(out, batch, delta, marks)
             else:
-                collect_photos(out, photos, delta, marks, Path(tmp), detector)
+                collect_photos(out, photos, delta, marks, Path(tmp), detector, settings.save_as,
+                               settings.jpeg_quality)
     return out
 
 
@@ -207,7 +273,7 @@ def _gallery_embeddings(judges: list[str], gallery: list[Labelled], landmarks: d
     return embed_files(judges, [p for _, p in gallery], landmarks, progress).rows
 
 
-def _clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
+def clean_rank1(judge: str, split: Split, landmarks: dict[Path, np.ndarray], gallery: torch.Tensor) -> float:
     """Identification accuracy of the judge on the unprotected probes (sanity of the gallery)."""
     emb = embed_images(judge, [read_image(p).rgb for _, p in split.probes], [landmarks[p] for _, p in split.probes])
     scores = zoo.score_matrix(zoo.spec(judge).metric, emb, gallery)
@@ -264,26 +330,26 @@ def prepare(root: Path, judges: list[str], settings: Settings, seed: int = 0, li
 
 
 def protect_groups(prepared: Prepared, judges: list[str], surrogates: list[str] | None,
-                   settings: Settings) -> Iterator[ProtectedGroup]:
+                   settings: Settings, masks: MaskMap | None = None) -> Iterator[ProtectedGroup]:
     """Protect the probes once per surrogate set (leave-one-family-out by default), one group at a time."""
     for group, group_judges in surrogate_groups(judges, surrogates).items():
         start = time.perf_counter()
-        protected = protect_probes(prepared.split, prepared.landmarks, list(group), settings)
+        protected = protect_probes(prepared.split, prepared.landmarks, list(group), settings, masks)
         yield ProtectedGroup(list(group), group_judges, protected, round(time.perf_counter() - start, 2))
 
 
 def run(root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings, seed: int = 0,
-        limit: int | None = None, extra: int | None = None) -> tuple[list[dict], dict]:
-    """Rows (one per judge) and settings (split counts, timings) of the protocol."""
+        limit: int | None = None, extra: int | None = None, masks: MaskMap | None = None) -> tuple[list[dict], dict]:
+    """Rows (one per judge) and settings (split counts, timings) of the protocol; masks: see protect_probes."""
     prepared = prepare(root, judges, settings, seed, limit, extra)
     split, landmarks = prepared.split, prepared.landmarks
     rows, timings, failures = [], {}, {}
-    for run_ in protect_groups(prepared, judges, surrogates, settings):
+    for run_ in protect_groups(prepared, judges, surrogates, settings, masks):
         timings["+".join(run_.surrogates)] = run_.seconds
         failures["+".join(run_.surrogates)] = run_.protected.redetect_failures
         for judge in run_.judges:
             row = judge_row(judge, run_.surrogates, run_.protected, split, prepared.galleries[judge], settings)
-            row["clean_rank1"] = _clean_rank1(judge, split, landmarks, prepared.galleries[judge])
+            row["clean_rank1"] = clean_rank1(judge, split, landmarks, prepared.galleries[judge])
             rows.append(row)
     meta = {**prepared.meta(), "protect_seconds": timings, "redetect_failures": failures}
     return rows, meta
@@ -299,9 +365,11 @@ class TipImAdapter:
     metric = "rank1_ut"
 
     def __init__(self, root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings,
-                 seed: int = 0, limit: int | None = None, extra: int | None = None) -> None:
+                 seed: int = 0, limit: int | None = None, extra: int | None = None,
+                 masks: MaskMap | None = None) -> None:
         self.root, self.judges, self.surrogates = root, judges, surrogates
         self.settings, self.seed, self.limit, self.extra = settings, seed, limit, extra
+        self.masks = masks
         self.mode = settings.mode
         self.prepared: Prepared | None = None
         self.photo_redetect_failures: dict[str, int] = {}
@@ -309,7 +377,7 @@ class TipImAdapter:
     def scenarios(self) -> Iterator[Scenario]:
         self.prepared = prepare(self.root, self.judges, self.settings, self.seed, self.limit, self.extra)
         names = [n for n, _ in self.prepared.split.probes]
-        for group in protect_groups(self.prepared, self.judges, self.surrogates, self.settings):
+        for group in protect_groups(self.prepared, self.judges, self.surrogates, self.settings, self.masks):
             p = group.protected
             self.photo_redetect_failures["+".join(group.surrogates)] = p.redetect_failures
             yield Scenario(group.surrogates, group.judges, ProbeImages(p.images, p.landmarks),
@@ -340,7 +408,7 @@ def robustness_adapter(request: Request) -> tuple[TipImAdapter, dict]:
     settings = settings_for(method, request.mode, eps, alpha, iters, momentum, request.jitter, request.gamma,
                             request.batch, request.seed, request.progress)
     adapter = TipImAdapter(request.root, request.judges, request.surrogates, settings, request.seed, request.limit,
-                           request.extra)
+                           request.extra, request.mask_map)
     resolved = {"method": method, "eps": eps, "alpha": alpha, "iters": iters, "momentum": momentum,
                 "jitter": settings.attack.jitter, "gamma": request.gamma, "batch": request.batch,
                 "dataset": str(adapter.root)}
