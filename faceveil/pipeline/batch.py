@@ -233,7 +233,7 @@ def run_batch(
 
     # the bar counts files, and moves within a file as the job reports its steps (optimisation steps, video frames)
     bar = tqdm(total=len(items), desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr),
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def advance(worth: float) -> None:
         """The job's work in progress, in files' worth, on top of the files done."""
