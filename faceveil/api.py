@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from faceveil.errors import FaceveilError
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY
 from faceveil.runtime import prepare_process
 
 if TYPE_CHECKING:
@@ -187,8 +188,9 @@ class ImageResult:
 
         return Image.fromarray(self.image)
 
-    def save(self, path: str | Path, *, jpeg_quality: int = 95) -> Path:
-        """Write atomically in the format of the file name's extension, without metadata."""
+    def save(self, path: str | Path, *, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> Path:
+        """Write atomically in the format of the file name's extension (.jpg, .png, .heic, .avif, ...), without
+        metadata."""
         from faceveil.io.images import write_image
 
         return write_image(self.image, path, jpeg_quality=jpeg_quality)
@@ -199,7 +201,7 @@ class Protector:
 
     method, strength (low | mid | high), thorough and seed are the everyday choices; `advanced` takes any other
     preset value (eps, iters, alpha, momentum, jitter, diversity, smoothing, surrogates, judges, paper_defaults) and
-    job setting (faces, fmt, jpeg_quality, keep_metadata, copy_unprotected, existing, drop_audio, verify,
+    job setting (faces, fmt, jpeg_quality, keep_metadata, keep_date, copy_unprotected, existing, drop_audio, verify,
     batch_faces, targets_dir, gamma, gain, server, ...)."""
 
     def __init__(self, *, method: str = "pgd", strength: str = "mid", thorough: bool = False, seed: int = 0,
@@ -332,9 +334,10 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
                 all_faces: bool = False, mask_index: int = 0, recursive: bool = False,
                 report_path: str | Path | None = None, progress: bool = True, header: dict | None = None,
                 on_frame: FrameProgress | None = None, **output: Any) -> BatchReport:
-    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir: what
-    `faceveil apply` runs. `output`: fmt, jpeg_quality, keep_metadata, copy_unprotected, existing (refuse |
-    overwrite | skip), drop_audio. on_frame(video, frames written, frames in all): called as each video frame is
+    """A person's mask pasted on their faces in every photo and video of `inputs`, written into out_dir, and every
+    masked face of a saved photo checked by the judges: what `faceveil apply` runs. `output`: fmt, jpeg_quality,
+    keep_metadata, keep_date, copy_unprotected, existing (refuse | overwrite | skip), drop_audio, verify (default
+    True), judges (default all). on_frame(video, frames written, frames in all): called as each video frame is
     written (a page's progress bar)."""
     prepare_process()
     from faceveil.pipeline.job import plan_files, run_on_files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -212,6 +213,25 @@ def test_cli_trains_tiny_run_and_exports(tmp_path):
     assert main(args) == 0
     assert main(["train", "advcloak-export", str(out), "-o", str(tmp_path / "slim.pt")]) == 0
     assert load_generator(tmp_path / "slim.pt").stage == 2
+
+
+@needs_weights
+@needs_lfw
+@pytest.mark.slow
+def test_eval_advcloak_users_mode_enrolls_at_the_l2_budget(tmp_path):
+    """`eval advcloak --mode users`: each method through enroll --norm l2 --eps L2 and apply (JPEG), scored on the
+    re-read files; what apply pasted is on the face (SSIM below 1), the budget reported is the one asked for."""
+    from faceveil.cli import main
+
+    out = tmp_path / "users.json"
+    assert main(["eval", "advcloak", "--dataset", f"lfw={LFW_ROOT}", "--methods", "advcloak-convex", "--mode",
+                 "users", "--l2", "1500", "--judges", "mfn192", "--limit", "1", "--distractors", "20", "--quiet",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["mode"] == "users" and doc["settings"]["l2_255"] == 1500
+    (row,) = doc["rows"]
+    assert row["method"] == "advcloak-convex" and row["mode"] == "users" and row["l2_255"] == 1500
+    assert 0 <= row["top1_psr"] <= 1 and 0.7 < row["ssim"] < 0.999
 
 
 # ------------------------------------------------------------------------------------------------ shipped

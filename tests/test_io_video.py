@@ -136,3 +136,16 @@ def test_location_is_stripped_unless_kept(tmp_path: Path) -> None:
     assert "+51.5000" not in _tags(out / "plain.mp4")
     assert "+51.5000" in _tags(out / "kept.mp4")
     assert probe_video(out / "plain.mp4").has_audio and probe_video(out / "kept.mp4").has_audio
+
+
+def test_keep_date_keeps_the_creation_time_alone(tmp_path: Path) -> None:
+    small = _clip(tmp_path / "small.mp4", size="320x240", seconds=1)
+    tagged = tmp_path / "tagged.mov"
+    _ffmpeg("-i", str(small), "-c", "copy", "-metadata", "location=+51.5000-000.1200/",
+            "-metadata", "creation_time=2021-05-06T07:08:09.000000Z", str(tagged))
+    assert probe_video(tagged).creation_time == "2021-05-06T07:08:09.000000Z"
+    process_video(tagged, tmp_path / "dated.mp4", keep_date=True)
+    process_video(tagged, tmp_path / "plain.mp4")
+    tags = _tags(tmp_path / "dated.mp4")
+    assert "2021-05-06T07:08:09" in tags and "+51.5000" not in tags
+    assert probe_video(tmp_path / "plain.mp4").creation_time is None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import LFW_ROOT, needs_lfw, needs_weights
 
-from faceveil.attacks.core import AttackConfig
+from faceveil.attacks.core import CALIBRATED_DROPOUT, AttackConfig
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import opom as P
 from faceveil.methods.base import MaskResult
@@ -69,7 +69,9 @@ def test_transfer_suffix_sets_momentum_and_dfanet_dropout():
     plain, combined = P.registry_method("opom-convex", 1, base), P.registry_method("opom-convex+md", 1, base)
     assert plain.settings.method == "opom-convex" and plain.settings.attack == base.attack
     assert combined.settings.method == "opom-convex+md"
-    assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == P.TRANSFER_DROPOUT
+    assert combined.settings.attack.momentum == 1.0 and combined.settings.attack.dropout == 0.0
+    # each surrogate drops at its own calibrated rate (one rate for all leaves some recognising nobody)
+    assert dict(combined.settings.attack.model_dropout) == CALIBRATED_DROPOUT
     assert combined.settings.attack.eps == base.attack.eps and not combined.settings.universal
     assert P.registry_method("fi-uap-all+md", 1, base).settings.universal
     with pytest.raises(FaceveilError, match="unknown method .nonsense."):
@@ -233,7 +235,7 @@ def test_several_methods_share_one_clean_pass(monkeypatch):
     assert len(embeds) == 1
     assert [(r["method"], r["judge"]) for r in rows] == [("fi-uap", "mfn192"), ("fi-uap+md", "mfn192")]
     assert seen["fi-uap"].momentum == 0 and seen["fi-uap+md"].momentum == 1
-    assert seen["fi-uap+md"].dropout == P.TRANSFER_DROPOUT
+    assert dict(seen["fi-uap+md"].model_dropout) == CALIBRATED_DROPOUT
     assert set(meta["learn_seconds"]) == {"fi-uap", "fi-uap+md"} and meta["test_images_per_person"] == 3
     single, single_meta = P.run(split, ["mfn192"], ["mobileface"], methods[0].learner, methods[0].settings)
     assert single == rows[:1] and set(single_meta["learn_seconds"]) == {"mobileface"}
@@ -285,9 +287,38 @@ def test_cli_tiny_run(tmp_path):
     assert row["n_probes"] == 6 and 0 <= row["top1_psr"] <= 1
 
 
+@needs_lfw
+@needs_weights
+@pytest.mark.slow
+def test_cli_users_mode_runs_enroll_and_apply(tmp_path, monkeypatch):
+    """Users mode: the person enrolled, the mask file written and read back, apply run on the test photos (JPEG),
+    every labelled face masked and scored on the re-read file; the budget is enroll's (the method's paper norm)."""
+    from faceveil.cli import main
+    from faceveil.pipeline import maskfile
+
+    loaded = []
+    original = maskfile.load_mask
+    monkeypatch.setattr(maskfile, "load_mask", lambda path: loaded.append(path) or original(path))
+    out = tmp_path / "users.json"
+    code = main(["eval", "identification", "--protocol", "opom", "--mode", "users", "--dataset", f"lfw={LFW_ROOT}",
+                 "--limit", "1", "--seed", "3", "--judges", "mfn192", "--surrogates", "mobileface", "--iters", "1",
+                 "--test-images", "3", "--distractors", "20", "--quiet", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    settings = doc["settings"]
+    assert settings["mode"] == "users" and settings["norm"] == "linf" and settings["eps"] == 8
+    assert len(loaded) == 1 and loaded[0].suffix == ".fvmask"
+    assert settings["users_applied"] == {"mobileface": {"test_photos": 3, "written": 3, "person_masked": 3,
+                                                         "other_faces_masked": 0}}
+    (row,) = doc["rows"]
+    assert row["mode"] == "users" and row["n_probes"] == 6 and 0 <= row["top1_psr"] <= 1
+    assert 0.7 < row["ssim"] < 0.999 and 25 < row["psnr"] < 50  # the mask is on the saved faces
+
+
 @pytest.mark.parametrize("flags", [["--distractors", "many"], ["--extra", "5"], ["--gamma", "0.5"],
                                    ["--test-images", "1"], ["--test-images", "few"], ["--method", "fi-uap,,gap"],
-                                   ["--method", "fi-uap,bogus+md"]])
+                                   ["--method", "fi-uap,bogus+md"], ["--norm", "l2"],
+                                   ["--mode", "users", "--method", "fi-uap-all"]])
 def test_cli_rejects_bad_opom_flags(capsys, flags):
     from faceveil.cli import main
 

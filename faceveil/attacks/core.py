@@ -73,8 +73,8 @@ class Ensemble:
 
 
 # measured on branch person (64 LFW faces, docs/research/person-masks.md)
-FACENET_VGG_DROPOUT = 0.0
-FACENET_CASIA_DROPOUT = 0.0
+FACENET_VGG_DROPOUT = 0.05
+FACENET_CASIA_DROPOUT = 0.1
 
 # dlib's L2 distances are on another scale than cosine distances: divide by its decision distance (0.6).
 L2_SCALE = 0.6

@@ -67,7 +67,9 @@ def register(groups: Groups) -> None:
     p.add_argument("--judges", default="all", help="comma list or 'all'")
     p.add_argument("--surrogates", default="mobileface,mfn512",
                    help="surrogates of the optimising methods (the generators' own, so all methods match)")
-    p.add_argument("--mode", default="crops", choices=["crops", "photos"])
+    p.add_argument("--mode", default="crops", choices=["crops", "photos", "users"],
+                   help="crops / photos: masks rescaled to --l2 after learning; users: what users get, every method "
+                        "through enroll --norm l2 --eps L2 -> .fvmask -> apply -> saved JPEG, re-read and re-detected")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only N protected identities")
     p.add_argument("--distractors", default=None, metavar="N|all", help="distractor images (default: all; 2000 "
                    "with --limit)")

@@ -33,8 +33,21 @@ class Groups(dict):
 
     def __missing__(self, name: str) -> argparse._SubParsersAction:
         group = self["root"].add_parser(name, help=GROUP_HELP[name])
-        self[name] = group.add_subparsers(dest=f"{name}_command", required=True)
+        self[name] = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", title="commands")
         return self[name]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth saying (not None, not a switch: a switch's
+    default is what its help says happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def register_all(groups: Groups) -> None:
@@ -89,6 +102,16 @@ non_negative = number_in(0, 1e12)
 positive = number_in(0, 1e12, low_open=True)
 fraction = number_in(0, 1)
 dropout_rate = number_in(0, 0.99)
+ssim_target = number_in(0, 0.999)  # a visibility budget's face-area SSIM (0 = off)
+
+
+def dropout_choice(text: str) -> float | str:
+    """argparse type: a DFANet dropout rate in [0, 0.99], or "calibrated" (each surrogate at its own rate)."""
+    if text.strip().lower() == "calibrated":
+        return "calibrated"
+    return dropout_rate(text)
+
+
 port_number = number_in(0, 65535, integer=True)
 
 
@@ -230,6 +253,7 @@ def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> in
 
         write_report(args.report, kind, report.to_dict(), progress=not args.quiet,
                      originals=getattr(args, "report_originals", False), max_mode=report.max_mode)
+    print_conversions(report, table_stream(args))
     if report.report_error:
         from faceveil.pipeline.batch import printable
 
@@ -240,6 +264,17 @@ def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> in
     if any(r.status == "error" for r in report.results) or report.report_error:
         return 2
     return EXIT_STILL_RECOGNISED if report.still_recognised else 0
+
+
+def print_conversions(report, stream) -> None:
+    """One line per file written in another format than its input's (gif -> png, mov -> mp4, --format), on the
+    table's stream (stderr under --json -, so that stdout stays the JSON document)."""
+    from faceveil.pipeline.batch import printable
+
+    for result in report.results:
+        if getattr(result, "converted", None) and result.output:
+            print(f"converted: {printable(Path(result.file).name)} -> {printable(Path(result.output).name)} "
+                  f"({result.converted})", file=stream)
 
 
 def check_report_targets(args: argparse.Namespace) -> None:
@@ -256,3 +291,34 @@ def table_stream(args: argparse.Namespace):
     """Where a photo command prints its table: stderr when the JSON report goes to stdout (--json -)."""
     return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
 
+
+def print_judge_table(results, judges: list[str], only=None, stream=None) -> None:
+    """Before/after: per face, each judge's similarity original -> protected ('*' = still recognised) and the
+    face's verdict in words; per file, its status ('written' for ok) and, with several faces, the photo's verdict.
+    `only`: a test of the face rows to print (apply prints its masked faces)."""
+    from faceveil.models import zoo
+    from faceveil.pipeline.batch import printable
+    from faceveil.pipeline.results import face_rows, photo_verdict
+
+    lines = ["| file | face | status | " + " | ".join(judges) + " | verdict |", "|" + "---|" * (4 + len(judges))]
+    for r in results:
+        name, status = printable(Path(r.file).name), "written" if r.status == "ok" else r.status
+        faces = [f for f in face_rows(r.details) if only is None or only(f)]
+        if len(faces) != 1:  # the photo's own line: how many of its faces are protected, or why none was
+            said = photo_verdict(faces, detail=False)[1] if faces else r.verdict or r.message
+            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(said)} |")
+        for face in faces:
+            cells = []
+            for j in judges:
+                v = face.get(j)
+                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
+            lines.append(f"| {name} | {face.get('face', '')} | {status} | " + " | ".join(cells)
+                         + f" | {face.get('verdict', '')} |")
+        for other in (r.details or {}).get("not_faces", []) if only is None else []:  # refused: left alone
+            lines.append(f"| {name} | - | {other['reason']} |" + " |" * (len(judges) + 1))
+    out = stream or sys.stdout
+    print("\n".join(lines), file=out)
+    thresholds = ", ".join(f"{j} {zoo.threshold(j):.3f}" for j in judges)
+    print("score = similarity original -> protected (cosine; -L2 for dlib: nearer 0 = more alike); "
+          f"* = at or above the model's threshold, the model still recognises the face. Thresholds: {thresholds}",
+          file=out)

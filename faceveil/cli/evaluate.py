@@ -16,7 +16,7 @@ from faceveil.cli.common import (
     add_report_flag,
     count_or_zero,
     dataset_root,
-    dropout_rate,
+    dropout_choice,
     emit,
     fraction,
     non_negative,
@@ -24,6 +24,7 @@ from faceveil.cli.common import (
     positive_int,
     seed_value,
     smoothing_size,
+    ssim_target,
     threads,
 )
 from faceveil.cli.engine import add_engine_flags, mask_map, require_local_unless_tip_im
@@ -56,11 +57,17 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help=f"tip-im protocol: {', '.join(registry.names('image'))} "
                    "(default pgd); "
                    "opom protocol: see `faceveil enroll --help` (default opom-convex), or a comma list run together "
-                   "(one row per method and judge); a name ending in +md adds momentum 1 and DFANet dropout 0.1")
+                   "(one row per method and judge); a name ending in +md adds momentum 1 and DFANet dropout at each "
+                   "surrogate's calibrated rate")
     p.add_argument("--surrogates", default=None, help="comma list (default: leave-one-family-out per judge)")
     p.add_argument("--judges", default="all", help="comma list or 'all'")
-    p.add_argument("--mode", default="crops", choices=["crops", "photos"],
-                   help="crops: perturb the aligned face (the paper); photos: whole photo, saved, re-detected")
+    p.add_argument("--mode", default="crops", choices=["crops", "photos", "users"],
+                   help="crops: perturb the aligned face (the paper); photos: whole photo, saved, re-detected; "
+                        "users (opom protocol): what users get, enroll -> .fvmask -> apply -> saved JPEG, re-read "
+                        "and re-detected")
+    p.add_argument("--norm", default=None, choices=["linf", "l2"],
+                   help="opom protocol, users mode: the budget norm as enroll takes it (default each method's "
+                        "paper's: l2 1200 for AdvCloak, linf 8 otherwise; --eps in the norm's units)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N protected identities of the seeded order (tip-im: of its 500; opom: of "
                         "those with --min-images images)")
@@ -81,8 +88,18 @@ def _add_identification_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="probes protected at once")
     p.add_argument("--masks", type=positive_int, default=1, metavar="N_M",
                    help="opom protocol only: diverse masks per person (Table 6: M-O per mask, M-M per mask pair)")
-    p.add_argument("--dropout", type=dropout_rate, default=0.0,
-                   help="opom protocol only: DFANet feature-dropout rate while learning masks (Tables 4-5)")
+    p.add_argument("--dropout", type=dropout_choice, default=None, metavar="P|calibrated",
+                   help="opom protocol only: DFANet feature-dropout rate while learning masks (Tables 4-5), or "
+                        "'calibrated' (each surrogate at the rate it still recognises under); default 0, in users "
+                        "mode enroll's")
+    p.add_argument("--budget", default=None, choices=["linf", "texture"],
+                   help="opom protocol only: texture shapes the L-inf budget by each person's face texture "
+                        "(default linf, in users mode enroll's)")
+    p.add_argument("--ssim", type=ssim_target, default=None, metavar="T",
+                   help="opom protocol only: a visibility budget, masks kept at and scaled onto face-area SSIM T "
+                        "on the person's training photos (0 = off; default 0, in users mode enroll's)")
+    p.add_argument("--psnr", type=non_negative, default=None, metavar="DB",
+                   help="opom protocol only: also a face-area PSNR floor (0 = off)")
     p.add_argument("--distractors", default=None, metavar="N|all",
                    help="opom protocol only: distractor images, a seeded sample of LFW (default all, or 2000 with "
                         "--limit)")
@@ -128,6 +145,11 @@ def _tip_im_identification(args: argparse.Namespace) -> int:
     from faceveil.evaluate.protocols import tip_im as identification
     from faceveil.models import zoo
 
+    if args.mode == "users":
+        raise FaceveilError("--mode users is the opom protocol's (person masks through enroll and apply); the "
+                            "tip-im protocol's photos mode is what protect does")
+    if args.norm is not None:
+        raise FaceveilError("--norm is an opom protocol flag (users mode)")
     for key in ("eps", "alpha", "iters", "momentum"):  # TIP-IM §5.1 unless given (the opom protocol has its own)
         if getattr(args, key) is None:
             setattr(args, key, presets.PAPER_DEFAULTS[key])
@@ -178,10 +200,12 @@ def _opom_identification(args: argparse.Namespace) -> int:
         raise FaceveilError(f"--batch must be at least 1, got {args.batch}")
     cap = distractor_count(args.distractors, args.limit)
     per_person = test_image_cap(args.test_images)
-    attack = protocol.attack_config(args.seed, args.mode, args.eps, args.alpha, args.iters, args.momentum,
-                                    args.dropout, args.jitter)
-    base = protocol.Settings(mode=args.mode, attack=attack, batch=args.batch, progress=not args.quiet)
-    methods = [protocol.registry_method(name, args.masks, base) for name in names]
+    if args.norm is not None and args.mode != "users":
+        raise FaceveilError("--norm is for --mode users (the crops and photos modes use the paper's L-inf budget)")
+    methods = [protocol.registry_method(name, args.masks, _opom_base(args, name)) for name in names]
+    if args.mode == "users":
+        protocol.check_users_methods(methods)
+    attack = methods[0].settings.attack
     split = protocol.make_split(identities(root), args.seed, args.limit, args.min_images, args.train_images, cap,
                                 per_person)
     start = time.perf_counter()
@@ -190,13 +214,46 @@ def _opom_identification(args: argparse.Namespace) -> int:
     meta = {"protocol": "opom", "dataset": str(root), "method": ",".join(names), "mode": args.mode,
             "masks": args.masks, "universal_mask": bool(universal) if len(names) == 1 else universal,
             "judges": judges, "surrogates": surrogates or "leave-one-family-out",
-            "eps": round(attack.eps * 255, 4), "alpha": round(attack.alpha * 255, 4), "iters": attack.steps,
-            "momentum": attack.momentum, "dropout": attack.dropout, "jitter": attack.jitter,
+            "norm": attack.norm, **_budget_fields(methods), "iters": attack.steps,
+            "momentum": attack.momentum, "dropout": attack.dropout, "model_dropout": dict(attack.model_dropout),
+            "budget": attack.budget, "ssim": attack.ssim_target, "psnr": attack.psnr_floor, "jitter": attack.jitter,
             "random_start": attack.random_start, "seed": args.seed, "limit": args.limit,
             "distractors": "all" if cap is None else cap, "batch": args.batch, "threads": threads(),
             **_transfer_note(names), **info, "seconds": round(time.perf_counter() - start, 2)}
     emit("eval identification", meta, rows, args.json, report=args.report)
     return 0
+
+
+def _budget_fields(methods) -> dict:
+    """eps and alpha in the user's units (0..255; an L2 norm at the 112-crop scale), one value per method when the
+    methods' budgets differ (users mode: each method's paper norm)."""
+    from faceveil.pipeline.person import user_budget
+
+    budgets = {m.settings.method: [round(v, 4) for v in user_budget(m.settings.attack)] for m in methods}
+    if len({tuple(b) for b in budgets.values()}) == 1:
+        eps, alpha = next(iter(budgets.values()))
+        return {"eps": eps, "alpha": alpha}
+    return {"eps": {k: b[0] for k, b in budgets.items()}, "alpha": {k: b[1] for k, b in budgets.items()},
+            "norm_per_method": {m.settings.method: m.settings.attack.norm for m in methods}}
+
+
+def _opom_base(args: argparse.Namespace, method: str):
+    """The protocol's shared settings for one method: the paper's L-inf budget (crops, photos), or in users mode
+    the budget enroll resolves from the same flags (the method's paper norm unless --norm)."""
+    from faceveil.evaluate.protocols import opom as protocol
+    from faceveil.pipeline.person import enroll_settings
+
+    if args.mode == "users":
+        attack = enroll_settings(name="eval", method=protocol.split_method_name(method)[0], seed=args.seed,
+                                 eps=args.eps, norm=args.norm, iters=args.iters, alpha=args.alpha,
+                                 momentum=args.momentum, dropout=args.dropout, mode="photos",
+                                 jitter=args.jitter, budget=args.budget, ssim=args.ssim, psnr=args.psnr).attack
+    else:
+        attack = protocol.attack_config(args.seed, args.mode, args.eps, args.alpha, args.iters, args.momentum,
+                                        args.dropout if args.dropout is not None else 0.0, args.jitter,
+                                        budget=args.budget or "linf", ssim_target=args.ssim or 0.0,
+                                        psnr_floor=args.psnr or 0.0)
+    return protocol.Settings(mode=args.mode, attack=attack, batch=args.batch, progress=not args.quiet)
 
 
 def _count_or_all(text: str, flag: str, minimum: int, why: str = "") -> int | None:
@@ -253,9 +310,10 @@ def reject_tip_im_flags(args: argparse.Namespace) -> None:
 
 def _transfer_note(names: list[str]) -> dict:
     """What "+md" meant in this run (its methods ignore --momentum and --dropout)."""
+    from faceveil.attacks.core import calibrated_dropout
     from faceveil.evaluate.protocols import opom as protocol
 
     if not any(protocol.split_method_name(name)[1] for name in names):
         return {}
     return {"transfer_suffix": {"suffix": protocol.TRANSFER_SUFFIX, "momentum": protocol.TRANSFER_MOMENTUM,
-                                "dropout": protocol.TRANSFER_DROPOUT}}
+                                "dropout": protocol.TRANSFER_DROPOUT, "rates": dict(calibrated_dropout())}}

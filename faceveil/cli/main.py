@@ -1,4 +1,5 @@
-"""Command line: a thin layer that parses flags and calls into the package. Errors are one line, exit 2."""
+"""Command line: a thin layer that parses flags and calls into the package. Errors are one line, exit 2; bare
+`faceveil` (or a bare command group) prints its help."""
 
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ from faceveil.cli.common import Groups, OneLineParser, as_flags, register_all
 from faceveil.errors import FaceveilError
 from faceveil.runtime import prepare_process
 
+DESCRIPTION = """Hide the people in your photos and videos from face recognition: faceveil adds an identity mask
+to each face, then checks the saved file against several real face-recognition models. Everything runs on this
+machine; nothing is uploaded.
+
+Start with:
+  faceveil demo                          protect the sample photos, into ./faceveil-demo/
+  faceveil protect PHOTOS/ -o OUT/       protect a folder of photos and videos
+  faceveil protect --help                the everyday options first"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="faceveil", description=__doc__)
-    register_all(Groups(parser.add_subparsers(dest="command", required=True)))
+    from faceveil import __version__
+
+    parser = OneLineParser(prog="faceveil", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"faceveil {__version__}")
+    register_all(Groups(parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")))
     return parser
 
 
@@ -24,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:  # bare `faceveil` (or a group without its command): the help
+        _help_of(parser, args).print_help()
+        return 0
     terminated, previous = _terminate_as_interrupt()
     try:
         return _run(args, parser, terminated)
@@ -48,6 +65,15 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, terminated: 
         print(f"faceveil: internal error: {type(exc).__name__}: {message} (set FACEVEIL_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
+
+
+def _help_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command group the user named (`faceveil models`), else the main one."""
+    group = getattr(args, "command", None)
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if group in getattr(action, "choices", {}):
+            return action.choices[group]
+    return parser
 
 
 class _Terminated(list):

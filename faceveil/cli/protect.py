@@ -5,112 +5,152 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from faceveil.cli.common import (
     EXIT_STILL_RECOGNISED,
     Groups,
+    HelpFormatter,
     add_output_flags,
     add_report_flag,
     check_report_targets,
     finish_batch,
     in_range,
     positive_int,
+    print_judge_table,
     smoothing_size,
     table_stream,
 )
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline import presets
-from faceveil.pipeline.batch import printable
 
 
 def register(groups: Groups) -> None:
     """Adds this module's sub-commands to the parser groups."""
-    p = groups["root"].add_parser("protect", help="protect faces in photos and mp4 videos (identity masks)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p = groups["root"].add_parser(
+        "protect", help="protect faces in photos and videos (identity masks), then check the saved files",
+        description="Add an identity mask to every face in the photos and videos, save them under OUTDIR with the "
+                    "same names, then re-read each saved file and check it against several face-recognition "
+                    "models. The everyday options come first; the rest tune the method (research).",
+        formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photos, videos or folders of them")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="folder for the protected files (never the input folder; made if missing)")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_protect)
-    p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought")
+    p = groups["root"].add_parser("demo", help="protect the sample photos that the install brought",
+                                  description="`faceveil protect` on the sample photos that the install brought.",
+                                  formatter_class=HelpFormatter)
     p.add_argument("-o", "--output", default=DEMO_FOLDER, metavar="OUTDIR",
-                   help=f"default {DEMO_FOLDER}/ (a rerun replaces the demo's own outputs there)")
+                   help="folder for the protected sample photos (a rerun replaces the demo's own outputs there)")
     add_protect_flags(p)
     p.set_defaults(func=_cmd_demo)
 
 
 def add_protect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pgd", choices=registry.names("image", "end-cloud"),
+    """The options of protect and demo: everyday ones first, then existing outputs and sound, the method's internals,
+    APF's, and last the engine (one machine or a Ray cluster)."""
+    _add_everyday_flags(p.add_argument_group("everyday options"))
+    add_output_flags(p.add_argument_group("files that exist in OUTDIR, and a video's sound"))
+    _add_method_flags(p.add_argument_group("method (research): what the mask is optimised for, and how"))
+    _add_apf_flags(p.add_argument_group("APF end-cloud (--method apf)"))
+    _add_engine_flags(p.add_argument_group("many processes or machines (--engine ray)"))
+
+
+def _add_everyday_flags(g) -> None:
+    g.add_argument("--strength", default="mid", choices=sorted(presets.STRENGTHS),
+                   help="how strong the mask is: low is the least visible, high protects most "
+                        "(visibility bound, face-area SSIM / PSNR: " + ", ".join(
+                            f"{k} {r.ssim_target:g} / {r.psnr_floor:g} dB, {r.iters} steps"
+                            for k, r in presets.STRENGTHS.items()) + ")")
+    g.add_argument("--thorough", action="store_true",
+                   help="protect better against face-recognition models faceveil never saw, at the same "
+                        "visibility, in about 3.5 times the time (a third surrogate family, dlib, input diversity "
+                        "0.5, TI smoothing 7, twice the iterations; explicit flags still win)")
+    g.add_argument("--faces", type=faces_choice, default="all", metavar="all|largest|N",
+                   help="which faces to protect: all, the largest only, or the N largest")
+    g.add_argument("--format", default="same", choices=FORMAT_CHOICES,
+                   help="file type written: same as the input (GIF becomes PNG, videos H.264 mp4), png, jpg, heic "
+                        "or avif")
+    g.add_argument("--jpeg-quality", type=in_range("jpeg_quality"), default=DEFAULT_JPEG_QUALITY, metavar="1-100",
+                   help="quality of JPEG, HEIC and AVIF files written")
+    g.add_argument("--keep-date", action="store_true",
+                   help="keep when the photo was taken (EXIF date, a video's creation time); location, camera and "
+                        "serial numbers are still removed")
+    g.add_argument("--keep-metadata", action="store_true",
+                   help="keep all the photo's metadata, location and camera included (removed by default)")
+    g.add_argument("--copy-unprotected", action="store_true",
+                   help="also copy photos without a face to protect, unchanged, so OUTDIR holds every photo")
+    g.add_argument("--recursive", action="store_true", help="also look into sub-folders of the input folders")
+    g.add_argument("--json", metavar="REPORT",
+                   help="write a per-file report (.json, or .jsonl written as it goes; - for stdout, the table then "
+                        "goes to stderr)")
+    add_report_flag(g, photos=True)
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def _add_method_flags(g) -> None:
+    g.add_argument("--method", default="pgd", choices=registry.names("image", "end-cloud"),
                    help="protection method: pgd (untargeted); tip-im, center-opt (TIP-IM with gain g1), and the "
                         "TIP-IM paper's baselines mim, dim, mt-dim, single-target (all steer towards target faces); "
                         "apf (end-cloud: only the face's gradient goes to --server, the photo stays here), apf-local "
                         "(both APF halves in this process, packaged networks)")
-    p.add_argument("--server", metavar="URL", default=None, help="apf: the `faceveil serve` address, e.g. "
-                   "http://127.0.0.1:8765")
-    p.add_argument("--apf-algorithm", default=None, help="apf: the probe gradient algorithm, fgsm, i-fgsm, mi-fgsm, "
-                   "di2-fgsm or m-di2-fgsm (default: the one the server networks were trained on)")
-    p.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
-                   "(APF Eq. 13; seeded by --seed)")
-    p.add_argument("--surrogates", default=None, help="models the mask is optimised against (default: every "
+    g.add_argument("--surrogates", default=None, help="models the mask is optimised against (default: every "
                    f"family, {presets.EVERY_FAMILY}, a few drawn per iteration; --thorough: "
                    f"{presets.THOROUGH['surrogates']})")
-    p.add_argument("--judges", default="all", help="models that check the result")
-    p.add_argument("--strength", default="mid", choices=sorted(presets.STRENGTHS),
-                   help="preset: low (face-area SSIM >= 0.95, PSNR >= 35 dB, 30 iterations), mid (SSIM >= 0.93, "
-                        "PSNR >= 33 dB, 50 iterations) or high (as mid, 100 iterations, more surrogates per "
-                        "iteration, calibrated feature dropout); all optimise against every family with a texture-"
-                        "shaped budget (--eps: its face-area mean)")
-    p.add_argument("--eps", type=in_range("eps"), default=None,
-                   help="L-inf budget in 0..255 pixel units, above 0 and at most 32 (overrides strength; with the "
-                        "texture budget of the strengths, its face-area mean)")
-    p.add_argument("--iters", type=in_range("iters"), default=None, help="iterations, 1..10000 (overrides strength)")
-    p.add_argument("--alpha", type=in_range("alpha"), default=None, help="step size in 0..255 units (0, 32]")
-    p.add_argument("--momentum", type=in_range("momentum"), default=1.0, help="MI-FGSM momentum (0 = off)")
-    p.add_argument("--jitter", type=in_range("jitter"), default=2.0,
+    g.add_argument("--judges", default="all", help="models that check the saved files (comma list, or all)")
+    g.add_argument("--eps", type=in_range("eps"), default=None,
+                   help="L-inf budget in 0..255 pixel units, above 0 and at most 32 (overrides --strength; with "
+                        "the texture budget of the strengths, its face-area mean)")
+    g.add_argument("--iters", type=in_range("iters"), default=None,
+                   help="optimisation steps, 1..10000 (overrides --strength: low 30, mid 50, high 100)")
+    g.add_argument("--alpha", type=in_range("alpha"), default=None,
+                   help="step size in 0..255 units, (0, 32] (default: 2.5 eps / iters, at least 1)")
+    g.add_argument("--momentum", type=in_range("momentum"), default=1.0, help="MI-FGSM momentum (0 = off)")
+    g.add_argument("--jitter", type=in_range("jitter"), default=2.0,
                    help="alignment jitter in crop pixels averaged over while optimising (0 = off), so the mask "
                         "survives the re-detection of the saved photo")
-    p.add_argument("--diversity", type=in_range("diversity"), default=None,
-                   help="input-diversity probability (default 0; "
-                   "--thorough: 0.5)")
-    p.add_argument("--smoothing", type=smoothing_size, default=None, metavar="K",
+    g.add_argument("--diversity", type=in_range("diversity"), default=None,
+                   help="input-diversity probability (default 0; --thorough: 0.5)")
+    g.add_argument("--smoothing", type=smoothing_size, default=None, metavar="K",
                    help="TI gradient smoothing: odd Gaussian kernel size in canonical (256 px face) pixels, 0 = off "
                         "(default 0; --thorough: 7)")
-    p.add_argument("--thorough", action="store_true",
-                   help="protect further against models not optimised against, at the same visibility, in about "
-                        "3.5 times the time: a third surrogate family (dlib), input diversity 0.5, TI smoothing 7 "
-                        "and twice the iterations (explicit flags still win)")
-    p.add_argument("--gamma", type=in_range("gamma"), default=0.0,
+    g.add_argument("--gamma", type=in_range("gamma"), default=0.0,
                    help="TIP-IM naturalness weight (MMD term; 0 = off, ~1 gains ~2 dB PSNR, 3 more at a cost in "
                         "protection); tip-im, center-opt, single-target")
-    p.add_argument("--gain", default="g", choices=["g", "g1", "g2", "rand"],
+    g.add_argument("--gain", default="g", choices=["g", "g1", "g2", "rand"],
                    help="TIP-IM target choice: g nearest (paper), g1 centre, g2 farthest, rand random")
-    p.add_argument("--targets", metavar="DIR", default=None,
+    g.add_argument("--targets", metavar="DIR", default=None,
                    help="target faces for targeted methods: sub-folders = identities, or one identity per image "
                         "(default: the faces in the sample photos; the protected person is always excluded)")
-    p.add_argument("--paper-defaults", action="store_true",
+    g.add_argument("--paper-defaults", action="store_true",
                    help="TIP-IM paper settings: L-inf eps 12, alpha 1.5, 50 iterations, momentum 1, 10 targets")
-    p.add_argument("--faces", type=faces_choice, default="all", help="all | largest | N")
-    p.add_argument("--batch-faces", type=in_range("batch_faces"), default=16, metavar="N",
+    g.add_argument("--batch-faces", type=in_range("batch_faces"), default=16, metavar="N",
                    help="optimise the faces of consecutive photos together, up to N faces (a batch costs about half "
                         "as much per face as one face alone; a photo's faces always stay together; 1 = every photo "
                         "alone)")
-    p.add_argument("--format", default="same", choices=["same", "png", "jpg"])
-    p.add_argument("--jpeg-quality", type=in_range("jpeg_quality"), default=95, help="1..100")
-    p.add_argument("--keep-metadata", action="store_true", help="keep EXIF (location, camera); stripped by default")
-    p.add_argument("--copy-unprotected", action="store_true", help="copy photos with no face unchanged")
-    p.add_argument("--recursive", action="store_true")
-    p.add_argument("--seed", type=in_range("seed"), default=0)
-    add_output_flags(p)
-    p.add_argument("--json", metavar="REPORT", help="per-file report (.json, or .jsonl streamed; - for stdout)")
-    add_report_flag(p, photos=True)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local: this process (default); ray: a pool of Ray actors, one Protector each (needs the "
-                        "extra faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)")
-    p.add_argument("--address", metavar="ADDR", default=None,
+    g.add_argument("--seed", type=in_range("seed"), default=0,
+                   help="seed of every random choice: the same inputs, flags and seed give the same files")
+
+
+def _add_apf_flags(g) -> None:
+    g.add_argument("--server", metavar="URL", default=None, help="apf: the `faceveil serve` address, e.g. "
+                   "http://127.0.0.1:8765")
+    g.add_argument("--apf-algorithm", default=None, help="apf: the probe gradient algorithm, fgsm, i-fgsm, mi-fgsm, "
+                   "di2-fgsm or m-di2-fgsm (default: the one the server networks were trained on)")
+    g.add_argument("--apf-offset", action="store_true", help="apf: random feature offset of the probe gradient "
+                   "(APF Eq. 13; seeded by --seed)")
+
+
+def _add_engine_flags(g) -> None:
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a pool of Ray actors, one Protector each (needs the extra "
+                        "faceveil[ray]; the inputs and OUTDIR must be on a filesystem every node sees)")
+    g.add_argument("--address", metavar="ADDR", default=None,
                    help="ray: join the cluster of `ray start --head` at HOST:PORT (or auto); default: a local Ray "
                         "instance started for the run")
-    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
-                   help="ray: actors in the pool, one CPU and one copy of the models each (default 2)")
+    g.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                   help="ray: actors in the pool, one CPU and one copy of the models each")
 
 
 DEMO_FOLDER = "faceveil-demo"
@@ -132,8 +172,8 @@ def protect_settings(args: argparse.Namespace):
         seed=args.seed)
     return presets.protect_settings(
         choices, faces=args.faces, fmt=args.format, jpeg_quality=args.jpeg_quality, keep_metadata=args.keep_metadata,
-        copy_unprotected=args.copy_unprotected, existing=args.existing, drop_audio=args.drop_audio,
-        gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
+        keep_date=args.keep_date, copy_unprotected=args.copy_unprotected, existing=args.existing,
+        drop_audio=args.drop_audio, gamma=args.gamma, gain=args.gain, targets_dir=args.targets,
         server=args.server, apf_algorithm=args.apf_algorithm, apf_offset=args.apf_offset,
         batch_faces=args.batch_faces)
 
@@ -167,33 +207,7 @@ def _run_protect(inputs: list[str], out_dir: str, args: argparse.Namespace) -> i
 
 
 def _print_table(results, judges: list[str], stream=None) -> None:
-    """Before/after: per face, each judge's similarity original -> protected ('*' = still recognised) and the
-    face's verdict in words; per file, its status ('written' for ok) and, with several faces, the photo's verdict."""
-    from faceveil.models import zoo
-    from faceveil.pipeline.results import face_rows, photo_verdict
-
-    lines = ["| file | face | status | " + " | ".join(judges) + " | verdict |", "|" + "---|" * (4 + len(judges))]
-    for r in results:
-        name, status = printable(Path(r.file).name), "written" if r.status == "ok" else r.status
-        faces = face_rows(r.details)
-        if len(faces) != 1:  # the photo's own line: how many of its faces are protected, or why none was
-            said = photo_verdict(faces, detail=False)[1] if faces else r.verdict or r.message
-            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(said)} |")
-        for face in faces:
-            cells = []
-            for j in judges:
-                v = face.get(j)
-                cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {name} | {face.get('face', '')} | {status} | " + " | ".join(cells)
-                         + f" | {face.get('verdict', '')} |")
-        for other in (r.details or {}).get("not_faces", []):  # detections the face check refused: left alone
-            lines.append(f"| {name} | - | {other['reason']} |" + " |" * (len(judges) + 1))
-    out = stream or sys.stdout
-    print("\n".join(lines), file=out)
-    thresholds = ", ".join(f"{j} {zoo.threshold(j):.3f}" for j in judges)
-    print("score = similarity original -> protected (cosine; -L2 for dlib: nearer 0 = more alike); "
-          f"* = at or above the model's threshold, the model still recognises the face. Thresholds: {thresholds}",
-          file=out)
+    print_judge_table(results, judges, stream=stream)
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] 
         root=_dataset(args.dataset), judges=judges, surrogates=surrogates, method=args.method, mode=args.mode,
         limit=args.limit, eps=args.eps, alpha=args.alpha, iters=args.iters, momentum=args.momentum,
         jitter=args.jitter, batch=args.batch, seed=args.seed, progress=not args.quiet, extra=args.extra,
-        gamma=args.gamma, masks=args.masks, dropout=args.dropout,
+        gamma=args.gamma, masks=args.masks, dropout=args.dropout if args.dropout is not None else 0.0,
         distractors=distractor_count(args.distractors, args.limit) if opom else None,
         train_images=args.train_images, test_images=test_image_cap(args.test_images) if opom else None,
         min_images=args.min_images, checkpoint=args.checkpoint, stage=args.stage, mask_map=masks)

@@ -1,18 +1,21 @@
 """Reading and writing photos safely.
 
-`read_image` turns any still JPEG / PNG / WebP / BMP / TIFF (also single-frame GIF and multi-picture JPEG)
-into 8-bit RGB pixels with the EXIF orientation applied, keeping alpha, ICC profile and original EXIF aside.
+`read_image` turns any still JPEG / PNG / WebP / HEIC (HEIF) / AVIF / BMP / TIFF (also single-frame GIF, multi-picture
+JPEG and multi-image HEIF: the main picture) into 8-bit RGB pixels with the EXIF orientation applied, keeping alpha,
+ICC profile and original EXIF aside. HEIC/HEIF is read and written by pillow-heif (libheif), AVIF by Pillow itself.
 Anything it cannot read cleanly (empty, truncated, not an image, animated, too many pixels) is a one-line
 FaceveilError; decoding never starts for an image whose header claims more pixels than the limit.
 
 `write_image` writes atomically (temp file beside the target, fsync, rename), in the input's format by
-default, with alpha and ICC profile kept and all EXIF removed unless keep_metadata=True.
+default, with alpha and ICC profile kept and all EXIF removed unless keep_metadata=True (keep_date=True keeps only
+the capture date and time).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import threading
 import warnings
@@ -28,6 +31,7 @@ from faceveil.errors import FaceveilError
 from faceveil.io.atomic import atomic_path
 from faceveil.io.paths import (
     _SAME_FORMAT_FOR_EXT,
+    DEFAULT_JPEG_QUALITY,
     extension_matches,
     output_path_for,
     refuse_same_file,
@@ -39,11 +43,17 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 80_000_000
-READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG also opens MPO
-ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF", "BMP"})
-ICC_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "TIFF"})
-EXIF_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "TIFF"})
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "BMP", "TIFF", "GIF")  # JPEG also opens MPO
+ALPHA_FORMATS = frozenset({"PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP"})
+ICC_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF"})
+EXIF_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF"})
+SUPPORTED = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, BMP, TIFF, GIF"
 SIXTEEN_BIT_NOTE = "16-bit image reduced to 8-bit"
+# Lossy outputs (quality: paths.DEFAULT_JPEG_QUALITY): JPEG's chroma subsampling, measured with the quality (README,
+# "Photo formats": 4:2:0 at 85 kept every judge's verdict of 4:4:4 at 95 at half the size); optimize=True (Huffman
+# tables fitted to the image) is lossless and saves a few per cent.
+JPEG_SUBSAMPLING = 2  # 4:2:0
+HEIF_QUALITY_FOR_JPEG_QUALITY = 0  # HEIC/AVIF: the same --jpeg-quality number, plus this
 
 # IFD0 tags that describe the pixel layout of the source file: never copied into a new file's EXIF.
 _STRUCTURAL_TAGS = frozenset({
@@ -51,6 +61,10 @@ _STRUCTURAL_TAGS = frozenset({
     513, 514, 530, 531, 700, 34675,
 })
 _MAKER_NOTE, _PIXEL_X, _PIXEL_Y = 0x927C, 0xA002, 0xA003
+# The capture date and time (--keep-date): IFD0 DateTime; Exif IFD DateTimeOriginal / Digitized, their time-zone
+# offsets and sub-seconds. Nothing else, so no location, camera, lens or serial number goes along.
+_DATE_TAGS_IFD0 = frozenset({0x0132})
+_DATE_TAGS_EXIF = frozenset({0x9003, 0x9004, 0x9010, 0x9011, 0x9012, 0x9290, 0x9291, 0x9292})
 
 _pil_limit_lock = threading.Lock()
 
@@ -171,8 +185,20 @@ def _pil_pixel_limit(max_pixels: int) -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = current
 
 
+@functools.cache
+def heif_plugin() -> None:
+    """Teach PIL HEIC/HEIF (pillow-heif), once. Thumbnails, depth maps and auxiliary images are never read: only
+    the picture itself (a thumbnail would be an unprotected copy of the face)."""
+    try:
+        import pillow_heif
+    except ImportError as exc:  # a pinned dependency; only a broken install lacks it
+        raise FaceveilError("HEIC/HEIF needs the pillow-heif package: pip install pillow-heif") from exc
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
 @contextlib.contextmanager
 def _open(path: Path, data: bytes | None = None) -> Iterator[Image.Image]:
+    heif_plugin()
     try:
         im = Image.open(path if data is None else io.BytesIO(data), formats=READ_FORMATS)
     except Image.DecompressionBombError as exc:
@@ -181,7 +207,7 @@ def _open(path: Path, data: bytes | None = None) -> Iterator[Image.Image]:
             "(possible decompression bomb); refused before decoding"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise FaceveilError(f"{path}: not a supported image (JPEG, PNG, WebP, BMP, TIFF)") from exc
+        raise FaceveilError(f"{path}: not a supported image ({SUPPORTED})") from exc
     except PermissionError as exc:
         raise FaceveilError(f"{path}: permission denied") from exc
     except Exception as exc:
@@ -207,6 +233,8 @@ def _check_frames(im: Image.Image, path: Path) -> str:
         return ""
     if im.format == "MPO":
         return f"multi-picture JPEG ({frames} pictures): only the first (main) picture is used"
+    if im.format == "HEIF":
+        return f"HEIF with {frames} images: only the main image is used"
     raise FaceveilError(
         f"{path}: animated or multi-page image ({frames} frames); only still images are supported"
     )
@@ -221,6 +249,7 @@ def _original_exif(im: Image.Image) -> bytes | None:
         return exif.tobytes() if len(exif) else None
     except Exception:
         return None
+
 
 
 def _depth_notes(im: Image.Image) -> list[str]:
@@ -342,8 +371,9 @@ def write_image(
     out_path: Path | str,
     *,
     fmt: str = "same",
-    jpeg_quality: int = 95,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     keep_metadata: bool = False,
+    keep_date: bool = False,
     icc_profile: bytes | None | _Keep = KEEP,
     alpha: np.ndarray | None | _Keep = KEEP,
     replace: bool = True,
@@ -353,9 +383,11 @@ def write_image(
 
     replace=False: an existing out_path is an error (FaceveilError) and stays as it is. max_mode: the permission
     bits the file may have at most (a protected photo is never more readable than its original).
-    fmt: 'same' (the input's format; for a bare array, the format of out_path's extension), 'png' or 'jpg'.
-    EXIF is written only with keep_metadata=True (the source's EXIF, orientation reset to 1, no thumbnail
-    or maker note). icc_profile / alpha default to the Photo's; None drops them, a value replaces them.
+    fmt: 'same' (the input's format; for a bare array, the format of out_path's extension), 'png', 'jpg', 'heic' or
+    'avif'. jpeg_quality: the quality of lossy outputs (JPEG, HEIC, AVIF; lossy WebP). EXIF is written only with
+    keep_metadata=True (the source's EXIF, orientation reset to 1, no thumbnail or maker note) or, with
+    keep_date=True, only the capture date and time. icc_profile / alpha default to the Photo's; None drops them, a
+    value replaces them.
     """
     photo, out_path = _as_photo(image), Path(out_path)
     pil_format = _output_format(photo, fmt, out_path, isinstance(image, Photo))
@@ -364,7 +396,9 @@ def write_image(
     alpha_arr = photo.alpha if alpha is KEEP else alpha
     icc = photo.icc_profile if icc_profile is KEEP else icc_profile
     pil_image = _compose(photo.rgb, alpha_arr, pil_format)
-    params = _save_params(pil_format, photo, icc, jpeg_quality, keep_metadata)
+    if pil_format == "HEIF":
+        heif_plugin()
+    params = _save_params(pil_format, photo, icc, jpeg_quality, _exif_to_write(photo, keep_metadata, keep_date))
     with atomic_path(out_path, replace=replace, max_mode=max_mode) as temp:
         try:
             pil_image.save(temp, format=pil_format, **params)
@@ -390,7 +424,8 @@ def _output_format(photo: Photo, fmt: str, out_path: Path, from_photo: bool) -> 
     else:
         ext = out_path.suffix.lower()
         if fmt == "same" and ext not in _SAME_FORMAT_FOR_EXT:
-            raise FaceveilError(f"{out_path}: unknown image extension; use .jpg, .png, .webp, .bmp or .tif")
+            raise FaceveilError(f"{out_path}: unknown image extension; use .jpg, .png, .webp, .heic, .avif, .bmp or "
+                                ".tif")
         pil_format = target_format(fmt, ext or None)
     if not extension_matches(out_path, pil_format):
         raise FaceveilError(f"{out_path}: extension does not match the output format {pil_format}")
@@ -412,12 +447,24 @@ def _compose(rgb: np.ndarray, alpha: np.ndarray | None, pil_format: str) -> Imag
     return Image.fromarray(np.clip(np.rint(flat), 0, 255).astype(np.uint8), "RGB")
 
 
+def _exif_to_write(photo: Photo, keep_metadata: bool, keep_date: bool) -> bytes | None:
+    if not photo.exif:
+        return None
+    if keep_metadata:
+        return exif_for_output(photo.exif)
+    return date_exif(photo.exif) if keep_date else None
+
+
 def _save_params(
-    pil_format: str, photo: Photo, icc: bytes | None, quality: int, keep_metadata: bool
+    pil_format: str, photo: Photo, icc: bytes | None, quality: int, exif: bytes | None
 ) -> dict[str, object]:
     params: dict[str, object] = {}
     if pil_format == "JPEG":
-        params.update(quality=int(quality), subsampling=0, optimize=False)
+        params.update(quality=int(quality), subsampling=JPEG_SUBSAMPLING, optimize=True)
+    elif pil_format == "HEIF":
+        params.update(quality=_heif_quality(quality), chroma=444)  # 4:4:4: 4:2:0 would halve the mask's colour
+    elif pil_format == "AVIF":
+        params.update(quality=_heif_quality(quality), subsampling="4:4:4")
     elif pil_format == "PNG":
         params.update(compress_level=3)
     elif pil_format == "WEBP":
@@ -428,13 +475,15 @@ def _save_params(
         params["icc_profile"] = icc
     if photo.dpi and pil_format in ("JPEG", "PNG", "TIFF", "BMP"):
         params["dpi"] = photo.dpi
-    if keep_metadata and photo.exif and pil_format in EXIF_FORMATS:
-        exif = exif_for_output(photo.exif)
-        if exif:
-            params["exif"] = exif
-            if pil_format == "TIFF":
-                params["compression"] = "raw"  # libtiff (LZW) cannot write the EXIF / GPS sub-IFDs
+    if exif and pil_format in EXIF_FORMATS:
+        params["exif"] = exif
+        if pil_format == "TIFF":
+            params["compression"] = "raw"  # libtiff (LZW) cannot write the EXIF / GPS sub-IFDs
     return params
+
+
+def _heif_quality(jpeg_quality: int) -> int:
+    return max(1, min(100, int(jpeg_quality) + HEIF_QUALITY_FOR_JPEG_QUALITY))
 
 
 def exif_for_output(raw: bytes) -> bytes | None:
@@ -454,5 +503,22 @@ def exif_for_output(raw: bytes) -> bytes | None:
             for tag in (_MAKER_NOTE, _PIXEL_X, _PIXEL_Y):
                 details.pop(tag, None)
         return exif.tobytes()
+    except Exception:
+        return None
+
+
+def date_exif(raw: bytes) -> bytes | None:
+    """An EXIF block with only the source's capture date and time (see _DATE_TAGS_*): no location, camera, lens,
+    serial number, maker note or thumbnail. None when the source has no date."""
+    source, kept = Image.Exif(), Image.Exif()
+    try:
+        source.load(raw)
+        for tag in _DATE_TAGS_IFD0 & set(source):
+            kept[tag] = source[tag]
+        details = source.get_ifd(ExifTags.IFD.Exif) if ExifTags.IFD.Exif in source else {}
+        dates = {tag: value for tag, value in details.items() if tag in _DATE_TAGS_EXIF}
+        if dates:
+            kept.get_ifd(ExifTags.IFD.Exif).update(dates)
+        return kept.tobytes() if len(kept) or dates else None
     except Exception:
         return None

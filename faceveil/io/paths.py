@@ -8,21 +8,34 @@ from pathlib import Path
 
 from faceveil.errors import FaceveilError
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+JPEG_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+HEIF_EXTS = frozenset({".heic", ".heif", ".hif"})
+IMAGE_EXTS = JPEG_EXTS | HEIF_EXTS | {".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm"})
-JPEG_EXTS = frozenset({".jpg", ".jpeg", ".jpe"})
-FORMAT_CHOICES = ("same", "png", "jpg")
+FORMAT_CHOICES = ("same", "png", "jpg", "heic", "avif")
+# The quality of lossy outputs (JPEG; HEIC, AVIF and lossy WebP take the same number): measured on the sample photos
+# and LFW images to keep a file close to its input's size at the protection a lossless file gives (README, "Photo
+# formats"; faceveil.io.images writes them).
+DEFAULT_JPEG_QUALITY = 85
 
 # Extension used when the output format differs from the input's.
-_EXT_FOR_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+_EXT_FOR_FORMAT = {
+    "JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "AVIF": ".avif", "BMP": ".bmp", "TIFF": ".tif",
+}
 # Format written for an input of this extension under fmt="same" (GIF: PNG, palette would destroy the mask).
 _SAME_FORMAT_FOR_EXT = {
-    **dict.fromkeys(JPEG_EXTS, "JPEG"), ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
-    ".tif": "TIFF", ".tiff": "TIFF", ".gif": "PNG",
+    **dict.fromkeys(JPEG_EXTS, "JPEG"), **dict.fromkeys(HEIF_EXTS, "HEIF"), ".png": "PNG", ".webp": "WEBP",
+    ".avif": "AVIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".gif": "PNG",
 }
 _EXTS_FOR_FORMAT = {
-    "JPEG": JPEG_EXTS, "PNG": frozenset({".png"}), "WEBP": frozenset({".webp"}),
-    "BMP": frozenset({".bmp"}), "TIFF": frozenset({".tif", ".tiff"}),
+    "JPEG": JPEG_EXTS, "PNG": frozenset({".png"}), "WEBP": frozenset({".webp"}), "HEIF": HEIF_EXTS,
+    "AVIF": frozenset({".avif"}), "BMP": frozenset({".bmp"}), "TIFF": frozenset({".tif", ".tiff"}),
+}
+_FORMAT_FOR_CHOICE = {"png": "PNG", "jpg": "JPEG", "heic": "HEIF", "avif": "AVIF"}
+# Why a file comes out in another format than it went in (reported per file).
+_CONVERSION_REASON = {
+    ".gif": "a GIF's 256-colour palette would destroy the mask",
+    "video": "videos are written as H.264 mp4",
 }
 
 
@@ -35,9 +48,9 @@ def is_video_path(path: Path) -> bool:
 
 
 def normalise_fmt(fmt: str) -> str:
-    """'same' | 'png' | 'jpg' ('jpeg' accepted); anything else is a FaceveilError."""
+    """'same' | 'png' | 'jpg' | 'heic' | 'avif' ('jpeg', 'heif' accepted); anything else is a FaceveilError."""
     value = fmt.lower().strip()
-    value = "jpg" if value == "jpeg" else value
+    value = {"jpeg": "jpg", "heif": "heic"}.get(value, value)
     if value not in FORMAT_CHOICES:
         raise FaceveilError(f"unknown output format {fmt!r}: use one of {', '.join(FORMAT_CHOICES)}")
     return value
@@ -46,10 +59,8 @@ def normalise_fmt(fmt: str) -> str:
 def target_format(fmt: str, same_as: str | None) -> str:
     """PIL format name for fmt ('same' uses `same_as`, a PIL format or an extension like '.gif')."""
     fmt = normalise_fmt(fmt)
-    if fmt == "png":
-        return "PNG"
-    if fmt == "jpg":
-        return "JPEG"
+    if fmt in _FORMAT_FOR_CHOICE:
+        return _FORMAT_FOR_CHOICE[fmt]
     if same_as is None:
         raise FaceveilError("output format 'same' needs an input format: pass fmt='png' or fmt='jpg'")
     if same_as.startswith("."):
@@ -124,6 +135,24 @@ def _output_name(input_path: Path, fmt: str) -> str:
     if extension_matches(input_path, pil_format):
         return input_path.name
     return input_path.stem + _EXT_FOR_FORMAT[pil_format]
+
+
+def conversion(input_path: Path | str, output_path: Path | str | None, fmt: str = "same") -> str | None:
+    """'gif -> png: why', when the output file's type differs from the input's (None when it is the same, or
+    nothing was written). fmt is what was asked for, so that a conversion the user chose says so."""
+    if output_path is None:
+        return None
+    source, written = Path(input_path).suffix.lower(), Path(output_path).suffix.lower()
+    same_kind = _SAME_FORMAT_FOR_EXT.get(source, source) == _SAME_FORMAT_FOR_EXT.get(written, written)
+    if source == written or (same_kind and source != ".gif"):
+        return None
+    if is_video_path(Path(input_path)):
+        why = _CONVERSION_REASON["video"]
+    elif normalise_fmt(fmt) != "same":
+        why = f"--format {normalise_fmt(fmt)} asked for"
+    else:
+        why = _CONVERSION_REASON.get(source, "this format cannot be written")
+    return f"{source.lstrip('.') or 'no extension'} -> {written.lstrip('.')}: {why}"
 
 
 def refuse_same_file(input_path: Path, out_path: Path) -> None:

@@ -4,7 +4,8 @@
 decoding). `iter_frames` yields RGB uint8 frames (rotation metadata applied by ffmpeg). `VideoWriter` encodes
 H.264 / yuv420p mp4 at the source frame rate into a temp file beside the target, muxing the source's audio in
 the same pass (stream copy when mp4 can hold the codec, else AAC), and renames it into place on success only.
-Container metadata (creation time, location, device) is dropped unless keep_metadata=True.
+Container metadata (creation time, location, device) is dropped unless keep_metadata=True; keep_date=True keeps the
+creation time alone.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class VideoInfo:
     audio_codec: str | None
     video_codec: str
     rotation: int  # degrees the player rotates by (already applied to the frames)
+    creation_time: str | None = None  # the container's creation_time tag (when it was filmed), as ffmpeg prints it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -117,8 +119,13 @@ def _parse_probe(path: Path, log: str) -> VideoInfo:
         path=path, width=width, height=height, fps=_fps(header[video.start():], path),
         frame_count=int(frames[-1]) if frames else 0, duration=_duration(header),
         has_audio=audio is not None, audio_codec=audio.group(1) if audio else None,
-        video_codec=video.group(1), rotation=rotation,
+        video_codec=video.group(1), rotation=rotation, creation_time=_creation_time(header),
     )
+
+
+def _creation_time(header: str) -> str | None:
+    match = re.search(r"^\s*creation_time\s*:\s*(\S+)\s*$", header, flags=re.M)
+    return match.group(1) if match else None
 
 
 def _rotation(after_video_line: str) -> int:
@@ -237,6 +244,7 @@ class VideoWriter:
         preset: str = DEFAULT_PRESET,
         tune: str | None = DEFAULT_TUNE,
         keep_metadata: bool = False,
+        keep_date: bool = False,
         drop_audio: bool = False,
         replace: bool = True,
         max_mode: int | None = None,
@@ -245,7 +253,7 @@ class VideoWriter:
         self.drop_audio, self.replace, self.max_mode = drop_audio, replace, max_mode
         self.fps = Fraction(fps).limit_denominator(100_000)
         self.audio_from, self.crf, self.preset, self.tune = audio_from, crf, preset, tune
-        self.keep_metadata = keep_metadata
+        self.keep_metadata, self.keep_date = keep_metadata, keep_date
         self._proc: subprocess.Popen[bytes] | None = None
         self._temp: Path | None = None
         self._log: IO[bytes] | None = None
@@ -326,8 +334,15 @@ class VideoWriter:
             "-crf", str(self.crf), "-pix_fmt", "yuv420p",
             "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
             "-map_metadata", "1" if self.keep_metadata and self.audio_from is not None else "-1",
-            "-map_chapters", "-1", "-movflags", "+faststart", "-f", "mp4", str(self._temp),
+            *self._date_args(), "-map_chapters", "-1", "-movflags", "+faststart", "-f", "mp4", str(self._temp),
         ]
+
+    def _date_args(self) -> list[str]:
+        """keep_date alone: the source's creation time, and no other tag."""
+        source = self.audio_from
+        if self.keep_metadata or not self.keep_date or source is None or not source.creation_time:
+            return []
+        return ["-metadata", f"creation_time={source.creation_time}"]
 
     def _audio_args(self) -> list[str]:
         assert self.audio_from is not None
@@ -380,12 +395,14 @@ def process_video(
     preset: str = DEFAULT_PRESET,
     tune: str | None = DEFAULT_TUNE,
     keep_metadata: bool = False,
+    keep_date: bool = False,
     on_frame: Callable[[int], None] | None = None,
 ) -> VideoInfo:
     """Read src, pass each frame through frame_fn (default: none), write dst with src's fps and audio."""
     info = probe_video(src)
     writer = VideoWriter(
-        dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune, keep_metadata=keep_metadata
+        dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune, keep_metadata=keep_metadata,
+        keep_date=keep_date,
     )
     with writer as out, contextlib.closing(iter_frames(src, info)) as frames:
         for index, frame in enumerate(frames):

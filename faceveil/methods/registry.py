@@ -24,6 +24,8 @@ from faceveil.errors import FaceveilError
 from faceveil.methods.base import KINDS, ImageMethod, MaskResult, MethodOptions, PersonLearner, PersonMaskOptions
 
 if TYPE_CHECKING:
+    import torch
+
     from faceveil.attacks.core import AttackConfig, Ensemble
     from faceveil.attacks.faces import FaceBatch
     from faceveil.methods.targets import TargetSet
@@ -147,6 +149,19 @@ def person_learner(name: str) -> PersonLearner:
     return check_kind(name, "person").load()(name)
 
 
+def onto_visibility(masks: torch.Tensor, batch: FaceBatch, cfg: AttackConfig) -> torch.Tensor:
+    """Each mask [n_M,...] scaled onto the visibility budget (face-area SSIM target, PSNR floor), measured on the
+    person's faces as the mask pastes onto them (the mean over the faces)."""
+    import torch
+
+    from faceveil.attacks.perceptual import SsimBudget
+
+    count = masks.shape[0]
+    owner = torch.arange(count).repeat_interleave(len(batch))
+    faces = batch if count == 1 else batch.take(torch.arange(len(batch)).repeat(count))
+    return SsimBudget(faces, cfg.ssim_target, cfg.psnr_floor, owner).onto(masks)
+
+
 def learn_person_masks(name: str, batch: FaceBatch, ensemble: Ensemble, cfg: AttackConfig,
                        options: PersonMaskOptions | None = None, progress: bool = False) -> MaskResult:
     """All faces in `batch` are ONE person: their n_M masks [n_M,3,256,256] and the run's figures (seconds, ...).
@@ -167,6 +182,8 @@ def learn_person_masks(name: str, batch: FaceBatch, ensemble: Ensemble, cfg: Att
         raise RuntimeError(f"method {name} returned masks of shape {tuple(masks.shape)}")
     if cfg.norm == "l2":  # every method's masks used at their budget, measured on what is pasted
         masks = onto_pasted_l2(masks, cfg.eps)
+    if cfg.ssim_target > 0 or cfg.psnr_floor > 0:  # a visibility budget: every method's masks onto it, as above
+        masks = onto_visibility(masks, batch, cfg)
     figures = {"method": name, "faces": len(batch), "masks": options.masks, "seconds": time.perf_counter() - start,
                **info}
     return MaskResult(masks, figures)

@@ -73,6 +73,7 @@ class ItemResult:
     seconds: float = 0.0
     output: str | None = None
     details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
+    converted: str | None = None  # the output's type differs from the input's: "gif -> png: why"
     # a written file's verdict ("ok" only says it was written): protected = no checked face is recognised by any
     # judge (None: nothing checked), verdict = the same in plain words (results.photo_verdict)
     protected: bool | None = None
@@ -208,10 +209,10 @@ def run_batch(
     max_mode caps the report file's permission bits.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
-    message, faces, output, details, seconds. A process with `set_progress(advance)` is given a function to call
-    with its work in progress in items' worth (the bar moves per optimisation step or video frame; None at the end).
-    Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process with a `take_finished()`
-    method hands over (path, outcome) pairs of later items it has already finished.
+    message, faces, output, details, converted, seconds. A process with `set_progress(advance)` is given a function
+    to call with its work in progress in items' worth (the bar moves per optimisation step or video frame; None at
+    the end). Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process with a
+    `take_finished()` method hands over (path, outcome) pairs of later items it has already finished.
     """
     items = list(items)
     by_path = {item.path: item for item in items}
@@ -343,7 +344,7 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     result = ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
-        details=details,
+        details=details, converted=outcome.get("converted"),
     )
     if status == "ok":
         rows = face_rows(details)

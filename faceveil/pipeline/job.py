@@ -26,8 +26,8 @@ from faceveil.detect.mtcnn import MTCNN, Face
 from faceveil.detect.track import Track
 from faceveil.errors import FaceveilError
 from faceveil.io import atomic
-from faceveil.io.images import Photo, read_image, write_image
-from faceveil.io.paths import relative_output_path
+from faceveil.io.images import DEFAULT_JPEG_QUALITY, Photo, read_image, write_image
+from faceveil.io.paths import conversion, is_video_path, relative_output_path
 from faceveil.pipeline.batch import BatchItem, BatchReport, SkipItem, expand_inputs, run_batch
 
 EXISTING_CHOICES = ("refuse", "overwrite", "skip")
@@ -36,12 +36,14 @@ DeltaForTrack = Callable[[Track, np.ndarray], "torch.Tensor | None"]  # (track, 
 
 @dataclass
 class OutputSettings:
-    """How every job writes what it made: format (same | png | jpg), JPEG quality, metadata kept or stripped, and
-    whether photos without a face to protect are copied unprotected."""
+    """How every job writes what it made: format (same | png | jpg | heic | avif), the quality of lossy formats,
+    metadata kept or stripped (keep_date: only the capture date kept), and whether photos without a face to protect
+    are copied unprotected."""
 
     fmt: str = "same"
-    jpeg_quality: int = 95
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     keep_metadata: bool = False
+    keep_date: bool = False
     copy_unprotected: bool = False
     existing: str = "refuse"  # an output file that exists before the run: refuse (error row) | overwrite | skip
     drop_audio: bool = False  # videos: write no sound track (voices identify people too)
@@ -157,7 +159,16 @@ class PhotoJob:
     def __call__(self, item: BatchItem) -> dict:
         if item.path in self.refused:
             raise self.refused[item.path]
-        return self.video(item) if item.kind == "video" else self.photo(item)
+        outcome = self.video(item) if item.kind == "video" else self.photo(item)
+        return self.with_conversion(item.path, outcome)
+
+    def with_conversion(self, path: Path, outcome: dict | Exception) -> dict | Exception:
+        """The outcome with `converted` ("gif -> png: why") when the file written is of another type than its
+        input (also for outcomes finished ahead of their turn, see take_finished)."""
+        if isinstance(outcome, BaseException):
+            return outcome
+        converted = conversion(path, outcome.get("output"), "same" if is_video_path(path) else self.output.fmt)
+        return {**outcome, "converted": converted} if converted else outcome
 
     def take_finished(self) -> list[tuple[Path, dict | Exception]]:
         """Outcomes of later items finished ahead of their turn (see batch.run_batch); none by default."""
@@ -216,10 +227,10 @@ class PhotoJob:
 
         out_path = self._target(item.output_path(self._out_dir()))
         stats = protect_video(item.path, out_path, delta_for_track, progress=False,
-                              keep_metadata=self.output.keep_metadata, keep_untouched=self.output.copy_unprotected,
-                              drop_audio=self.output.drop_audio, replace=self._may_replace(out_path),
-                              max_mode=_mode_of(item.path), on_frame=self._frame_progress(item.path),
-                              on_progress=self.report_progress)
+                              keep_metadata=self.output.keep_metadata, keep_date=self.output.keep_date,
+                              keep_untouched=self.output.copy_unprotected, drop_audio=self.output.drop_audio,
+                              replace=self._may_replace(out_path), max_mode=_mode_of(item.path),
+                              on_frame=self._frame_progress(item.path), on_progress=self.report_progress)
         if not stats["written"]:
             return None, stats
         self.created.add(out_path)
@@ -244,7 +255,7 @@ class PhotoJob:
     def _write(self, photo: Photo, path: Path) -> None:
         o, path = self.output, self._target(path)
         write_image(photo, path, fmt=o.fmt, jpeg_quality=o.jpeg_quality, keep_metadata=o.keep_metadata,
-                    replace=self._may_replace(path), max_mode=_mode_of(photo.path))
+                    keep_date=o.keep_date, replace=self._may_replace(path), max_mode=_mode_of(photo.path))
         self.created.add(path)
 
     def _target(self, path: Path) -> Path:

@@ -8,7 +8,8 @@ apply can find the person.
 apply: no optimisation at all: detect the faces of each photo or video frame, keep those that match the enrolled
 person (each matching model votes: best cosine to the stored references at or above the model's calibrated
 threshold; a face matches when at least half the models vote for it), and paste the mask onto them through the
-canonical warp. Outputs are written atomically with metadata stripped, as protect does.
+canonical warp. Outputs are written atomically with metadata stripped, as protect does; then, as protect does, the
+saved photo is re-read and every masked face re-detected and checked by the judges (score original -> masked).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from faceveil import __version__
-from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.core import AttackConfig, Ensemble, dropout_setting
 from faceveil.attacks.faces import FaceBatch, from_photos
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align
@@ -42,6 +43,8 @@ from faceveil.pipeline.faces import default_confirmer
 from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces, with_skipped
 from faceveil.pipeline.maskfile import PersonMask
 from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_MAX_EPS, ENROLL_MAX_MASKS, L2_DEFAULT_EPS
+from faceveil.pipeline.results import FaceCheck
+from faceveil.pipeline.verify import verify_faces
 
 # Cheap ArcFace-112 models (a few ms a face): their references are always stored, and they decide who matches.
 MATCH_MODELS = ("mobileface", "mfn512", "mfn192")
@@ -71,14 +74,20 @@ class EnrollSettings:
 def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, surrogates: str | None = None,
                     eps: float | None = None, norm: str | None = None, iters: int | None = None,
                     alpha: float | None = None,
-                    momentum: float = 0.0, dropout: float = 0.0, masks: int = 1,
+                    momentum: float | None = None, dropout: float | str | None = None, masks: int = 1,
                     diversity_weight: float | None = None, mode: str = "photos",
-                    jitter: float | None = None) -> EnrollSettings:
+                    jitter: float | None = None, budget: str | None = None, ssim: float | None = None,
+                    psnr: float | None = None) -> EnrollSettings:
     """enroll's settings from a user's values (None = the preset's): eps and alpha in 0..255 units, L-inf (default
     8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's). The norm defaults to
     the method's paper's: L2 for AdvCloak (its generators were trained under an L2 norm; their mean mask scaled to
-    an L-inf eps is peaky and mostly rounds away), L-inf for OPOM and its baselines."""
+    an L-inf eps is peaky and mostly rounds away), L-inf for OPOM and its baselines. dropout: one DFANet rate for
+    every surrogate, or "calibrated" (each its own, attacks.core.CALIBRATED_DROPOUT). budget "texture": the L-inf
+    budget shaped by the person's face texture (eps its face-area mean); ssim / psnr > 0: a visibility budget,
+    face-area SSIM / PSNR on the person's photos, every mask projected onto it (attacks.perceptual). The levers'
+    defaults are ENROLL_DEFAULTS' (the texture budget only under L-inf)."""
     norm = norm or str(registry.check_kind(method, "person").preset.get("norm", "linf"))
+    momentum, dropout, budget, ssim, psnr = _lever_defaults(norm, momentum, dropout, budget, ssim, psnr)
     iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
     eps, alpha = _user_budget(norm, eps, alpha, iters)
     if norm not in ("linf", "l2"):
@@ -87,27 +96,43 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
         raise FaceveilError(f"eps must be in (0, {ENROLL_MAX_EPS[norm]:g}] under {norm}, got {eps:g}")
     if not alpha > 0 or iters < 0:
         raise FaceveilError("alpha must be above 0 and iters at least 0")
-    if not 0 <= dropout < 1:
-        raise FaceveilError(f"dropout must be in [0, 1), got {dropout}")
+    rate, per_model = dropout_setting(dropout)
+    if budget not in ("linf", "texture") or (budget == "texture" and norm != "linf"):
+        raise FaceveilError(f"budget takes linf or texture (texture shapes an L-inf budget), got {budget!r} with "
+                            f"norm {norm}")
+    if not 0 <= ssim < 1 or psnr < 0:
+        raise FaceveilError(f"ssim must be in [0, 1) and psnr at least 0 (0 = off), got {ssim} and {psnr}")
     if not 1 <= masks <= ENROLL_MAX_MASKS:
         raise FaceveilError(f"masks must be in 1..{ENROLL_MAX_MASKS}, got {masks}")
     attack = paper_config(seed)
     # L2 budgets are given at the 112-crop scale; canonical pixels are 1/CANONICAL_ZOOM of a crop pixel per side
     scale = 1 / 255 if norm == "linf" else C.CANONICAL_ZOOM / 255
     attack.eps, attack.alpha, attack.steps, attack.norm = eps * scale, alpha * scale, iters, norm
-    attack.momentum, attack.dropout = momentum, dropout
+    attack.momentum, attack.dropout, attack.model_dropout = momentum, rate, per_model
+    attack.budget, attack.ssim_target, attack.psnr_floor = budget, ssim, psnr
     attack.jitter = jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)
     weight = diversity_weight if diversity_weight is not None else DEFAULT_DIVERSITY_WEIGHT
     return EnrollSettings(name=name, method=method, surrogates=zoo.parse_models(surrogates or "mobileface,mfn512"),
                           attack=attack, masks=masks, diversity_weight=weight, mode=mode)
 
 
+def _lever_defaults(norm: str, momentum: float | None, dropout: float | str | None, budget: str | None,
+                    ssim: float | None, psnr: float | None) -> tuple[float, float | str, str, float, float]:
+    """The transfer and visibility levers a user left unset, from ENROLL_DEFAULTS (a texture budget shapes an L-inf
+    budget only: under L2 the default is the plain budget)."""
+    if budget is None:
+        budget = str(ENROLL_DEFAULTS["budget"]) if norm == "linf" else "linf"
+    pick = {"momentum": momentum, "dropout": dropout, "ssim": ssim, "psnr": psnr}
+    chosen = {k: ENROLL_DEFAULTS[k] if v is None else v for k, v in pick.items()}
+    return float(chosen["momentum"]), chosen["dropout"], budget, float(chosen["ssim"]), float(chosen["psnr"])
+
+
 def _user_budget(norm: str, eps: float | None, alpha: float | None, iters: int) -> tuple[float, float]:
     """(eps, alpha) in the user's units: L-inf 0..255 (defaults 8, 1); L2 at the 112-crop scale (default 1200,
     alpha 2.5 eps / iters: the budget is crossed in under half the iterations)."""
     if norm == "linf":
-        eps = ENROLL_DEFAULTS["eps"] if eps is None else eps
-        return eps, ENROLL_DEFAULTS["alpha"] if alpha is None else alpha
+        eps = float(ENROLL_DEFAULTS["eps"]) if eps is None else eps
+        return eps, float(ENROLL_DEFAULTS["alpha"]) if alpha is None else alpha
     eps = L2_DEFAULT_EPS if eps is None else eps
     return eps, 2.5 * eps / max(iters, 1) if alpha is None else alpha
 
@@ -181,15 +206,46 @@ def enroll(paths: list[Path], settings: EnrollSettings, progress: bool = False, 
         options.universal_faces = sample_faces(detector, ensemble.geometries, settings.mode)
     result = registry.learn_person_masks(settings.method, batch, ensemble, settings.attack, options, progress)
     models = sorted(set(MATCH_MODELS) | set(settings.surrogates))
-    mask = PersonMask(name=name, masks=result.masks, geometry=C.CANONICAL.name, method=settings.method,
-                      surrogates=list(settings.surrogates), eps=settings.attack.eps, norm=settings.attack.norm,
+    masks = within_enroll_cap(result.masks, settings.attack.norm)
+    mask = PersonMask(name=name, masks=masks, geometry=C.CANONICAL.name, method=settings.method,
+                      surrogates=list(settings.surrogates), eps=recorded_budget(masks, settings.attack),
+                      norm=settings.attack.norm,
                       references=reference_embeddings(found, models), meta=_meta(settings, len(found), len(paths)))
     return Enrolled(mask, rows, result.info)
+
+
+def within_enroll_cap(masks: torch.Tensor, norm: str) -> torch.Tensor:
+    """Masks brought within the largest budget a mask file may hold (ENROLL_MAX_EPS: apply refuses more as
+    tampered), for the settings that let a mask pass its nominal eps: L-inf clipped, L2 (on what is pasted) scaled
+    down."""
+    from faceveil.attacks.budgets import pasted_l2
+
+    if norm == "linf":
+        cap = ENROLL_MAX_EPS["linf"] / 255
+        return masks.clamp(-cap, cap)
+    cap = ENROLL_MAX_EPS["l2"] * C.CANONICAL_ZOOM / 255
+    factor = (cap / pasted_l2(masks).clamp_min(1e-12)).clamp(max=1.0)
+    return masks * factor.view(-1, 1, 1, 1)
+
+
+def recorded_budget(masks: torch.Tensor, attack: AttackConfig) -> float:
+    """The budget the mask file records: the nominal eps, or the bound the masks really reach where the setting lets
+    them pass it (a texture-shaped L-inf budget is eps on average over the face, up to TEXTURE_MAX times eps in hair
+    and brows; a visibility budget scales every mask onto its SSIM, up or down), so that the file's budget is one its
+    masks respect (load_mask refuses a mask above its budget)."""
+    from faceveil.attacks.budgets import pasted_l2
+
+    if attack.budget == "linf" and attack.ssim_target <= 0 and attack.psnr_floor <= 0:
+        return attack.eps
+    reached = masks.flatten(1).abs().amax(1) if attack.norm == "linf" else pasted_l2(masks)
+    return max(attack.eps, float(reached.max()))
 
 
 def _meta(settings: EnrollSettings, used: int, given: int) -> dict:
     a = settings.attack
     return {"iterations": a.steps, "alpha": a.alpha, "momentum": a.momentum, "dropout": a.dropout,
+            "model_dropout": dict(a.model_dropout), "budget": a.budget, "ssim_target": a.ssim_target,
+            "psnr_floor": a.psnr_floor,
             "jitter": a.jitter, "diversity": a.diversity, "random_start": a.random_start, "seed": a.seed,
             "mode": settings.mode, "diversity_weight": settings.diversity_weight, "images_used": used,
             "images_given": given, "faceveil": __version__,
@@ -270,6 +326,10 @@ class PersonMatcher:
 class ApplySettings(OutputSettings):
     all_faces: bool = False
     mask_index: int = 0
+    # after writing, every masked face of the saved photo is checked as protect checks it (pipeline.verify): each
+    # judge's score original -> masked, so that a mask that protects nothing is reported as such
+    verify: bool = True
+    judges: list[str] = field(default_factory=lambda: list(zoo.SPECS))
 
 
 @dataclass
@@ -277,6 +337,25 @@ class _TrackState:
     matched: bool = False
     checks: int = 0
     seen: int = 0
+
+
+def with_checks(rows: list[dict], checks: list[FaceCheck]) -> list[dict]:
+    """apply's face rows (every detected face: box, masked, the matcher's scores) with the masked faces' checks
+    merged in, in the row shape of protect's details.faces (redetected, and judge -> {score, matches})."""
+    masked = [row for row in rows if row["masked"]]
+    for row, check in zip(masked, checks, strict=True):
+        row.update({k: v for k, v in check.to_dict().items() if k not in ("face", "box")})
+    return rows
+
+
+def verdict(checks: list[FaceCheck]) -> dict:
+    """The masked faces of one photo by what the judges say: no judge recognises them any more (protected), some
+    still do, every judge still does (the mask protects nothing against them), or not found again."""
+    judged = [c for c in checks if c.redetected and c.judges]
+    return {"masked": len(checks), "protected": sum(not c.recognised_by for c in judged),
+            "recognised_by_some": sum(0 < len(c.recognised_by) < len(c.judges) for c in judged),
+            "recognised_by_all": sum(len(c.recognised_by) == len(c.judges) for c in judged),
+            "not_redetected": sum(not c.redetected for c in checks)}
 
 
 class MaskApplier(PhotoJob):
@@ -330,6 +409,12 @@ class MaskApplier(PhotoJob):
             what = "no face found" if not rows else f"no face of {self.mask.name} ({len(rows)} other face(s) left)"
             return self.unprotected(prepared, what, details)
         self.write(prepared, [self.delta] * masked)
+        if self.settings.verify:
+            with self.stages.timing("verify"):
+                checks = verify_faces(item.path, prepared.out_path, prepared.faces, self.settings.judges,
+                                      self.detector)
+            details["faces"] = with_checks(rows, checks)
+            details["verdict"] = verdict(checks)
         return {"status": "ok", "faces": masked, "output": prepared.out_path,
                 "details": with_skipped(details, prepared.skipped)}
 

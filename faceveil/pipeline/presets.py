@@ -45,7 +45,11 @@ THOROUGH = {"surrogates": "mobileface,mfn512,dlib", "diversity": 0.5, "smoothing
 PAPER_DEFAULTS = dict(TIP_IM_PAPER)
 # enroll: OPOM §4.2.1 and Algorithms 1-2 (L-inf 8, 16 iterations, alpha 1); with an L2 budget AdvCloak's (§4.1.4).
 DEFAULT_MAX_TARGETS = 10  # targeted methods outside the paper preset: the paper's target count too
-ENROLL_DEFAULTS = {"eps": OPOM_PAPER["eps"], "iters": OPOM_PAPER["iters"], "alpha": OPOM_PAPER["alpha"]}
+# The levers (momentum, DFANet dropout, the texture budget, a visibility budget) stay the paper's (off) until measured
+# to help what users get (docs/research/person-masks.md).
+ENROLL_DEFAULTS: dict[str, float | str] = {"eps": OPOM_PAPER["eps"], "iters": OPOM_PAPER["iters"],
+                                           "alpha": OPOM_PAPER["alpha"], "momentum": 0.0, "dropout": 0.0,
+                                           "budget": "linf", "ssim": 0.0, "psnr": 0.0}
 L2_DEFAULT_EPS = float(ADVCLOAK_PAPER["eps"])
 # The largest budget enroll makes, in the user's units (L-inf 0..255; L2 at the 112-crop scale): twice each paper's
 # (OPOM's L-inf 8, AdvCloak's L2 1200). A mask file is shared between devices and its checksum proves no origin, so

@@ -119,7 +119,7 @@ class PhotoProtector(PhotoJob):
     def take_finished(self) -> list[tuple[Path, dict | Exception]]:
         """The photos finished ahead of their turn (optimised with an earlier photo): reported as soon as they
         are written, also when the run is interrupted before it reaches them."""
-        finished = list(self._outcomes.items())
+        finished = [(path, self.with_conversion(path, outcome)) for path, outcome in self._outcomes.items()]
         self._outcomes.clear()
         return finished
 

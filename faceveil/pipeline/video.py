@@ -81,6 +81,7 @@ def protect_video(
     preset: str = DEFAULT_PRESET,
     tune: str | None = DEFAULT_TUNE,
     keep_metadata: bool = False,
+    keep_date: bool = False,
     on_frame: Callable[[int, list[Track]], None] | None = None,
     keep_untouched: bool = True,
     drop_audio: bool = False,
@@ -104,7 +105,8 @@ def protect_video(
     tracker.reset()
     stats = _Stats()
     writer = VideoWriter(dst, info.fps, audio_from=info, crf=crf, preset=preset, tune=tune,
-                         keep_metadata=keep_metadata, drop_audio=drop_audio, replace=replace, max_mode=max_mode)
+                         keep_metadata=keep_metadata, keep_date=keep_date, drop_audio=drop_audio, replace=replace,
+                         max_mode=max_mode)
     bar = tqdm(total=info.frame_count or None, unit="frame", desc="video", disable=not progress)
     with bar, contextlib.closing(iter_frames(src, info)) as frames:
         try:

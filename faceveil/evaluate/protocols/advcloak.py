@@ -5,6 +5,10 @@ several person-mask methods on one split, every mask normalised to the same L2 n
 The protocol's pieces are reused as they are (split, landmarks, clean embeddings, mask_group, judge_row); the clean
 embeddings (the expensive part: every distractor under every judge) are computed once for all methods.
 
+Modes: crops and photos as the OPOM protocol's, every mask rescaled after learning; users: every method through
+`faceveil enroll --norm l2 --eps L2` and `faceveil apply` (the OPOM protocol's users mode), where enroll itself puts
+each mask on the L2 budget (measured on what is pasted).
+
 Surrogates: a trained AdvCloak generator is tied to the recognisers it was trained against, so leave-one-family-out
 (a different surrogate set per judge) cannot be done with one generator. All methods therefore use the same fixed
 surrogates (default: those of the shipped generators, mobileface + mfn512), and `white_box` marks the judges that
@@ -55,7 +59,10 @@ def run(split, settings: CompareSettings) -> tuple[list[dict], dict]:
     l2 = dataclasses.replace(base.attack, norm="l2", eps=settings.l2_255 / 255 * CANONICAL_ZOOM)
     for method in settings.methods:
         paper = registry.entry(method).preset.get("norm") == "l2"
-        run = protocol.registry_method(method, 1, dataclasses.replace(base, attack=l2) if paper else base)
+        chosen = dataclasses.replace(base, attack=l2) if paper else base
+        if settings.mode == "users":  # enroll's own L2 budget for every method, enroll's own scaling onto it
+            chosen = dataclasses.replace(base, attack=users_attack(method, settings), paste_l2=None)
+        run = protocol.registry_method(method, 1, chosen)
         start = time.perf_counter()
         group = protocol.mask_group(split, landmarks, settings.surrogates, settings.judges, run.learner,
                                     run.settings)
@@ -71,6 +78,15 @@ def run(split, settings: CompareSettings) -> tuple[list[dict], dict]:
     meta = {**split.counts(), "l2_255": settings.l2_255, "surrogates": settings.surrogates,
             "timings": timings, "detected": info["detected"], "images": info["images"]}
     return rows, meta
+
+
+def users_attack(method: str, settings: CompareSettings):
+    """What `faceveil enroll --method METHOD --norm l2 --eps L2 --seed SEED` optimises with."""
+    from faceveil.evaluate.protocols.opom import split_method_name
+    from faceveil.pipeline.person import enroll_settings
+
+    return enroll_settings(name="eval", method=split_method_name(method)[0], seed=settings.seed, norm="l2",
+                           eps=settings.l2_255, mode="photos").attack
 
 
 def mask_time(method: str, faces: int = 10, repeats: int = 5, seed: int = 0) -> dict:

@@ -19,6 +19,13 @@ clean_top1 / clean_top5 are the judges' identification accuracies without masks 
 are recognised normally, i.e. a clean protection rate near 0). PSNR and SSIM compare the face area of each masked
 test face with the original (as evaluate/identification.py).
 
+Modes: crops (the paper: the mask added to the aligned face), photos (pasted into the photo, saved as PNG, re-read,
+re-detected) and users: every person goes through the product exactly as a user does, `faceveil enroll` on the
+training photos (faceveil.pipeline.person.enroll, the mask file saved and loaded) and `faceveil apply` on the test
+photos (the MaskApplier job: the person's faces found by matching, the mask pasted, JPEG written), the saved files
+re-read and re-detected; a test photo in which apply did not mask the person stays a clean probe (what the user
+would post). Its budget is resolved as enroll resolves it (faceveil.pipeline.person.enroll_settings).
+
 By default each judge is scored against masks learned by the models of the other families (leave-one-family-out);
 judges sharing a surrogate set share one mask-learning run. The mask-learning method is a parameter (a person
 learner, faceveil.methods.base.PersonLearner), built by name by the method registry; with `paste_l2` every mask is
@@ -44,11 +51,19 @@ import torch
 from tqdm import tqdm
 
 from faceveil.attacks.budgets import scale_paste_l2
-from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.core import AttackConfig, Ensemble, dropout_setting
 from faceveil.attacks.faces import from_photos
 from faceveil.datasets.faces import EmbeddingTable, embed_files, embed_images, landmarks_for
+from faceveil.detect import canonical as C
+from faceveil.detect.align import align
 from faceveil.errors import FaceveilError
-from faceveil.evaluate.protocols.tip_im import Protected, collect_crops, collect_photos, surrogate_groups
+from faceveil.evaluate.protocols.tip_im import (
+    Protected,
+    collect_crops,
+    collect_photos,
+    record_quality,
+    surrogate_groups,
+)
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
 from faceveil.io.images import read_image
 from faceveil.methods import registry
@@ -64,12 +79,15 @@ TRAIN_IMAGES = 10
 UNIVERSAL_METHODS = ("fi-uap-all",)
 DISTRACTORS_LIMITED = 2000  # distractor sample of a limited run that names no count: quick runs stay quick
 TEST_IMAGES = 5  # test images per person (the command's default; the paper uses a handful per person)
+MODES = ("crops", "photos", "users")
+USERS_JPEG_QUALITY = 95  # apply's default
 # §3.2.3 combined with momentum and DFANet (Tables 4-5): "+md" after a method name. Eq. 14: "mu is usually set to 1
-# following the original paper". Eq. 15 names the Bernoulli rate p_d without a value; 0.1 is the drop rate of the
-# DFANet paper ([34], Zhong & Deng 2020), i.e. each conv output element is kept with probability 0.9.
+# following the original paper". Eq. 15 names the Bernoulli rate p_d without a value; DFANet's own 0.1 ([34], Zhong
+# & Deng 2020) leaves faceres, faceres-deep, mfn512 and mfn192 recognising nobody, so each surrogate drops at the
+# rate calibrated for it (attacks.core.CALIBRATED_DROPOUT: each still recognises >= 95 % of LFW faces).
 TRANSFER_SUFFIX = "+md"
 TRANSFER_MOMENTUM = 1.0
-TRANSFER_DROPOUT = 0.1
+TRANSFER_DROPOUT = "calibrated"
 BATCH = 8
 
 Labelled = tuple[str, Path]  # (identity, image file)
@@ -203,7 +221,7 @@ def _summary(prefix: str, tallies: list[Tally]) -> dict:
 @dataclass
 class Settings:
     method: str = "opom-convex"  # the learner's name (rows and JSON)
-    mode: str = "crops"
+    mode: str = "crops"  # crops | photos | users (MODES)
     attack: AttackConfig = field(default_factory=AttackConfig)
     batch: int = BATCH  # test faces masked at once
     progress: bool = True
@@ -226,6 +244,7 @@ class GroupResult:
     apply_seconds: float = 0.0
     learn_times: list[float] = field(default_factory=list)  # seconds of each learner call (t1 per person)
     train_faces: list[int] = field(default_factory=list)  # faces of each learner call
+    applied: dict[str, int] = field(default_factory=dict)  # users mode: what apply did with the test photos
 
 
 def _photos(files: tuple[Path, ...] | list[Path], landmarks: dict[Path, np.ndarray]):
@@ -274,6 +293,8 @@ def person_config(cfg: AttackConfig, index: int) -> AttackConfig:
 def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str], judges: list[str],
                learner: PersonLearner, settings: Settings) -> GroupResult:
     """Learn every person's masks with these surrogates, mask its test images, embed them with the judges."""
+    if settings.mode == "users":
+        return users_group(split, landmarks, surrogates, judges, settings)
     ensemble = Ensemble(surrogates)
     result = GroupResult(list(surrogates), list(judges), {j: [] for j in judges})
     detector = None
@@ -307,6 +328,112 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
             result.learn_seconds += middle - start
             result.apply_seconds += time.perf_counter() - middle
     return result
+
+
+# ---- users mode: enroll -> .fvmask -> apply -> saved JPEG ------------------------------------------------------
+
+def check_users_methods(methods: list[MethodRun]) -> None:
+    """One line before any work: users mode enrolls each person alone, a universal method has no such run."""
+    universal = [m.settings.method for m in methods if m.settings.universal]
+    if universal:
+        raise FaceveilError(f"{', '.join(universal)}: users mode enrolls each person alone (enroll's fi-uap-all "
+                            "learns on the sample photos' faces); score universal masks in crops or photos mode")
+
+
+def users_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list[str], judges: list[str],
+                settings: Settings) -> GroupResult:
+    """Every person through the product (module docstring, users mode): enroll on the training photos with these
+    surrogates, the mask file written and read back, apply on the test photos (JPEG), the saved photos re-read,
+    re-detected and embedded by the judges."""
+    from faceveil.detect.mtcnn import default_detector
+    from faceveil.pipeline.maskfile import load_mask, save_mask
+    from faceveil.pipeline.person import EnrollSettings, enroll
+
+    if settings.universal:
+        raise FaceveilError(f"{settings.method}: users mode enrolls each person alone (enroll's fi-uap-all learns "
+                            "on the sample photos' faces); score universal masks in crops or photos mode")
+    detector = default_detector()
+    method = split_method_name(settings.method)[0]
+    result = GroupResult(list(surrogates), list(judges), {j: [] for j in judges})
+    with tempfile.TemporaryDirectory(prefix="faceveil-opom-users-") as tmp:
+        folder = Path(tmp)
+        bar = tqdm(split.people, desc=f"enroll+apply ({'+'.join(surrogates)})", disable=not settings.progress,
+                   unit="person")
+        for index, person in enumerate(bar):
+            start = time.perf_counter()
+            chosen = EnrollSettings(name=person.name, method=method, surrogates=list(surrogates),
+                                    attack=person_config(settings.attack, index), masks=settings.options.masks,
+                                    diversity_weight=settings.options.diversity_weight, mode="photos")
+            enrolled = enroll(list(person.train), chosen, detector=detector, notice=lambda _line: None)
+            path = folder / f"person{index}.fvmask"
+            save_mask(enrolled.mask, path)
+            mask = load_mask(path)
+            middle = time.perf_counter()
+            result.learn_times.append(middle - start)
+            result.train_faces.append(int(mask.meta["images_used"]))
+            for judge in judges:
+                result.masked[judge].append([])
+            for k in range(mask.count):
+                masked = applied_photos(person.test, landmarks, mask, k, folder / f"person{index}-mask{k}", detector,
+                                        result.applied)
+                for judge in judges:
+                    result.masked[judge][-1].append(embed_images(judge, masked.images, masked.landmarks))
+                result.psnr += masked.psnr
+                result.ssim += masked.ssim
+                result.redetect_failures += masked.redetect_failures
+            result.learn_seconds += middle - start
+            result.apply_seconds += time.perf_counter() - middle
+    return result
+
+
+def applied_photos(files: tuple[Path, ...], landmarks: dict[Path, np.ndarray], mask, mask_index: int,
+                   out_dir: Path, detector, counts: dict[str, int]) -> Protected:
+    """`faceveil apply MASK FILES -o OUT_DIR --format jpg` (the MaskApplier job; its check of the saved photos is
+    left to the protocol's judges), then each test photo's labelled face as a judge sees it: the saved file
+    re-read and re-detected (nearest the centre), or the original photo where apply did not mask that face.
+    Quality is that of the masked faces (face area, original landmarks); `counts` tallies what apply did."""
+    from faceveil.detect.mtcnn import nearest_to_center
+    from faceveil.pipeline.job import run_on_files
+    from faceveil.pipeline.person import ApplySettings, MaskApplier
+
+    job = MaskApplier(mask, ApplySettings(mask_index=mask_index, fmt="jpg", jpeg_quality=USERS_JPEG_QUALITY,
+                                          verify=False), detector=detector)
+    report = run_on_files(job, list(files), out_dir, progress=False, desc="apply")
+    outcome = {Path(r.file): r for r in report.results}
+    out = Protected()
+    for f in files:
+        photo, marks, row = read_image(f).rgb, np.asarray(landmarks[f], dtype=np.float64), outcome[f]
+        if row.status == "error":
+            raise FaceveilError(f"apply failed on {f.name}: {row.message}")
+        faces = (row.details or {}).get("faces") or []
+        labelled = row.output is not None and _labelled_face_masked(faces, marks)
+        _tally(counts, "test_photos")
+        _tally(counts, "written", row.output is not None)
+        _tally(counts, "person_masked", labelled)
+        _tally(counts, "other_faces_masked", sum(bool(x["masked"]) for x in faces) - int(labelled))
+        again, found = photo, marks
+        if row.output is not None:
+            again = read_image(row.output).rgb
+            face = nearest_to_center(detector.detect_large(again), again.shape[1], again.shape[0])
+            out.redetect_failures += face is None
+            found = marks if face is None else np.asarray(face.landmarks, dtype=np.float64)
+        out.images.append(again)
+        out.landmarks.append(found)
+        out.clean_images.append(photo)
+        out.clean_landmarks.append(marks)
+        if labelled:
+            record_quality(out, align(photo, marks, C.CANONICAL), align(again, marks, C.CANONICAL))
+    return out
+
+
+def _labelled_face_masked(faces: list[dict], marks: np.ndarray) -> bool:
+    """Whether a masked face of apply's rows is the labelled one: its box holds the labelled face's landmarks."""
+    cx, cy = marks.mean(axis=0)
+    return any(f["masked"] and f["box"][0] <= cx <= f["box"][2] and f["box"][1] <= cy <= f["box"][3] for f in faces)
+
+
+def _tally(counts: dict[str, int], key: str, value: int | bool = 1) -> None:
+    counts[key] = counts.get(key, 0) + int(value)
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
@@ -345,11 +472,15 @@ def judge_row(judge: str, group: GroupResult, split: Split, clean: EmbeddingTabl
 
 
 def attack_config(seed: int = 0, mode: str = "crops", eps: float | None = None, alpha: float | None = None,
-                  iters: int | None = None, momentum: float | None = None, dropout: float = 0.0,
-                  jitter: float | None = None) -> AttackConfig:
+                  iters: int | None = None, momentum: float | None = None, dropout: float | str = 0.0,
+                  jitter: float | None = None, **levers) -> AttackConfig:
     """The OPOM paper's configuration (faceveil.methods.opom.learners.paper_config) with the values given: eps and
-    alpha in 0..255 units, None = the paper's; jitter None = 2 crop pixels in photos mode, 0 in crops mode."""
-    changes: dict = {"dropout": dropout, "jitter": jitter if jitter is not None else (2.0 if mode == "photos" else 0.0)}
+    alpha in 0..255 units, None = the paper's; dropout a rate or "calibrated"; jitter None = 2 crop pixels in photos
+    and users mode (enroll's), 0 in crops mode; `levers`: further AttackConfig fields (budget, ssim_target,
+    psnr_floor)."""
+    rate, per_model = dropout_setting(dropout)
+    changes: dict = {"dropout": rate, "model_dropout": per_model, **levers,
+                     "jitter": jitter if jitter is not None else (0.0 if mode == "crops" else 2.0)}
     if eps is not None:
         changes["eps"] = eps / 255
     if alpha is not None:
@@ -358,11 +489,9 @@ def attack_config(seed: int = 0, mode: str = "crops", eps: float | None = None, 
         changes["steps"] = iters
     if momentum is not None:
         changes["momentum"] = momentum
-    for key in ("eps", "alpha", "dropout", "jitter"):
+    for key in ("eps", "alpha", "jitter"):
         if changes.get(key, 0.0) < 0:
             raise FaceveilError(f"`{key}` must not be negative")
-    if changes.get("dropout", 0.0) >= 1:
-        raise FaceveilError("`dropout` must be below 1")
     return dataclasses.replace(paper_config(seed), **changes)
 
 
@@ -390,7 +519,8 @@ def registry_method(method: str, masks: int, base: Settings) -> MethodRun:
         raise FaceveilError(f"the number of masks must be at least 1, got {masks}")
     attack = base.attack
     if transfer:
-        attack = dataclasses.replace(attack, momentum=TRANSFER_MOMENTUM, dropout=TRANSFER_DROPOUT)
+        rate, per_model = dropout_setting(TRANSFER_DROPOUT)
+        attack = dataclasses.replace(attack, momentum=TRANSFER_MOMENTUM, dropout=rate, model_dropout=per_model)
     options = dataclasses.replace(base.options, masks=masks)
     settings = dataclasses.replace(base, method=method, attack=attack, universal=name in UNIVERSAL_METHODS,
                                    options=options)
@@ -422,19 +552,21 @@ def run_methods(split: Split, judges: list[str], surrogates: list[str] | None,
     clean = embed_files(judges, clean_files, landmarks, first.progress)
     clean_seconds = round(time.perf_counter() - start, 2)
     rows: list[dict] = []
-    learn, apply, failures = {}, {}, {}
+    learn, apply, failures, applied = {}, {}, {}, {}
     for method in methods:
         settings = method.settings
         for group, group_judges in surrogate_groups(judges, surrogates).items():
             result = mask_group(split, landmarks, list(group), group_judges, method.learner, settings)
             key = "+".join(group)
             for table, value in ((learn, round(result.learn_seconds, 2)), (apply, round(result.apply_seconds, 2)),
-                                 (failures, result.redetect_failures)):
+                                 (failures, result.redetect_failures), (applied, result.applied)):
                 (table.setdefault(settings.method, {}) if len(methods) > 1 else table)[key] = value
             rows += [judge_row(judge, result, split, clean, settings) for judge in group_judges]
     meta = {**split.counts(), "learn_seconds": learn, "apply_embed_seconds": apply,
             "clean_embed_seconds": clean_seconds, "redetect_failures": failures, "detected": info["detected"],
             "images": info["images"], "fallback_alignment_count": len(info["fallback_alignment"])}
+    if first.mode == "users":  # what apply did with the test photos, per surrogate set
+        meta["users_applied"] = applied
     return rows, meta
 
 
@@ -544,7 +676,7 @@ def robustness_adapter(request: Request) -> tuple[OpomAdapter, dict]:
                        request.distractors, request.test_images)
     resolved = {"method": method, "masks": request.masks, "eps": round(attack.eps * 255, 4),
                 "alpha": round(attack.alpha * 255, 4), "iters": attack.steps, "momentum": attack.momentum,
-                "dropout": attack.dropout, "jitter": attack.jitter,
+                "dropout": attack.dropout, "model_dropout": dict(attack.model_dropout), "jitter": attack.jitter,
                 "distractors": "all" if request.distractors is None else request.distractors,
                 "batch": request.batch, "dataset": str(request.root)}
     return OpomAdapter(split, request.judges, request.surrogates, chosen.learner, chosen.settings), resolved

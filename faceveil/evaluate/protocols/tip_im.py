@@ -103,7 +103,7 @@ def face_area(canonical: np.ndarray) -> np.ndarray:
     return canonical[_LO:_HI, _LO:_HI]
 
 
-def _record_quality(out: Protected, before: np.ndarray, after: np.ndarray) -> None:
+def record_quality(out: Protected, before: np.ndarray, after: np.ndarray) -> None:
     """before/after: canonical uint8 images of the same face."""
     a, b = face_area(before), face_area(after)
     out.psnr.append(psnr(a, b))
@@ -128,7 +128,7 @@ def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.nda
         out.landmarks.append(_canonical_landmarks(m))
         out.clean_images.append(before)
         out.clean_landmarks.append(out.landmarks[-1])
-        _record_quality(out, before, after)
+        record_quality(out, before, after)
 
 
 def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
@@ -153,7 +153,7 @@ def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor
         out.landmarks.append(m if face is None else np.asarray(face.landmarks, dtype=np.float64))
         out.clean_images.append(photo)
         out.clean_landmarks.append(np.asarray(m, dtype=np.float64))
-        _record_quality(out, align(photo, m, C.CANONICAL), align(again, m, C.CANONICAL))
+        record_quality(out, align(photo, m, C.CANONICAL), align(again, m, C.CANONICAL))
 
 
 @dataclass
