@@ -122,6 +122,14 @@ def test_apply_masks_only_the_enrolled_person(enrolled: dict, tmp_path: Path) ->
     verdict = with_him["details"]["verdict"]
     assert verdict["masked"] == 1
     assert verdict["protected"] + verdict["recognised_by_some"] + verdict["recognised_by_all"] == 1
+    # the verdict in words, as protect says it: the masked face's, the photo's, the batch's, and the exit status
+    masked = next(face for face in with_him["details"]["faces"] if face["masked"])
+    assert masked["protected"] is (not verdict["recognised_by_some"] + verdict["recognised_by_all"])
+    assert with_him["protected"] is masked["protected"] and with_him["verdict"] == masked["verdict"]
+    assert masked["verdict"].startswith(("protected against", "not protected"))
+    tally = json.loads(report.read_text())["verdict"]
+    assert tally["photos_written"] == 1 and tally["faces"] == 1
+    assert code == (3 if tally["still_recognised"] else 0)
 
 
 def test_apply_video_masks_only_his_track(enrolled: dict, tmp_path: Path) -> None:
