@@ -247,13 +247,13 @@ def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> in
     """After a photo job: the summary line (what was written, how many faces each verdict; named after the command
     run), the HTML report if asked (also after Ctrl-C: the photos done so far), and the exit status (see
     EXIT_STILL_RECOGNISED)."""
-    print(f"faceveil {getattr(args, 'command', None) or kind}: {report.tally.line()}", file=stream or sys.stdout)
     if getattr(args, "report", None):
         from faceveil.report import write_report
 
         write_report(args.report, kind, report.to_dict(), progress=not args.quiet,
                      originals=getattr(args, "report_originals", False), max_mode=report.max_mode)
     print_conversions(report, table_stream(args))
+    print(f"faceveil {getattr(args, 'command', None) or kind}: {report.tally.line()}", file=stream or sys.stdout)
     if report.report_error:
         from faceveil.pipeline.batch import printable
 
