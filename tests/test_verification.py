@@ -50,7 +50,8 @@ def test_every_model_recognises_on_lfw_slice(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["command"] == "eval verification"
     accuracy = {r["model"]: r["accuracy"] for r in doc["rows"]}
-    assert set(accuracy) == {"mobileface", "faceres", "faceres-deep", "dlib", "mfn512", "mfn192"}
+    assert set(accuracy) == {"mobileface", "faceres", "faceres-deep", "dlib", "mfn512", "mfn192", "facenet-vgg",
+                             "facenet-casia"}
     # 200 pairs is a small slice (one wrong pair = 0.5 %): the full 6,000-pair figures are in the README.
     assert all(a >= 0.88 for a in accuracy.values()), accuracy
     assert accuracy["dlib"] >= 0.97

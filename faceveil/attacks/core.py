@@ -349,7 +349,7 @@ def loss_gradient(batch: FaceBatch, ensemble: Ensemble, objective: Objective, de
         if bool((hinge > 0).any()):
             (hinge_grad,) = torch.autograd.grad(hinge.sum(), d, retain_graph=True)
     (grad,) = torch.autograd.grad(loss.sum(), d)
-    if hinge_grad is not None:
+    if hinge_grad is not None and visibility is not None:
         weight = visibility.weight.view(-1, *([1] * (grad.dim() - 1)))
         grad = per_face_unit(grad) + weight * per_face_unit(hinge_grad)
     return translation_invariant(grad, cfg.smoothing)

@@ -288,9 +288,9 @@ def alignment_jitter(count: int, size: int, pixels: float, generator: torch.Gene
         return (torch.rand(count, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
     half = size / 2
-    angle, zoom = uniform(pixels / half), 1 + uniform(pixels / half + zoom)
+    angle, scale = uniform(pixels / half), 1 + uniform(pixels / half + zoom)
     shift_x, shift_y = uniform(pixels), uniform(pixels)
-    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     centre = (size - 1) / 2
     # rotate/scale about the crop centre, then shift
     tx = centre - cos * centre + sin * centre + shift_x

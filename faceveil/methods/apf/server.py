@@ -131,7 +131,8 @@ async def read_body_limited(request: Request, limit: int, policy: ClientPolicy =
             raise wire.WireError(400, "Content-Length is not a number")
         if int(declared) > limit:
             raise wire.WireError(413, f"body of {int(declared)} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     start = time.monotonic()
     stream = request.stream().__aiter__()
     while True:
@@ -158,7 +159,8 @@ class PerClient:
     """Requests in flight per client address (event loop thread only): at most `limit` each, 429 beyond."""
 
     def __init__(self, limit: int):
-        self.limit, self.in_flight = limit, {}
+        self.limit = limit
+        self.in_flight: dict[str, int] = {}
 
     def total(self) -> int:
         return sum(self.in_flight.values())
