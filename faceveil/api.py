@@ -3,7 +3,7 @@
     import faceveil
     result = faceveil.protect("me.jpg", strength="mid", seed=0)     # a path, a PIL image or an RGB uint8 array
     result.save("me-protected.jpg")                                   # atomic, location and camera metadata stripped
-    print(result.verdict)                                             # "protected against 7 of 7 models" per face
+    print(result.verdict)                                             # per face: "protected against all 7 models"
 
     protector = faceveil.Protector(strength="high")                  # models loaded once, reused
     report = protector.protect_files(["album/"], "protected/")       # every photo and video of a folder
@@ -148,16 +148,16 @@ def video_info(path: str | Path) -> dict[str, Any]:
 
 
 def verdict_text(faces: Sequence[FaceCheck]) -> str:
-    """One line per face, in plain words: which judges still recognise it."""
-    lines = []
-    for check in faces:
-        if check.protected is None:
-            lines.append(f"face {check.face}: not found again in the protected image, not checked")
-            continue
-        total, still = len(check.judges), check.recognised_by
-        head = f"face {check.face}: protected against {total - len(still)} of {total} models"
-        lines.append(head + (f"; still recognised by {', '.join(still)}" if still else ""))
-    return "\n".join(lines) or "no face found"
+    """One line per face, in plain words: which judges still recognise it (FaceCheck.verdict, the words every
+    command prints)."""
+    return "\n".join(f"face {check.face}: {check.verdict}" for check in faces) or "no face found"
+
+
+def face_verdict(row: dict) -> str:
+    """One face row of a JSON report (a FaceCheck's to_dict, or apply's row) in plain words."""
+    from faceveil.pipeline.results import face_verdict as verdict_of
+
+    return verdict_of(row).words
 
 
 @dataclass
@@ -175,6 +175,13 @@ class ImageResult:
     def protected(self) -> bool:
         """Every face found and checked, and none recognised by any judge."""
         return bool(self.faces) and all(check.protected for check in self.faces)
+
+    @property
+    def summary(self) -> str:
+        """The whole image in one line, as the terminal table and the JSON report say it."""
+        from faceveil.pipeline.results import photo_verdict
+
+        return photo_verdict([check.to_dict() for check in self.faces])[1] if self.faces else "no face found"
 
     def pil(self) -> Image.Image:
         from PIL import Image

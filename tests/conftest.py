@@ -12,6 +12,8 @@ needs_weights = pytest.mark.skipif(
     not WEIGHTS_READY, reason=f"weights missing under {weights.home()}: run ./setup.sh or `faceveil models fetch`"
 )
 LFW_ROOT = default_lfw_root()
+# exit statuses of a photo job whose files were all written: 0, or 3 when a face is still recognised by some judge
+WRITTEN = (0, 3)
 needs_lfw = pytest.mark.skipif(
     LFW_ROOT is None, reason="LFW not found: set FACEVEIL_LFW or place it at ../shared/datasets/lfw beside the repo"
 )

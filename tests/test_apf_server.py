@@ -346,8 +346,8 @@ def test_protect_a_photo_through_the_server_sends_only_the_gradient(url, tmp_pat
                      proxy.url, "--apf-algorithm", "fgsm", "--faces", "largest", "--judges", "mobileface", "--quiet"])
     finally:
         proxy.close()
-    assert code == 0, capsys.readouterr().err
-    assert "| face.jpg | 0 | ok |" in capsys.readouterr().out
+    assert code in (0, 3), capsys.readouterr().err  # 3: written, the face still recognised
+    assert "| face.jpg | 0 | written |" in capsys.readouterr().out
     before, after = read_image(photo_path).rgb.astype(int), read_image(tmp_path / "out" / "face.jpg").rgb.astype(int)
     assert np.abs(after - before).max() > 0  # the noise landed on the photo
 

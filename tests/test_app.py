@@ -279,7 +279,7 @@ def _cli_protect(photos: list[Path], out: Path) -> None:
         [sys.executable, "-m", "faceveil.cli", "protect", *map(str, photos), "-o", str(out), "--strength",
          CHEAP["strength"], "--iters", str(CHEAP["iters"]), "--seed", str(CHEAP["seed"]), "--batch-faces", "1",
          "--judges", JUDGES, "--quiet"], capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode in (0, 3), run.stderr[-2000:]  # 3: written, a face still recognised
 
 
 @pytest.mark.slow

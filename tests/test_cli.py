@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_weights
+from conftest import WRITTEN, needs_weights
 from PIL import Image
 
 from faceveil.cli import main
@@ -193,7 +193,7 @@ def test_twenty_faces_all_protected(tmp_path: Path):
     _twenty_faces(src)
     report = tmp_path / "r.json"
     assert main(["protect", str(src), "-o", str(tmp_path / "out"), "--iters", "1", "--surrogates", "mobileface",
-                 "--judges", "mobileface", "--json", str(report), "--quiet"]) == 0
+                 "--judges", "mobileface", "--json", str(report), "--quiet"]) in WRITTEN
     result = json.loads(report.read_text())["results"][0]
     assert result["status"] == "ok" and result["faces"] >= 19, result["faces"]
 

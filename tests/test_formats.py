@@ -216,7 +216,7 @@ def test_heic_round_trips_through_protect(tmp_path: Path, capsys: pytest.Capture
     report = tmp_path / "report.json"
     code = main(["protect", str(folder), "-o", str(tmp_path / "out"), "--iters", "2", "--surrogates", "mobileface",
                  "--judges", "mobileface", "--faces", "all", "--keep-date", "--json", str(report), "--quiet"])
-    assert code == 0
+    assert code in (0, 3)  # 3: written, a face still recognised
     rows = {Path(r["file"]).name: r for r in json.loads(report.read_text())["results"]}
     heic, gif = rows["IMG_0003.HEIC"], rows["anim.gif"]
     assert heic["status"] == "ok" and heic["faces"] >= 1 and heic["converted"] is None

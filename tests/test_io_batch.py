@@ -92,7 +92,8 @@ def test_one_bad_file_never_stops_the_rest(tmp_path: Path, capsys: pytest.Captur
     assert report.counts == {"ok": 2, "no_face": 1, "error": 2, "skipped": 1} and report.failed
     lines = [json.loads(line) for line in report_path.read_text().splitlines()]
     assert [line["status"] for line in lines] == statuses
-    assert set(lines[0]) == {"file", "status", "message", "faces", "seconds", "output", "details", "converted"}
+    assert set(lines[0]) == {"file", "status", "message", "faces", "seconds", "output", "details", "converted",
+                             "protected", "verdict"}
     err = capsys.readouterr().err
     assert "err.jpg: cannot read image header" in err and "it/s" not in err  # bar off: stderr is not a tty
     assert "Traceback" not in err

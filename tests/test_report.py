@@ -18,7 +18,7 @@ from faceveil.cli import build_parser, main
 from faceveil.cli.common import emit
 from faceveil.io import weights
 from faceveil.report import write_report
-from tests.conftest import needs_weights
+from tests.conftest import WRITTEN, needs_weights
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
@@ -239,7 +239,7 @@ def test_real_protect_and_eval_reports_in_headless_chromium(tmp_path: Path):
     report = tmp_path / "protect.html"
     rc = main(["protect", sample, "-o", str(tmp_path / "out"), "--iters", "2", "--judges", "mobileface,mfn512,mfn192",
                "--quiet", "--report", str(report)])
-    assert rc == 0
+    assert rc in WRITTEN
     eval_json = tmp_path / "ident.json"
     eval_json.write_text(json.dumps(_ident_doc("pgd", 8, 0.5, 0.9)))
     eval_report = tmp_path / "eval.html"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_weights
+from conftest import WRITTEN, needs_weights
 from PIL import Image
 
 from faceveil.attacks.core import (
@@ -228,7 +228,7 @@ def test_cli_uses_targets_dir_and_reports_the_target(tmp_path: Path, world: Worl
     code = main(["protect", str(src.parent), "-o", str(tmp_path / "out"), "--method", "tip-im", "--iters", "2",
                  "--surrogates", "mobileface", "--judges", "mobileface", "--faces", "largest", "--targets",
                  str(folder), "--json", str(report), "--quiet"])
-    assert code == 0
+    assert code in WRITTEN
     face = json.loads(report.read_text())["results"][0]["details"]["faces"][0]
     assert face["target"]["identity"] in {"alice", "bob"}
     assert set(face["target"]) >= {"identity", "chosen_steps", "steps", "mobileface"}

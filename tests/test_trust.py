@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_weights
+from conftest import WRITTEN, needs_weights
 from PIL import Image
 
 import faceveil
@@ -93,7 +93,7 @@ def test_1_recursive_outputs_mirror_the_subfolders(tmp_path: Path, capsys) -> No
     blank(src / "top.png")
     before = tree_shas(src)
     out = tmp_path / "out"
-    assert main(["protect", str(src), "-o", str(out), "--recursive", "--copy-unprotected", *FAST]) == 0
+    assert main(["protect", str(src), "-o", str(out), "--recursive", "--copy-unprotected", *FAST]) in WRITTEN
     assert (out / "2019" / "summer" / "people.jpg").is_file()
     assert (out / "2020" / "sky.png").is_file() and (out / "top.png").is_file()
     assert tree_shas(src) == before
@@ -326,7 +326,7 @@ def test_7_report_shows_only_protected_pictures_and_keeps_the_permissions(tmp_pa
     src = face_photo(tmp_path / "in" / "people.jpg")
     src.chmod(0o600)
     out, report, html = tmp_path / "out", tmp_path / "r.json", tmp_path / "r.html"
-    assert main(["protect", str(src), "-o", str(out), "--json", str(report), "--report", str(html), *FAST]) == 0
+    assert main(["protect", str(src), "-o", str(out), "--json", str(report), "--report", str(html), *FAST]) in WRITTEN
     for written in (out / "people.jpg", report, html):
         assert stat.S_IMODE(written.stat().st_mode) & ~0o600 == 0, written  # never more readable than the original
     page = html.read_text()

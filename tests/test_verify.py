@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_weights
+from conftest import WRITTEN, needs_weights
 from PIL import Image
 
 from faceveil.cli import main
@@ -90,7 +90,7 @@ def test_verify_photo_against_itself_and_a_protected_copy(tmp_path: Path, capsys
         assert row["matches"] is True and row["rank"] == 1
 
     assert main(["protect", str(photo), "-o", str(tmp_path / "out"), "--iters", "3", "--surrogates", "mobileface",
-                 "--faces", "largest", "--judges", "mobileface", "--quiet"]) == 0
+                 "--faces", "largest", "--judges", "mobileface", "--quiet"]) in WRITTEN
     out = tmp_path / "protected.json"
     assert main(["verify", str(photo), str(tmp_path / "out" / photo.name), "--faces", "largest",
                  "--json", str(out)]) == 0

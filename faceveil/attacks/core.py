@@ -5,6 +5,7 @@ DFANet feature dropout, L-inf or L2 budget) that every method composes with its 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -229,6 +230,21 @@ Objective = Callable[[Embeddings, int], torch.Tensor]  # (embeddings, step) -> p
 # (perturbed regions [B,3,h,w], step) -> per-face loss [B], minimised: terms on the image itself (naturalness)
 ImageTerm = Callable[[Regions, int], torch.Tensor]
 StepHook = Callable[[int, torch.Tensor], None]  # (step, current delta)
+StepListener = Callable[[int, int], None]  # (steps done, steps in all) of the attack running now
+
+# Who hears each optimisation step (a job's progress bar): set by `listening`, per thread/context, so that a method
+# reports its steps without a progress argument threaded through every method.
+_STEP_LISTENER: contextvars.ContextVar[StepListener | None] = contextvars.ContextVar("step_listener", default=None)
+
+
+@contextlib.contextmanager
+def listening(listener: StepListener) -> Iterator[None]:
+    """Every `run_attack` step inside the block calls listener(steps done, steps in all)."""
+    token = _STEP_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _STEP_LISTENER.reset(token)
 
 
 def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: AttackConfig,
@@ -262,6 +278,8 @@ def run_attack(batch: FaceBatch, ensemble: Ensemble, objective: Objective, cfg: 
                 delta = visibility(delta, rounds=None if step == cfg.steps - 1 else 1)
             if on_step is not None:
                 on_step(step, delta)
+            if (listener := _STEP_LISTENER.get()) is not None:
+                listener(step + 1, cfg.steps)
     return delta.detach()
 
 

@@ -237,15 +237,23 @@ def write_outputs(doc: dict, json_out: str | Path | None, report: str | Path | N
     return doc
 
 
-def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
-    """After a photo job: the HTML report if asked (also after Ctrl-C: the photos done so far), and the exit status
-    (130 interrupted, 2 when a file failed, else 0)."""
+# Exit status of a photo job (protect, demo, apply): 0 every file written and no written face still recognised by a
+# judge; 3 every file written but some face is still recognised by at least one judge (the verdict says which);
+# 2 a file failed or the report could not be written; 130 / 143 interrupted (SIGINT / SIGTERM).
+EXIT_STILL_RECOGNISED = 3
+
+
+def finish_batch(report, kind: str, args: argparse.Namespace, stream=None) -> int:
+    """After a photo job: the summary line (what was written, how many faces each verdict; named after the command
+    run), the HTML report if asked (also after Ctrl-C: the photos done so far), and the exit status (see
+    EXIT_STILL_RECOGNISED)."""
     if getattr(args, "report", None):
         from faceveil.report import write_report
 
         write_report(args.report, kind, report.to_dict(), progress=not args.quiet,
                      originals=getattr(args, "report_originals", False), max_mode=report.max_mode)
     print_conversions(report, table_stream(args))
+    print(f"faceveil {getattr(args, 'command', None) or kind}: {report.tally.line()}", file=stream or sys.stdout)
     if report.report_error:
         from faceveil.pipeline.batch import printable
 
@@ -253,7 +261,9 @@ def finish_batch(report, kind: str, args: argparse.Namespace) -> int:
     if report.interrupted:
         print(f"faceveil: interrupted ({report.signal}): {report.summary()}", file=sys.stderr)
         return 143 if report.signal == "SIGTERM" else 130
-    return 2 if any(r.status == "error" for r in report.results) or report.report_error else 0
+    if any(r.status == "error" for r in report.results) or report.report_error:
+        return 2
+    return EXIT_STILL_RECOGNISED if report.still_recognised else 0
 
 
 def print_conversions(report, stream) -> None:
@@ -283,20 +293,32 @@ def table_stream(args: argparse.Namespace):
 
 
 def print_judge_table(results, judges: list[str], only=None, stream=None) -> None:
-    """Before/after: per face, each judge's similarity original -> protected; '*' = still recognised. `only`: a
-    test of the face rows to print (apply prints its masked faces)."""
+    """Before/after: per face, each judge's similarity original -> protected ('*' = still recognised) and the
+    face's verdict in words; per file, its status ('written' for ok) and, with several faces, the photo's verdict.
+    `only`: a test of the face rows to print (apply prints its masked faces)."""
+    from faceveil.models import zoo
     from faceveil.pipeline.batch import printable
+    from faceveil.pipeline.results import face_rows, photo_verdict
 
-    lines = ["| file | face | status | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
+    lines = ["| file | face | status | " + " | ".join(judges) + " | verdict |", "|" + "---|" * (4 + len(judges))]
     for r in results:
-        faces = [f for f in (r.details or {}).get("faces") or [{}] if only is None or only(f)] or [{}]
+        name, status = printable(Path(r.file).name), "written" if r.status == "ok" else r.status
+        faces = [f for f in face_rows(r.details) if only is None or only(f)]
+        if len(faces) != 1:  # the photo's own line: how many of its faces are protected, or why none was
+            said = photo_verdict(faces, detail=False)[1] if faces else r.verdict or r.message
+            lines.append(f"| {name} | | {status} |" + " |" * len(judges) + f" {printable(said)} |")
         for face in faces:
             cells = []
             for j in judges:
                 v = face.get(j)
                 cells.append(f"{v['score']:.3f}{'*' if v['matches'] else ''}" if v else "")
-            lines.append(f"| {printable(Path(r.file).name)} | {face.get('face', '')} | {r.status} | "
-                         + " | ".join(cells) + " |")
-    print("\n".join(lines), file=stream or sys.stdout)
-    print("score = similarity original -> protected (cosine; -L2 for dlib); * = the judge still matches them",
-          file=stream or sys.stdout)
+            lines.append(f"| {name} | {face.get('face', '')} | {status} | " + " | ".join(cells)
+                         + f" | {face.get('verdict', '')} |")
+        for other in (r.details or {}).get("not_faces", []) if only is None else []:  # refused: left alone
+            lines.append(f"| {name} | - | {other['reason']} |" + " |" * (len(judges) + 1))
+    out = stream or sys.stdout
+    print("\n".join(lines), file=out)
+    thresholds = ", ".join(f"{j} {zoo.threshold(j):.3f}" for j in judges)
+    print("score = similarity original -> protected (cosine; -L2 for dlib: nearer 0 = more alike); "
+          f"* = at or above the model's threshold, the model still recognises the face. Thresholds: {thresholds}",
+          file=out)

@@ -12,16 +12,17 @@ from faceveil.cli.common import positive_int
 from faceveil.errors import FaceveilError
 
 
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="tip-im protocol: local computes the probe batches' masks in this process (default); ray "
-                        "spreads them over a pool of Ray actors, scoring stays here (needs faceveil[ray]; the "
-                        "dataset must be at the same path on every node)")
+def add_engine_flags(p, engine_help: str | None = None, held: str = "the surrogates") -> None:
+    """--engine / --address / --workers on a parser or argument group; engine_help says what each engine runs."""
+    p.add_argument("--engine", default="local", choices=["local", "ray"], help=engine_help or (
+        "tip-im protocol: local computes the probe batches' masks in this process (default); ray spreads them over a "
+        "pool of Ray actors, scoring stays here (needs faceveil[ray]; the dataset must be at the same path on every "
+        "node)"))
     p.add_argument("--address", metavar="ADDR", default=None,
                    help="ray: join the cluster of `ray start --head` at HOST:PORT (or auto); default: a local Ray "
                         "instance started for the run")
     p.add_argument("--workers", type=positive_int, default=2, metavar="N",
-                   help="ray: actors in the pool, one CPU and one copy of the surrogates each (default 2)")
+                   help=f"ray: actors in the pool, one CPU and one copy of {held} each (default: %(default)s)")
 
 
 @contextlib.contextmanager

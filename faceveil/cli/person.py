@@ -194,22 +194,25 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _print_apply_table(report.results, table_stream(args))
     if not args.no_verify:
         _print_apply_checks(report.results, judges, table_stream(args))
-    return finish_batch(report, "apply", args)
+    return finish_batch(report, "apply", args, table_stream(args))
 
 
 def _print_apply_table(results, stream=None) -> None:
-    lines = ["| file | status | faces | masked | skipped | message |", "|---|---|---|---|---|---|"]
+    lines = ["| file | status | faces | masked | skipped | verdict |", "|---|---|---|---|---|---|"]
     for r in results:
         d = r.details or {}
         found = d.get("faces_detected", d.get("tracks", ""))
         masked = d.get("masked", d.get("masked_tracks", ""))
         skipped = d.get("skipped", d.get("skipped_tracks", ""))
-        lines.append(f"| {printable(Path(r.file).name)} | {r.status} | {found} | {masked} | {skipped} | "
-                     f"{printable(r.message)} |")
+        status = "written" if r.status == "ok" else r.status
+        said = "; ".join(x for x in (r.verdict, r.message) if x)
+        lines.append(f"| {printable(Path(r.file).name)} | {status} | {found} | {masked} | {skipped} | "
+                     f"{printable(said)} |")
         for other in d.get("not_faces", []):  # detections the face check refused: left alone
             lines.append(f"| {printable(Path(r.file).name)} | - | | | | {other['reason']} |")
     print("\n".join(lines), file=stream or sys.stdout)
-    print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people",
+    print("faces = detected (tracks for videos); masked = the enrolled person's; skipped = other people; verdict = "
+          "what the face-recognition models say about the masked faces of the saved file",
           file=stream or sys.stdout)
 
 

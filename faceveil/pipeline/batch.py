@@ -29,6 +29,7 @@ from tqdm import tqdm
 from faceveil.errors import FaceveilError
 from faceveil.io import atomic
 from faceveil.io.paths import IMAGE_EXTS, VIDEO_EXTS, is_video_path, output_path_for, safe_resolve
+from faceveil.pipeline.results import FaceTally, face_rows, photo_verdict, with_verdict
 
 __all__ = [
     "STATUSES", "BatchItem", "BatchReport", "ItemResult", "SkipItem", "expand_inputs", "run_batch",
@@ -73,6 +74,10 @@ class ItemResult:
     output: str | None = None
     details: dict[str, Any] | None = None  # per-face figures from the command (similarities, timings, ...)
     converted: str | None = None  # the output's type differs from the input's: "gif -> png: why"
+    # a written file's verdict ("ok" only says it was written): protected = no checked face is recognised by any
+    # judge (None: nothing checked), verdict = the same in plain words (results.photo_verdict)
+    protected: bool | None = None
+    verdict: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +103,20 @@ class BatchReport:
     def failed(self) -> bool:
         return self.interrupted or self.counts["error"] > 0 or self.report_error is not None
 
+    @property
+    def tally(self) -> FaceTally:
+        """The written files' faces by verdict (the summary line at the end of a batch)."""
+        tally = FaceTally()
+        for result in self.results:
+            if result.status == "ok":
+                tally.add(face_rows(result.details), video="frames" in (result.details or {}))
+        return tally
+
+    @property
+    def still_recognised(self) -> bool:
+        """Some written face is still recognised by at least one judge."""
+        return self.tally.recognised > 0
+
     def summary(self) -> str:
         counts = ", ".join(f"{n} {status}" for status, n in self.counts.items() if n)
         tail = f"; interrupted, {len(self.not_done)} not done" if self.interrupted else ""
@@ -107,7 +126,8 @@ class BatchReport:
         return {
             **self.header,
             "results": [result.to_dict() for result in self.results],
-            "summary": self.counts, "interrupted": self.interrupted, "not_done": self.not_done,
+            "summary": self.counts, "verdict": self.tally.to_dict(), "interrupted": self.interrupted,
+            "not_done": self.not_done,
         }
 
 
@@ -189,9 +209,10 @@ def run_batch(
     max_mode caps the report file's permission bits.
 
     process(item) returns None (status 'ok') or a mapping with any of: status ('ok' | 'no_face' | 'skipped'),
-    message, faces, output, details, converted. Exceptions are caught per item: SkipItem -> 'skipped', any other
-    -> 'error'. A process with a `take_finished()` method hands over (path, outcome) pairs of later items it has
-    already finished.
+    message, faces, output, details, converted, seconds. A process with `set_progress(advance)` is given a function
+    to call with its work in progress in items' worth (the bar moves per optimisation step or video frame; None at
+    the end). Exceptions are caught per item: SkipItem -> 'skipped', any other -> 'error'. A process with a
+    `take_finished()` method hands over (path, outcome) pairs of later items it has already finished.
     """
     items = list(items)
     by_path = {item.path: item for item in items}
@@ -211,15 +232,28 @@ def run_batch(
             if path in by_path and path not in done:
                 record(_outcome_result(by_path[path], outcome))
 
-    bar = tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr))
+    # the bar counts files, and moves within a file as the job reports its steps (optimisation steps, video frames)
+    bar = tqdm(total=len(items), desc=desc, unit="file", file=sys.stderr, disable=quiet or not _is_tty(sys.stderr),
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+
+    def advance(worth: float) -> None:
+        """The job's work in progress, in files' worth, on top of the files done."""
+        if not bar.disable:
+            bar.n = round(min(len(done) + worth, len(items)), 3)
+            bar.refresh()
+
+    listen = getattr(process, "set_progress", None)
+    if listen is not None:
+        listen(advance)
     with _interrupts() as caught:
         try:
-            for item in bar:
+            for item in items:
                 if item.path in done:
                     continue
                 record(_run_one(item, process))
                 record_finished()
-                bar.set_postfix(report.counts, refresh=False)
+                bar.set_postfix({"files": f"{len(done)}/{len(items)}", **report.counts}, refresh=False)
+                advance(0.0)
                 if caught.signal is not None:  # an interrupt that something below swallowed
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -229,6 +263,8 @@ def run_batch(
             record_finished()  # photos written before the interrupt keep their rows
             report.not_done = [str(item.path) for item in items if item.path not in done]
         finally:
+            if listen is not None:
+                listen(None)
             bar.close()
             writer.finish(report)
     return report
@@ -278,16 +314,21 @@ def _interrupts() -> Iterator[_Caught]:
 
 
 def _run_one(item: BatchItem, process: Process) -> ItemResult:
+    """The item's row; its seconds are the wall time of the call, or the outcome's own `seconds` (a job that works
+    on several items at once books each its share, so that the rows add up to the batch)."""
     start = time.perf_counter()
+    given = None
     try:
-        result = _result_from(item, process(item))
+        outcome = process(item)
+        given = (outcome or {}).get("seconds")
+        result = _result_from(item, outcome)
     except SkipItem as exc:
         result = ItemResult(str(item.path), "skipped", _one_line(exc, with_type=False))
     except FaceveilError as exc:
         result = ItemResult(str(item.path), "error", _one_line(exc, with_type=False))
     except Exception as exc:  # one bad file never stops the rest
         result = ItemResult(str(item.path), "error", _one_line(exc, with_type=True))
-    result.seconds = round(time.perf_counter() - start, 3)
+    result.seconds = round(float(given) if given is not None else time.perf_counter() - start, 3)
     if item.note:
         result.message = "; ".join(m for m in (item.note, result.message) if m)
     return result
@@ -299,11 +340,20 @@ def _result_from(item: BatchItem, outcome: Outcome) -> ItemResult:
     if status not in STATUSES:
         return ItemResult(str(item.path), "error", f"callback returned unknown status {status!r}")
     output = outcome.get("output")
-    return ItemResult(
+    details = outcome.get("details")
+    result = ItemResult(
         file=str(item.path), status=status, message=str(outcome.get("message", "")),
         faces=int(outcome.get("faces", 0) or 0), output=str(output) if output is not None else None,
-        details=outcome.get("details"), converted=outcome.get("converted"),
+        details=details, converted=outcome.get("converted"),
     )
+    if status == "ok":
+        rows = face_rows(details)
+        if rows:  # every face row gets its verdict, whichever job made it
+            details = result.details = {**details, "faces": [{**with_verdict(row), **row} for row in rows]}
+        result.protected, result.verdict = photo_verdict(face_rows(details))
+        if not rows and "frames" in (details or {}):
+            result.verdict = "written; the faces of a video are not checked by the models"
+    return result
 
 
 def _one_line(exc: BaseException, *, with_type: bool) -> str:

@@ -130,6 +130,7 @@ class PreparedPhoto:
     faces: list[Face]
     out_path: Path
     skipped: list[FaceConfirmation] = field(default_factory=list)  # detections that are not faces
+    seconds: float = 0.0  # reading and detecting it
 
 
 class PhotoJob:
@@ -144,6 +145,16 @@ class PhotoJob:
         self.stages = StageSeconds()
         self.created: set[Path] = set()  # outputs this job wrote: only these may be written again
         self.refused: dict[Path, Exception] = {}  # input -> why it is not processed (its output exists)
+        self._progress: Callable[[float], None] | None = None  # the batch runner's bar (see set_progress)
+
+    def set_progress(self, advance: Callable[[float], None] | None) -> None:
+        """The batch runner's hook: advance(files' worth of the work in progress); None: no bar."""
+        self._progress = advance
+
+    def report_progress(self, worth: float) -> None:
+        """Work in progress on the current item(s), in files' worth (e.g. 2.5 = two and a half photos)."""
+        if self._progress is not None:
+            self._progress(worth)
 
     def __call__(self, item: BatchItem) -> dict:
         if item.path in self.refused:
@@ -183,12 +194,14 @@ class PhotoJob:
 
     def prepare(self, item: BatchItem) -> PreparedPhoto:
         """Read the photo, detect its faces, select those the job protects (among the confirmed ones)."""
+        start = time.perf_counter()
         with self.stages.timing("read"):
             photo = read_image(item.path)
         with self.stages.timing("detect"):
             found, skipped = self.find_faces(photo.rgb)
             faces = self.select(photo.rgb, found)
-        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt), skipped)
+        return PreparedPhoto(item, photo, faces, item.output_path(self._out_dir(), self.output.fmt), skipped,
+                             time.perf_counter() - start)
 
     def write(self, prepared: PreparedPhoto, deltas) -> np.ndarray:
         """Paste the faces' perturbations and write the protected photo atomically; returns its pixels."""
@@ -217,7 +230,7 @@ class PhotoJob:
                               keep_metadata=self.output.keep_metadata, keep_date=self.output.keep_date,
                               keep_untouched=self.output.copy_unprotected, drop_audio=self.output.drop_audio,
                               replace=self._may_replace(out_path), max_mode=_mode_of(item.path),
-                              on_frame=self._frame_progress(item.path))
+                              on_frame=self._frame_progress(item.path), on_progress=self.report_progress)
         if not stats["written"]:
             return None, stats
         self.created.add(out_path)

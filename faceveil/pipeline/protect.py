@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceveil.attacks.core import AttackConfig, Ensemble
+from faceveil.attacks.core import AttackConfig, Ensemble, listening
 from faceveil.attacks.faces import FaceBatch, from_photos
 from faceveil.detect.mtcnn import Face
 from faceveil.io.images import read_image
@@ -31,6 +31,10 @@ from faceveil.pipeline.job import (
 )
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_arrays
+
+# The share of a photo's time that its optimisation takes (the rest: writing and checking it): how far the progress
+# bar has moved through a group of photos when their optimisation ends.
+OPTIMISE_SHARE = 0.8
 
 
 @dataclass
@@ -133,7 +137,8 @@ class PhotoProtector(PhotoJob):
             try:
                 prepared = self._prepare(later)
                 if not prepared.faces:
-                    self._outcomes[later.path] = self.unprotected(prepared, "no face found")
+                    self._outcomes[later.path] = {**self.unprotected(prepared, "no face found"),
+                                                  "seconds": prepared.seconds}
                     continue
             except Exception as exc:  # this photo's own error, reported in its turn
                 self._outcomes[later.path] = exc
@@ -152,7 +157,9 @@ class PhotoProtector(PhotoJob):
         try:
             marks = [f.landmarks for p in group for f in p.faces]
             photos = [p.photo.rgb for p in group for _ in p.faces]
-            with self.stages.timing("optimise"):
+            # the bar moves per optimisation step: the group's photos are OPTIMISE_SHARE done when it ends
+            steps = listening(lambda done, total: self.report_progress(OPTIMISE_SHARE * len(group) * done / total))
+            with self.stages.timing("optimise"), steps:
                 delta, result = self.optimise(from_photos(photos, marks, self.ensemble.geometries, "photos"))
         except Exception as exc:
             for prepared in group:
@@ -160,15 +167,21 @@ class PhotoProtector(PhotoJob):
             return
         self.batches.append(len(marks))
         seconds_per_face = (time.perf_counter() - start) / len(marks)
+        self.report_progress(OPTIMISE_SHARE * len(group))
         targets = self._target_rows(result) if result is not None else None
         first = 0
         for prepared in group:
             faces = slice(first, first + len(prepared.faces))
             first = faces.stop
             outcome: dict | Exception
+            finish = time.perf_counter()
             try:
                 outcome = self._finish(prepared, delta[faces], None if targets is None else targets[faces],
                                        seconds_per_face, (len(group), len(marks)))
+                # its own share of the batch: its reading, its faces' part of the optimisation, its writing and
+                # checking, so that the rows of a batch add up to its time
+                outcome["seconds"] = (prepared.seconds + seconds_per_face * len(prepared.faces)
+                                      + time.perf_counter() - finish)
             except Exception as exc:
                 outcome = exc
             self._outcomes[prepared.item.path] = outcome

@@ -87,6 +87,7 @@ def protect_video(
     drop_audio: bool = False,
     replace: bool = True,
     max_mode: int | None = None,
+    on_progress: Callable[[float], None] | None = None,
 ) -> dict:
     """Write dst: src with every tracked face's perturbation pasted on; returns statistics (see `_summary`;
     "written" says whether dst was written).
@@ -95,7 +96,8 @@ def protect_video(
     on_frame(index, tracks): called for each frame as it is written, with the faces pasted on it.
     keep_untouched=False: a video on which no perturbation was pasted is not written (the photos' rule: nothing
     unprotected is written unless asked). drop_audio: the output has no sound track. replace=False: an existing dst
-    is an error; max_mode caps its permission bits.
+    is an error; max_mode caps its permission bits. on_progress(fraction of the frames written), after each frame
+    (when the container says how many frames it holds).
     """
     started, cpu_started, children_started = time.perf_counter(), time.process_time(), _children_cpu()
     info = probe_video(src)
@@ -112,6 +114,8 @@ def protect_video(
                 _emit(pending, writer, delta_for_track, stats)
                 if on_frame is not None:
                     on_frame(pending.index, pending.tracks)
+                if on_progress is not None and info.frame_count:
+                    on_progress(min(1.0, (pending.index + 1) / info.frame_count))
                 bar.update(1)
             written = keep_untouched or stats.pasted > 0
             with stats.encode:

@@ -10,6 +10,16 @@ from typing import Any
 from tqdm import tqdm
 
 from faceveil.errors import FaceveilError
+from faceveil.pipeline.results import (
+    LEFT_ALONE,
+    NOT_FOUND,
+    UNCHECKED,
+    FaceTally,
+    face_rows,
+    judge_entries,
+    photo_verdict,
+)
+from faceveil.pipeline.results import face_verdict as verdict_of
 from faceveil.report import html as H
 from faceveil.report import images as I
 from faceveil.report.scales import model_scale
@@ -33,26 +43,20 @@ def how_to_read(originals: bool) -> str:
     return HOW_TO_READ + (HOW_TO_READ_CHANGES if originals else "")
 
 
-def judge_entries(face: dict) -> dict[str, dict]:
-    """The model -> {score, matches} entries of one face record (skipping box, target and the like)."""
-    return {k: v for k, v in face.items()
-            if isinstance(v, dict) and "score" in v and "matches" in v and k != "target"}
-
-
 def face_verdict(face: dict) -> tuple[str, str]:
-    """(tone, sentence) for one face record. Tones: ok, part, bad (what the judges say), lost (not re-detected),
-    unchecked (no judge ran: `apply` without a check, or a face left unmasked)."""
-    entries = judge_entries(face)
-    if not face.get("redetected", True):
+    """(tone, sentence) for one face record, from the shared verdict (pipeline.results.face_verdict) in the
+    report's longer words. Tones: ok, part, bad (what the judges say), lost (not re-detected), unchecked (no judge
+    ran: `apply` without a check, or a face left unmasked)."""
+    verdict = verdict_of(face)
+    if verdict.state == NOT_FOUND:
         return "lost", ("The face detector no longer finds this face in the protected photo, so no model could "
                         "compare it (a different detector might still find it).")
-    if not entries:
-        if face.get("masked") is False:
-            return "unchecked", "Left unchanged: not the person whose mask this is."
+    if verdict.state == LEFT_ALONE:
+        return "unchecked", "Left unchanged: not the person whose mask this is."
+    if verdict.state == UNCHECKED:
         return "unchecked", ("Masked; no recognition check was run here (check it with `faceveil verify ORIGINAL "
                              "PROTECTED`).")
-    still = [m for m, v in entries.items() if v.get("matches")]
-    n = len(entries)
+    still, n = verdict.recognised_by, len(verdict.judges)
     if not still:
         return "ok", f"No longer recognised: none of the {n} face-recognition models matches it to the original."
     if len(still) == n:
@@ -196,6 +200,8 @@ def photo_card(result: dict, context: dict, with_images: bool) -> tuple[str, lis
     blocks = [face_block(i, f, pair, context, f.get("extra_html", "")) for i, f in enumerate(faces)]
     tones = [face_verdict(f)[0] for f in faces]
     where = f"<p class=\"muted small\">{H.esc(source)} → {H.esc(output)}</p>" if output else ""
+    said = result.get("verdict") or photo_verdict(faces)[1]
+    head += f"<p class=\"verdict\">{H.esc(said[:1].upper() + said[1:])}.</p>" if faces else ""
     return f"<section class=\"card photo-card\">{head}{where}{pictures}{''.join(blocks)}</section>", tones
 
 
@@ -293,7 +299,12 @@ def protect_body(payload: dict, progress: bool = False, originals: bool = False)
               if shown > MAX_PHOTOS_WITH_IMAGES else "")
     files = count(len(results_all), "photo")
     lede = "; ".join(x for x in dict.fromkeys(ledes) if x)
-    body = (f"<div id=\"summary\">{summary_banner(tones)}{per_model_line(results_all)}</div>"
+    tally = FaceTally()
+    for result in results_all:
+        if result.get("status") == "ok":
+            tally.add(face_rows(result.get("details")), video="frames" in (result.get("details") or {}))
+    line = f"<p class=\"small\">{H.esc(tally.line())}.</p>" if results_all else ""
+    body = (f"<div id=\"summary\">{summary_banner(tones)}{line}{per_model_line(results_all)}</div>"
             f"<p class=\"howto\">{how_to_read(originals)}</p>{capped}{''.join(cards)}")
     return f"{files}" + (f" — {lede}" if lede else ""), body
 
