@@ -320,11 +320,7 @@ def mask_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: list
                 result.masked[judge].append([])
             for mask in masks:  # one mask's images at a time: memory stays flat for persons with many images
                 masked = apply_mask(person.test, landmarks, mask, settings, Path(tmp), detector)
-                for judge in judges:
-                    result.masked[judge][-1].append(embed_images(judge, masked.images, masked.landmarks))
-                result.psnr += masked.psnr
-                result.ssim += masked.ssim
-                result.redetect_failures += masked.redetect_failures
+                record_masked(result, judges, masked)
             result.learn_seconds += middle - start
             result.apply_seconds += time.perf_counter() - middle
     return result
@@ -376,14 +372,20 @@ def users_group(split: Split, landmarks: dict[Path, np.ndarray], surrogates: lis
             for k in range(mask.count):
                 masked = applied_photos(person.test, landmarks, mask, k, folder / f"person{index}-mask{k}", detector,
                                         result.applied)
-                for judge in judges:
-                    result.masked[judge][-1].append(embed_images(judge, masked.images, masked.landmarks))
-                result.psnr += masked.psnr
-                result.ssim += masked.ssim
-                result.redetect_failures += masked.redetect_failures
+                record_masked(result, judges, masked)
             result.learn_seconds += middle - start
             result.apply_seconds += time.perf_counter() - middle
     return result
+
+
+def record_masked(result, judges: list[str], masked: Protected) -> None:
+    """One mask's protected test images into the person's last row of `result`: each judge's embeddings and the
+    images' visibility and re-detection figures."""
+    for judge in judges:
+        result.masked[judge][-1].append(embed_images(judge, masked.images, masked.landmarks))
+    result.psnr += masked.psnr
+    result.ssim += masked.ssim
+    result.redetect_failures += masked.redetect_failures
 
 
 def applied_photos(files: tuple[Path, ...], landmarks: dict[Path, np.ndarray], mask, mask_index: int,
