@@ -52,6 +52,6 @@ def test_every_model_recognises_on_lfw_slice(tmp_path):
     accuracy = {r["model"]: r["accuracy"] for r in doc["rows"]}
     assert set(accuracy) == {"mobileface", "faceres", "faceres-deep", "dlib", "mfn512", "mfn192", "facenet-vgg",
                              "facenet-casia"}
-    # 200 pairs is a small slice (one wrong pair = 0.5 %): the full 6,000-pair figures are in the README.
+    # 200 pairs is a small slice (one wrong pair = 0.5 %): the full 6,000-pair figures are in docs/benchmarks.md.
     assert all(a >= 0.88 for a in accuracy.values()), accuracy
     assert accuracy["dlib"] >= 0.97
