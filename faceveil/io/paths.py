@@ -14,8 +14,8 @@ IMAGE_EXTS = JPEG_EXTS | HEIF_EXTS | {".png", ".webp", ".avif", ".bmp", ".tif", 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm"})
 FORMAT_CHOICES = ("same", "png", "jpg", "heic", "avif")
 # The quality of lossy outputs (JPEG; HEIC, AVIF and lossy WebP take the same number): measured on the sample photos
-# and LFW images to keep a file close to its input's size at the protection a lossless file gives (docs/benchmarks.md, "Photo
-# formats"; faceveil.io.images writes them).
+# and LFW images to keep a file close to its input's size at the protection a lossless file gives
+# (docs/benchmarks.md, "Photo formats"; faceveil.io.images writes them).
 DEFAULT_JPEG_QUALITY = 85
 
 # Extension used when the output format differs from the input's.

@@ -36,8 +36,8 @@ STRENGTH_MEASURED = {
         "faceres": 0.38, "faceres-deep": 0.50, "mfn192": 0.62, "facenet-vgg": 0.50, "facenet-casia": 0.62}},
 }
 # The recipes before issue 23: DEFAULT (the `previous` row of `faceveil eval goal`), and THOROUGH, what carried
-# protection furthest to unseen families at that default's visibility (docs/methods.md: black-box Rank-1-UT 0.67 against 0.48
-# at face-area SSIM 0.896 / 0.898, photos mode) in about 3.5 times the time; `--thorough` still runs it.
+# protection furthest to unseen families at that default's visibility (docs/methods.md: black-box Rank-1-UT 0.67
+# against 0.48 at face-area SSIM 0.896 / 0.898, photos mode) in about 3.5 times the time; `--thorough` still runs it.
 DEFAULT = {"surrogates": "mobileface,mfn512", "diversity": 0.0, "smoothing": 0, "iterations_factor": 1}
 THOROUGH = {"surrogates": "mobileface,mfn512,dlib", "diversity": 0.5, "smoothing": 7, "iterations_factor": 2}
 # TIP-IM §5.1 for every image method with the paper preset: L-inf eps 12, alpha 1.5, 50 iterations, momentum 1,
