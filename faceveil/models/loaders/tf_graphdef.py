@@ -211,21 +211,10 @@ def _split(ref: str) -> tuple[str, int]:
 
 
 def _postorder(nodes: dict[str, dict], outputs: Sequence[str]) -> list[str]:
-    """Every node `outputs` depend on through data inputs, inputs first (iterative: these graphs are deep)."""
-    order, done, stack = [], set(), [(_split(o)[0], False) for o in outputs]
-    while stack:
-        name, expanded = stack.pop()
-        if name in done:
-            continue
-        if name not in nodes:
-            raise GraphDefError(f"graph has no node {name!r}")
-        if expanded:
-            done.add(name)
-            order.append(name)
-            continue
-        stack.append((name, True))
-        stack.extend((_split(i)[0], False) for i in nodes[name]["input"] if not i.startswith("^"))
-    return order
+    """Every node `outputs` depend on through data inputs (not control inputs), inputs first."""
+    return tfjs.topological_order([_split(o)[0] for o in outputs],
+                                  lambda name: [_split(i)[0] for i in nodes[name]["input"] if not i.startswith("^")],
+                                  nodes, GraphDefError)
 
 
 def _take_branches(nodes: dict[str, dict], output: str, feeds: Mapping[str, bool]) -> str:

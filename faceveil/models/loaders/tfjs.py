@@ -24,7 +24,7 @@ import base64
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,22 +177,29 @@ def _rewrite(nodes: dict[str, _Node], consts: dict) -> None:
                 node.op, node.inputs = "Prelu", list(match)
 
 
-def _topo_order(nodes: dict[str, _Node], outputs: Sequence[str]) -> list[str]:
-    """Nodes needed for `outputs`, inputs before consumers (iterative depth-first)."""
+def topological_order(outputs: Sequence[str], inputs_of: Callable[[str], Iterable[str]], known: Container[str],
+                      error: type[Exception] = TfjsGraphError) -> list[str]:
+    """The nodes `outputs` depend on, inputs before consumers (iterative depth-first: these graphs are deep);
+    inputs_of(name) gives a node's data inputs, `known` the graph's node names."""
     order, done, stack = [], set(), [(o, False) for o in reversed(outputs)]
     while stack:
         name, expanded = stack.pop()
         if name in done:
             continue
-        if name not in nodes:
-            raise TfjsGraphError(f"graph has no node {name!r}")
+        if name not in known:
+            raise error(f"graph has no node {name!r}")
         if expanded:
             done.add(name)
             order.append(name)
             continue
         stack.append((name, True))
-        stack.extend((i, False) for i in reversed(nodes[name].inputs) if i not in done)
+        stack.extend((i, False) for i in reversed(list(inputs_of(name))) if i not in done)
     return order
+
+
+def _topo_order(nodes: dict[str, _Node], outputs: Sequence[str]) -> list[str]:
+    """Nodes needed for `outputs`, inputs before consumers."""
+    return topological_order(outputs, lambda name: nodes[name].inputs, nodes)
 
 
 # ----------------------------------------------------------------------------------------------- layers
