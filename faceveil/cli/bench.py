@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from faceveil.cli.common import Groups, count_or_zero, dataset_root, emit, load_average, positive, positive_int, threads
+from faceveil.cli.common import (
+    Groups,
+    comma_list,
+    count_or_zero,
+    dataset_root,
+    emit,
+    load_average,
+    positive,
+    positive_int,
+    threads,
+)
 from faceveil.errors import FaceveilError
 
 
@@ -21,7 +31,8 @@ def register(groups: Groups) -> None:
     p.set_defaults(func=_cmd_models)
     p = bench.add_parser("protect", help="seconds per face of protect (default and paper presets) vs the "
                          "forward+backward floor")
-    p.add_argument("--presets", default="default,paper", help="comma list: default, paper")
+    p.add_argument("--presets", default="default,paper",
+                   help="comma list of default (= --strength mid), low, high, paper (TIP-IM, the paper's settings)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--quiet", action="store_true")
@@ -76,10 +87,14 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     from faceveil.bench import protect as bench_protect
     from faceveil.cli.protect import settings_from_flags
 
-    presets = {"default": [], "paper": ["--method", "tip-im", "--paper-defaults"]}  # what `protect` runs with these
-    chosen = {k: settings_from_flags(flags) for k, flags in presets.items() if k in args.presets.split(",")}
-    if not chosen:
-        raise FaceveilError("--presets takes default and/or paper")
+    # what `protect` runs with these flags; default = --strength mid
+    presets = {"default": [], "low": ["--strength", "low"], "high": ["--strength", "high"],
+               "paper": ["--method", "tip-im", "--paper-defaults"]}
+    names = comma_list(args.presets)
+    unknown = [n for n in names if n not in presets]
+    if unknown or not names:
+        raise FaceveilError(f"--presets takes a comma list of {', '.join(presets)}, got {args.presets!r}")
+    chosen = {k: settings_from_flags(presets[k]) for k in names}
     rows, info = bench_protect.run(chosen, args.repeats, progress=not args.quiet)
     emit("bench protect", {"repeats": args.repeats, **info}, rows, args.json)
     return 0

@@ -1,7 +1,7 @@
 """`faceveil eval goal`: the headline numbers of protection against recognisers the mask never saw (issue 23).
 
 The TIP-IM identification protocol (faceveil.evaluate.protocols.tip_im) in photos mode: every probe is protected in
-its whole photo, saved as a JPEG the way `protect` writes one (quality 95, no chroma subsampling), re-read and
+its whole photo, saved as a JPEG the way `protect` writes one (its default quality 85, 4:2:0), re-read and
 re-detected, and each judge ranks the gallery by its score to what it finds. Leave-one-family-out over every family:
 a judge faces a mask optimised against the recipe's surrogates minus its own family (judges of one family share one
 run), so every judge is black-box. The probes are a fixed seeded set (the split's first N identities, seed 0).
@@ -22,12 +22,12 @@ import numpy as np
 
 from faceveil.errors import FaceveilError
 from faceveil.evaluate.protocols import tip_im
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY
 from faceveil.models import zoo
 from faceveil.pipeline.presets import RECIPES, Recipe
 
 DEFAULT_PROBES = 50
 DEFAULT_EXTRA = 50  # further gallery identities (the protocol's --limit default)
-JPEG_QUALITY = 95  # protect's default
 
 
 @dataclass
@@ -65,7 +65,7 @@ def recipe_row(name: str, prepared: tip_im.Prepared, options: Options) -> tuple[
     r = recipe(name)
     attack = r.attack(options.seed)
     settings = tip_im.Settings(method="pgd", mode="photos", attack=attack, batch=options.batch,
-                               progress=options.progress, save_as="jpg", jpeg_quality=JPEG_QUALITY)
+                               progress=options.progress, save_as="jpg", jpeg_quality=DEFAULT_JPEG_QUALITY)
     judge_rows, ssims, psnrs, seconds, optimised = [], [], [], 0.0, 0
     groups = held_out_groups(zoo.parse_models(r.surrogates), options.judges)
     for surrogates, judges in groups.items():
@@ -101,7 +101,7 @@ def run(options: Options) -> tuple[list[dict], dict]:
     clean = {judge: tip_im.clean_rank1(judge, prepared.split, prepared.landmarks, prepared.galleries[judge])
              for judge in options.judges}
     meta = {**prepared.meta(), "probes": options.probes, "extra": options.extra, "save_as": "jpg",
-            "jpeg_quality": JPEG_QUALITY, "clean_rank1": clean,
+            "jpeg_quality": DEFAULT_JPEG_QUALITY, "clean_rank1": clean,
             "recipes": {name: _fields(recipe(name)) for name in options.recipes}, "judge_rows": per_judge}
     return rows, meta
 

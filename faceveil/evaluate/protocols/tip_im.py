@@ -38,7 +38,8 @@ from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
-from faceveil.io.images import read_image
+from faceveil.io.images import JPEG_SUBSAMPLING, read_image
+from faceveil.io.paths import DEFAULT_JPEG_QUALITY
 from faceveil.methods import registry
 from faceveil.methods.base import ImageMethod, MethodOptions
 from faceveil.methods.targets import TargetIdentity, TargetSet, target_face
@@ -86,7 +87,7 @@ class Settings:
     batch: int = BATCH
     progress: bool = True
     save_as: str = "png"  # photos mode: how each protected photo is saved before it is re-read (png, or jpg)
-    jpeg_quality: int = 95  # with save_as "jpg" (protect's default quality)
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # with save_as "jpg" (protect's default quality)
 
 
 def settings_for(method: str, mode: str, eps: float, alpha: float, iters: int, momentum: float,
@@ -132,7 +133,8 @@ def collect_crops(out: Protected, batch, delta: torch.Tensor, marks: list[np.nda
 
 
 def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor, marks: list[np.ndarray],
-                   folder: Path, detector, save_as: str = "png", jpeg_quality: int = 95) -> None:
+                   folder: Path, detector, save_as: str = "png",
+                   jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> None:
     """Paste, save (PNG, or JPEG at `jpeg_quality`: what `protect` writes for a JPEG photo), re-read, re-detect
     (nearest the centre), keep the re-read photo and its landmarks."""
     from faceveil.detect.mtcnn import nearest_to_center
@@ -142,8 +144,8 @@ def collect_photos(out: Protected, photos: list[np.ndarray], delta: torch.Tensor
     for photo, d, m in zip(photos, delta, marks, strict=True):
         path = folder / f"probe{len(out.images):05d}.{save_as}"
         image = Image.fromarray(C.paste(photo, m, d))
-        if save_as == "jpg":  # as faceveil.io.images writes a JPEG: no chroma subsampling
-            image.save(path, quality=jpeg_quality, subsampling=0)
+        if save_as == "jpg":  # as faceveil.io.images writes a JPEG (its chroma subsampling)
+            image.save(path, quality=jpeg_quality, subsampling=JPEG_SUBSAMPLING)
         else:
             image.save(path)
         again = read_image(path).rgb
