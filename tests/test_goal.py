@@ -11,23 +11,24 @@ from conftest import LFW_ROOT, needs_lfw, needs_weights
 
 from faceveil.cli.main import main
 from faceveil.errors import FaceveilError
-from faceveil.evaluate.goal import held_out_groups, recipe
+from faceveil.evaluate.goal import recipe
+from faceveil.evaluate.protocols.tip_im import surrogate_groups
 from faceveil.models import zoo
 from faceveil.pipeline.presets import EVERY_FAMILY, RECIPES
 
 
 def test_every_judge_faces_only_other_families():
     judges = list(zoo.SPECS)
-    groups = held_out_groups(zoo.parse_models(EVERY_FAMILY), judges)
+    groups = surrogate_groups(judges, None, zoo.parse_models(EVERY_FAMILY))
     assert sorted(j for js in groups.values() for j in js) == sorted(judges)
     assert len(groups) == len({zoo.spec(j).family for j in judges})
     for surrogates, group_judges in groups.items():
         families = {zoo.spec(m).family for m in surrogates}
         assert all(zoo.spec(j).family not in families for j in group_judges)
     # the previous default: mobileface + mfn512; its own judges face the other one
-    previous = held_out_groups(["mobileface", "mfn512"], ["mobileface", "mfn512", "dlib"])
+    previous = surrogate_groups(["mobileface", "mfn512", "dlib"], None, ["mobileface", "mfn512"])
     assert previous == {("mfn512",): ["mobileface"], ("mobileface",): ["mfn512"], ("mobileface", "mfn512"): ["dlib"]}
-    assert held_out_groups(["faceres"], ["faceres-deep"]) == {}
+    assert surrogate_groups(["faceres-deep"], None, ["faceres"]) == {}
 
 
 def test_recipes_resolve_to_their_levers():

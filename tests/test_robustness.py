@@ -260,3 +260,15 @@ def test_bad_requests_are_one_line_errors(capsys):
     assert main(["eval", "robustness", "--adaptive", "--adaptive-folds", "1", "--quiet"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("faceveil: error: ") for e in errors)
+
+
+def test_strength_requests_are_checked_before_any_work(tmp_path, capsys):
+    """`--strength` measures protect's recipe on the tip-im protocol only, and not mixed with the budget flags."""
+    from faceveil.cli import main
+
+    (tmp_path / "images").mkdir()
+    lfw = f"lfw={tmp_path}"
+    assert main(["eval", "robustness", "--dataset", lfw, "--protocol", "opom", "--strength", "mid", "--quiet"]) == 2
+    assert main(["eval", "robustness", "--dataset", lfw, "--strength", "mid", "--eps", "4", "--quiet"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "tip-im protocol" in errors[0] and "drop --method, --eps" in errors[1]

@@ -43,7 +43,8 @@ def _request(args: argparse.Namespace, judges: list[str], surrogates: list[str] 
 
     opom = args.protocol == "opom"  # the N|all flags are the opom protocol's, parsed only for it
     return Request(
-        root=_dataset(args.dataset), judges=judges, surrogates=surrogates, method=args.method, mode=args.mode,
+        root=_dataset(args.dataset), judges=judges, surrogates=surrogates, method=args.method,
+        strength=args.strength, mode=args.mode,
         limit=args.limit, eps=args.eps, alpha=args.alpha, iters=args.iters, momentum=args.momentum,
         jitter=args.jitter, batch=args.batch, seed=args.seed, progress=not args.quiet, extra=args.extra,
         gamma=args.gamma, masks=args.masks, dropout=args.dropout if args.dropout is not None else 0.0,
@@ -121,6 +122,9 @@ def register(groups: Groups) -> None:
     p.add_argument("--dataset", default=None, metavar="lfw=PATH", help="LFW (default: $FACEVEIL_LFW or beside repo)")
     p.add_argument("--method", default=None, help="protection method: tip-im protocol (default pgd), opom protocol "
                    "(default opom-convex), apf protocol: the gradient algorithm (default m-di2-fgsm)")
+    p.add_argument("--strength", default=None, choices=["low", "mid", "high"],
+                   help="tip-im: measure `protect --strength` (mid = protect's default) instead of the method's "
+                        "budget flags; photos are saved as protect writes a JPEG")
     p.add_argument("--transforms", default="all",
                    help=LazyHelp(_transforms_help))
     p.add_argument("--judges", default="all", help="comma list or 'all'")

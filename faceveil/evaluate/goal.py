@@ -48,18 +48,6 @@ def recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def held_out_groups(surrogates: list[str], judges: list[str]) -> dict[tuple[str, ...], list[str]]:
-    """Surrogate set -> its judges: each judge faces the recipe's surrogates outside its own family (none left: the
-    judge is skipped for that recipe)."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for judge in judges:
-        family = zoo.spec(judge).family
-        chosen = tuple(m for m in surrogates if zoo.spec(m).family != family)
-        if chosen:
-            groups.setdefault(chosen, []).append(judge)
-    return groups
-
-
 def recipe_row(name: str, prepared: tip_im.Prepared, options: Options) -> tuple[dict, list[dict]]:
     """The summary row of one recipe and its per-judge rows."""
     r = recipe(name)
@@ -67,7 +55,7 @@ def recipe_row(name: str, prepared: tip_im.Prepared, options: Options) -> tuple[
     settings = tip_im.Settings(method="pgd", mode="photos", attack=attack, batch=options.batch,
                                progress=options.progress, save_as="jpg", jpeg_quality=DEFAULT_JPEG_QUALITY)
     judge_rows, ssims, psnrs, seconds, optimised = [], [], [], 0.0, 0
-    groups = held_out_groups(zoo.parse_models(r.surrogates), options.judges)
+    groups = tip_im.surrogate_groups(options.judges, None, zoo.parse_models(r.surrogates))
     for surrogates, judges in groups.items():
         start = time.perf_counter()
         protected = tip_im.protect_probes(prepared.split, prepared.landmarks, list(surrogates), settings)

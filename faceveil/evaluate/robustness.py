@@ -105,6 +105,7 @@ class Request:
     judges: list[str]
     surrogates: list[str] | None = None  # None: leave-one-family-out per judge
     method: str | None = None
+    strength: str | None = None  # tip-im: `protect --strength`'s recipe instead of the method's budget flags
     mode: str = "crops"
     limit: int | None = None
     eps: float | None = None

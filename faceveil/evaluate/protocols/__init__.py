@@ -34,4 +34,6 @@ def require_protocol(protocol: str) -> None:
 def adapter_for(protocol: str, request: Request) -> tuple[Adapter, dict]:
     """The protocol's robustness adapter for this request, and the settings it resolved (for the results)."""
     require_protocol(protocol)
+    if request.strength is not None and protocol != "tip-im":
+        raise FaceveilError(f"--strength measures protect's recipes on the tip-im protocol, not on {protocol}")
     return robustness_module(protocol).robustness_adapter(request)

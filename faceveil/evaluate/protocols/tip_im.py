@@ -36,6 +36,7 @@ from faceveil.datasets.lfw import identities
 from faceveil.datasets.splits import Labelled, Split, make_split
 from faceveil.detect import canonical as C
 from faceveil.detect.align import align, transform_points, warp_matrix
+from faceveil.errors import FaceveilError
 from faceveil.evaluate.quality import psnr, set_mmd, ssim
 from faceveil.evaluate.robustness import ProbeImages, Request, Scenario
 from faceveil.io.images import JPEG_SUBSAMPLING, read_image
@@ -51,13 +52,16 @@ _LO = round(C.CANONICAL_SIZE / 2 - C.MASK_HALF_SIDE)
 _HI = round(C.CANONICAL_SIZE / 2 + C.MASK_HALF_SIDE)
 
 
-def surrogate_groups(judges: list[str], surrogates: list[str] | None) -> dict[tuple[str, ...], list[str]]:
-    """Surrogate set -> the judges evaluated against it (given surrogates, else the other families' models)."""
+def surrogate_groups(judges: list[str], surrogates: list[str] | None,
+                     pool: list[str] | None = None) -> dict[tuple[str, ...], list[str]]:
+    """Surrogate set -> the judges evaluated against it: the given surrogates, else leave-one-family-out, the models
+    of `pool` (default every model) outside the judge's family (a judge with none left is skipped)."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for judge in judges:
         family = zoo.spec(judge).family
-        chosen = surrogates or [m for m in zoo.SPECS if zoo.spec(m).family != family]
-        groups.setdefault(tuple(chosen), []).append(judge)
+        chosen = surrogates or [m for m in (pool or zoo.SPECS) if zoo.spec(m).family != family]
+        if chosen:
+            groups.setdefault(tuple(chosen), []).append(judge)
     return groups
 
 
@@ -332,9 +336,11 @@ def prepare(root: Path, judges: list[str], settings: Settings, seed: int = 0, li
 
 
 def protect_groups(prepared: Prepared, judges: list[str], surrogates: list[str] | None,
-                   settings: Settings, masks: MaskMap | None = None) -> Iterator[ProtectedGroup]:
-    """Protect the probes once per surrogate set (leave-one-family-out by default), one group at a time."""
-    for group, group_judges in surrogate_groups(judges, surrogates).items():
+                   settings: Settings, masks: MaskMap | None = None,
+                   pool: list[str] | None = None) -> Iterator[ProtectedGroup]:
+    """Protect the probes once per surrogate set (leave-one-family-out over `pool` by default), one group at a
+    time."""
+    for group, group_judges in surrogate_groups(judges, surrogates, pool).items():
         start = time.perf_counter()
         protected = protect_probes(prepared.split, prepared.landmarks, list(group), settings, masks)
         yield ProtectedGroup(list(group), group_judges, protected, round(time.perf_counter() - start, 2))
@@ -368,8 +374,8 @@ class TipImAdapter:
 
     def __init__(self, root: Path, judges: list[str], surrogates: list[str] | None, settings: Settings,
                  seed: int = 0, limit: int | None = None, extra: int | None = None,
-                 masks: MaskMap | None = None) -> None:
-        self.root, self.judges, self.surrogates = root, judges, surrogates
+                 masks: MaskMap | None = None, pool: list[str] | None = None) -> None:
+        self.root, self.judges, self.surrogates, self.pool = root, judges, surrogates, pool
         self.settings, self.seed, self.limit, self.extra = settings, seed, limit, extra
         self.masks = masks
         self.mode = settings.mode
@@ -379,7 +385,8 @@ class TipImAdapter:
     def scenarios(self) -> Iterator[Scenario]:
         self.prepared = prepare(self.root, self.judges, self.settings, self.seed, self.limit, self.extra)
         names = [n for n, _ in self.prepared.split.probes]
-        for group in protect_groups(self.prepared, self.judges, self.surrogates, self.settings, self.masks):
+        for group in protect_groups(self.prepared, self.judges, self.surrogates, self.settings, self.masks,
+                                    self.pool):
             p = group.protected
             self.photo_redetect_failures["+".join(group.surrogates)] = p.redetect_failures
             yield Scenario(group.surrogates, group.judges, ProbeImages(p.images, p.landmarks),
@@ -402,7 +409,10 @@ class TipImAdapter:
 
 
 def robustness_adapter(request: Request) -> tuple[TipImAdapter, dict]:
-    """The adapter of a robustness request (method default pgd, budget default TIP-IM §5.1), and its settings."""
+    """The adapter of a robustness request (method default pgd, budget default TIP-IM §5.1; with a strength, the
+    recipe `protect --strength` runs, its photos saved as protect writes a JPEG), and its settings."""
+    if request.strength is not None:
+        return _strength_adapter(request)
     method = request.method or "pgd"
     registry.check_kind(method, "image")
     given = {k: getattr(request, k) for k in ("eps", "alpha", "iters", "momentum")}
@@ -414,4 +424,24 @@ def robustness_adapter(request: Request) -> tuple[TipImAdapter, dict]:
     resolved = {"method": method, "eps": eps, "alpha": alpha, "iters": iters, "momentum": momentum,
                 "jitter": settings.attack.jitter, "gamma": request.gamma, "batch": request.batch,
                 "dataset": str(adapter.root)}
+    return adapter, resolved
+
+
+def _strength_adapter(request: Request) -> tuple[TipImAdapter, dict]:
+    """A `protect --strength` recipe (faceveil.pipeline.presets.STRENGTHS), leave-one-family-out over its surrogates
+    unless surrogates are given; the method's own budget flags do not apply."""
+    from faceveil.pipeline.presets import STRENGTHS
+
+    if request.strength not in STRENGTHS:
+        raise FaceveilError(f"--strength takes {', '.join(STRENGTHS)}, got {request.strength!r}")
+    if request.method not in (None, "pgd") or any(getattr(request, k) is not None for k in ("eps", "alpha", "iters")):
+        raise FaceveilError("--strength runs protect's own recipe: drop --method, --eps, --alpha and --iters")
+    recipe = STRENGTHS[request.strength]
+    save_as = "jpg" if request.mode == "photos" else "png"
+    settings = Settings(method="pgd", mode=request.mode, attack=recipe.attack(request.seed), batch=request.batch,
+                        progress=request.progress, save_as=save_as)
+    adapter = TipImAdapter(request.root, request.judges, request.surrogates, settings, request.seed, request.limit,
+                           request.extra, request.mask_map, pool=zoo.parse_models(recipe.surrogates))
+    resolved = {"method": "pgd", "strength": request.strength, "recipe": vars(recipe), "batch": request.batch,
+                "save_as": save_as, "dataset": str(adapter.root)}
     return adapter, resolved
