@@ -52,7 +52,7 @@ def recipe_row(name: str, prepared: tip_im.Prepared, options: Options) -> tuple[
     """The summary row of one recipe and its per-judge rows."""
     r = recipe(name)
     attack = r.attack(options.seed)
-    settings = tip_im.Settings(method="pgd", mode="photos", attack=attack, batch=options.batch,
+    settings = tip_im.Settings(method=r.method, mode="photos", attack=attack, batch=options.batch,
                                progress=options.progress, save_as="jpg", jpeg_quality=DEFAULT_JPEG_QUALITY)
     judge_rows, ssims, psnrs, seconds, optimised = [], [], [], 0.0, 0
     groups = tip_im.surrogate_groups(options.judges, None, zoo.parse_models(r.surrogates))

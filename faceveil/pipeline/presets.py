@@ -120,6 +120,7 @@ class Recipe:
     dropout: str = "0"  # a rate, or "calibrated" (each surrogate at its own rate)
     sample_surrogates: int = 0
     zoom: float = 0.0
+    method: str = "pgd"  # an image method of the registry: pgd (untargeted) or tip-im (targeted)
 
     def attack(self, seed: int = 0) -> AttackConfig:
         from faceveil.attacks.core import AttackConfig, dropout_setting
@@ -162,6 +163,16 @@ STRENGTHS: dict[str, Recipe] = {
                    dropout="calibrated", **VISIBLE),
 }
 RECIPES.update(STRENGTHS)
+# The ablation of the default (issue 23): mid with one lever more (or changed) each, at the same visibility budget.
+_MID = STRENGTHS["mid"]
+RECIPES.update({
+    "mid+dropout": dataclasses.replace(_MID, dropout="calibrated"),
+    "mid+eot": dataclasses.replace(_MID, diversity=0.5, transforms=("resize", "blur", "downup", "jpeg")),
+    "mid+zoom": dataclasses.replace(_MID, zoom=0.1),
+    "mid+targeted": dataclasses.replace(_MID, method="tip-im"),
+    "mid+psnr31": dataclasses.replace(_MID, psnr_floor=31.0),
+    "mid-one-per-step": dataclasses.replace(_MID, sample_surrogates=1),
+})
 
 
 @dataclass
