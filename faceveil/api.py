@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from faceveil.pipeline.maskfile import PersonMask
     from faceveil.pipeline.protect import PhotoProtector, ProtectSettings
     from faceveil.pipeline.results import FaceCheck
+    from faceveil.pipeline.verify import FrameCheck
 
 FrameProgress = Callable[[Path, int, "int | None"], None]  # (video, frames written, frames in all or None)
 
@@ -355,17 +356,37 @@ def apply_files(mask: PersonMask | str | Path, inputs: Iterable[str | Path], out
 
 
 def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None,
-           faces: str = "all") -> list[FaceCheck]:
+           faces: str = "all", frames: int = 8) -> list[FaceCheck] | list[FrameCheck]:
     """Each face of the original found again in the protected image, and whether each judge model still
-    recognises it (a photo protected by any tool)."""
+    recognises it (a photo protected by any tool): a list of FaceCheck.
+
+    A protected video (a path with a video suffix: .mp4, .mov, ...): `frames` frames sampled evenly over it (the
+    middle frame of each of `frames` equal stretches), and a list of FrameCheck, one per sampled frame:
+    FrameCheck.frame is the frame index (0 = first), FrameCheck.faces the FaceChecks of that frame (empty when the
+    original frame shows no face), FrameCheck.verdict its words. The original is then either the original video
+    (each frame checked against the same frame of it, faces paired by position as for photos) or a photo of the
+    person (each judge scores the face of the frame it finds most alike). A video original needs a video
+    protected."""
     prepare_process()
     from faceveil.detect.mtcnn import MTCNN
+    from faceveil.io.paths import is_video_path
     from faceveil.models import zoo
     from faceveil.pipeline.faces import default_confirmer
     from faceveil.pipeline.job import select_faces
-    from faceveil.pipeline.verify import verify_arrays
+    from faceveil.pipeline.verify import verify_arrays, verify_video
 
-    before, after = load_pixels(original), load_pixels(protected)
     detector = MTCNN()
-    chosen = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
-    return verify_arrays(before, after, chosen, list(judges or zoo.SPECS), detector)
+
+    def original_faces(image: np.ndarray) -> list:
+        return select_faces(default_confirmer().split(image, detector.detect_large(image))[0], faces)
+
+    videos = [x for x in (original, protected) if isinstance(x, (str, Path)) and is_video_path(Path(x))]
+    if videos:
+        if not isinstance(original, (str, Path)) or not isinstance(protected, (str, Path)):
+            raise FaceveilError("verify: a video is checked from files: give both the original and the protected as "
+                                "paths")
+        return verify_video(Path(original), Path(protected), list(judges or zoo.SPECS), detector, original_faces,
+                            frames)
+    before, after = load_pixels(original), load_pixels(protected)
+    return verify_arrays(before, after, original_faces(before), list(judges or zoo.SPECS), detector)
+

@@ -7,6 +7,11 @@ the model's calibrated threshold, and the rank of the true identity when the pro
 gallery of the original face plus distractors (the faces of the installed sample photos, or 500 LFW images of
 distinct identities). Distractors that every model matches with the original face are the same person and are
 left out. The same again after transforms of the protected photo (re-detected after each transform).
+
+A protected video: `frames` frames sampled evenly over it (pipeline.verify.sample_frames), each checked as a photo
+against the same frame of the original video (faces detected in each original frame; a frame without one is
+reported as such), or against the faces of an original photo (each judge takes the frame's face it finds most alike:
+pipeline.verify.best_probes). Rows then carry the frame index; transforms default to none for videos.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceveil.detect.align import align
 from faceveil.detect.cache import cache_for, detect_file
 from faceveil.detect.mtcnn import MTCNN, Face, match_face
 from faceveil.errors import FaceveilError
 from faceveil.evaluate import transforms
 from faceveil.io import weights
 from faceveil.io.images import read_image
+from faceveil.io.paths import is_video_path
 from faceveil.models import zoo
 from faceveil.pipeline.faces import default_confirmer
 from faceveil.pipeline.job import select_faces
+from faceveil.pipeline.results import NO_FACE_IN_ORIGINAL, face_verdict, frames_verdict, photo_verdict
+from faceveil.pipeline.verify import DEFAULT_FRAMES, best_probes, embed_faces, sample_frames
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
+VIDEO_TRANSFORMS = ("none",)  # every transform re-detects and re-embeds each frame: opt in with --transforms
 LFW_GALLERY_SIZE = 500
 SAMPLE_MAX_SIDE = 1024  # detect_large's default, so the sample photos share the detection cache
 
@@ -40,17 +48,6 @@ class Gallery:
     source: str
     labels: list[str]
     embeddings: dict[str, torch.Tensor]
-
-
-@torch.no_grad()
-def embed_faces(image: np.ndarray, faces: list[Face], models: list[str]) -> dict[str, torch.Tensor]:
-    """Per model, the embeddings [len(faces), D] of the faces aligned with that model's crop geometry."""
-    out = {}
-    for name in models:
-        model = zoo.load(name)
-        crops = [align(image, f.landmarks, model.spec.geometry) for f in faces]
-        out[name] = zoo.embed_crops(model, np.stack(crops)) if crops else torch.empty(0, model.spec.embedding_dim)
-    return out
 
 
 def _stack(parts: list[dict[str, torch.Tensor]], models: list[str]) -> dict[str, torch.Tensor]:
@@ -129,32 +126,124 @@ def _read_rgb(path: Path, role: str) -> np.ndarray:
         raise FaceveilError(f"cannot read the {role} photo: {exc}") from None
 
 
-def run(original: Path, protected: Path, models: list[str], dataset: Path | None = None, faces: str = "all",
-        seed: int = 0, detector: MTCNN | None = None) -> tuple[list[dict], dict]:
-    """Rows (face x transform x model) and the settings of one verification."""
-    before, after = _read_rgb(Path(original), "original"), _read_rgb(Path(protected), "protected")
-    detector = detector or MTCNN()
-    originals = select_faces(default_confirmer().split(before, detector.detect_large(before))[0], faces)
-    if not originals:
-        raise FaceveilError(f"{original}: no face found in the original photo")
-    reference = embed_faces(before, originals, models)
-    gallery = lfw_gallery(dataset, models, detector, seed) if dataset else sample_gallery(models, detector)
-    same = same_person_mask(reference, gallery, models)
+def checked_transforms(names: str | None, video: bool) -> list[str]:
+    """The transforms checked: "none" (the file as it is) first, then those asked for (comma list; None: the
+    default, CHECKED_TRANSFORMS for photos, VIDEO_TRANSFORMS for videos)."""
+    if names is None:
+        return list(VIDEO_TRANSFORMS if video else CHECKED_TRANSFORMS)
+    asked = [n.strip() for n in names.split(",") if n.strip()]
+    usable = [n for n, t in transforms.TRANSFORMS.items() if not t.landmark_jitter]  # pixel changes only
+    wrong = [n for n in asked if n != "none" and n not in usable]
+    if wrong:
+        raise FaceveilError(f"`transforms`: unknown {', '.join(wrong)} (choose from none, {', '.join(usable)})")
+    return ["none"] + [n for n in dict.fromkeys(asked) if n != "none"]
+
+
+def _original_faces(image: np.ndarray, detector: MTCNN, faces: str) -> list[Face]:
+    return select_faces(default_confirmer().split(image, detector.detect_large(image))[0], faces)
+
+
+@dataclass
+class _Original:
+    """The original faces of one check, their embeddings and which distractors are the same person."""
+
+    faces: list[Face]
+    reference: dict[str, torch.Tensor]
+    same: torch.Tensor
+
+
+def _prepare(image: np.ndarray, faces: list[Face], gallery: Gallery, models: list[str]) -> _Original:
+    reference = embed_faces(image, faces, models)
+    return _Original(faces, reference, same_person_mask(reference, gallery, models))
+
+
+def _check_rows(original: _Original, after: np.ndarray, gallery: Gallery, models: list[str], checked: list[str],
+                detector: MTCNN, seed: int, same_scene: bool = True) -> list[dict]:
+    """Rows (transform x face x model) of one protected image against its original faces: faces found again by
+    landmarks (same_scene), else each judge's most alike face of the image (the original is another photo)."""
     rows = []
-    for name in CHECKED_TRANSFORMS:
+    for name in checked:
         image = after if name == "none" else transforms.apply(name, after, seed)
-        probes = _probe_embeddings(image, originals, detector, models)
+        probes = (_probe_embeddings(image, original.faces, detector, models) if same_scene
+                  else best_probes(image, original.reference, detector, models))
         for i, probe in enumerate(probes):
             for m in models:
-                result = _face_rows(None if probe is None else probe[m], reference[m][i],
-                                    gallery.embeddings[m][~same[i]], m)
+                result = _face_rows(None if probe is None else probe[m], original.reference[m][i],
+                                    gallery.embeddings[m][~original.same[i]], m)
                 rows.append({"model": m, "transform": name, "face": i, **result,
-                             "gallery_size": 1 + int((~same[i]).sum())})
-    settings = {"original": str(original), "protected": str(protected), "models": models, "faces": faces,
-                "faces_in_original": len(originals), "gallery": gallery.source, "gallery_faces": len(gallery.labels),
-                "excluded_as_same_person": [int(s.sum()) for s in same], "transforms": list(CHECKED_TRANSFORMS),
-                "thresholds": {m: zoo.threshold(m) for m in models}, "seed": seed,
-                "score": "cosine similarity; -L2 distance for dlib", "rank": "1 = the true identity ranks first"}
+                             "gallery_size": 1 + int((~original.same[i]).sum())})
+    return rows
+
+
+def run(original: Path, protected: Path, models: list[str], dataset: Path | None = None, faces: str = "all",
+        seed: int = 0, detector: MTCNN | None = None, frames: int = DEFAULT_FRAMES,
+        transforms_checked: str | None = None) -> tuple[list[dict], dict]:
+    """Rows (face x transform x model; a video: frame x ...) and the settings of one verification. A video
+    ORIGINAL needs a video PROTECTED; a photo ORIGINAL may come with either."""
+    original, protected = Path(original), Path(protected)
+    video = is_video_path(protected) or is_video_path(original)
+    checked = checked_transforms(transforms_checked, video)
+    if video:
+        if frames <= 0:
+            raise FaceveilError(f"`frames` must be a positive number of frames, got {frames}")
+        return _run_video(original, protected, models, dataset, faces, seed, detector or MTCNN(), frames, checked)
+    before, after = _read_rgb(original, "original"), _read_rgb(protected, "protected")
+    detector = detector or MTCNN()
+    originals = _original_faces(before, detector, faces)
+    if not originals:
+        raise FaceveilError(f"{original}: no face found in the original photo")
+    gallery = _gallery(models, dataset, detector, seed)
+    prepared = _prepare(before, originals, gallery, models)
+    rows = _check_rows(prepared, after, gallery, models, checked, detector, seed)
+    settings = _settings(original, protected, models, faces, gallery, checked, seed)
+    settings.update(faces_in_original=len(originals), excluded_as_same_person=[int(s.sum()) for s in prepared.same])
+    return rows, settings
+
+
+def _gallery(models: list[str], dataset: Path | None, detector: MTCNN, seed: int) -> Gallery:
+    return lfw_gallery(dataset, models, detector, seed) if dataset else sample_gallery(models, detector)
+
+
+def _settings(original: Path, protected: Path, models: list[str], faces: str, gallery: Gallery, checked: list[str],
+              seed: int) -> dict:
+    return {"original": str(original), "protected": str(protected), "models": models, "faces": faces,
+            "gallery": gallery.source, "gallery_faces": len(gallery.labels), "transforms": checked,
+            "thresholds": {m: zoo.threshold(m) for m in models}, "seed": seed,
+            "score": "cosine similarity; -L2 distance for dlib", "rank": "1 = the true identity ranks first"}
+
+
+def _run_video(original: Path, protected: Path, models: list[str], dataset: Path | None, faces: str, seed: int,
+               detector: MTCNN, frames: int, checked: list[str]) -> tuple[list[dict], dict]:
+    sampled = sample_frames(original, protected, frames)
+    photo_image, photo_faces = None, []
+    if sampled.original is None:  # a photo of the person: its faces, once
+        photo_image = _read_rgb(original, "original")
+        photo_faces = _original_faces(photo_image, detector, faces)
+        if not photo_faces:
+            raise FaceveilError(f"{original}: no face found in the original photo")
+    gallery = _gallery(models, dataset, detector, seed)
+    photo = _prepare(photo_image, photo_faces, gallery, models) if photo_image is not None else None
+    rows, without_face = [], []
+    for k in sampled.indices:
+        if sampled.original is None:
+            prepared = photo
+        else:
+            frame_faces = _original_faces(sampled.original[k], detector, faces)
+            if not frame_faces:
+                without_face.append(k)
+                continue
+            prepared = _prepare(sampled.original[k], frame_faces, gallery, models)
+        rows += [{"frame": k, **r} for r in _check_rows(prepared, sampled.protected[k], gallery, models, checked,
+                                                        detector, seed, same_scene=photo is None)]
+    settings = _settings(original, protected, models, faces, gallery, checked, seed)
+    settings.update(frames=sampled.indices, frames_asked=frames, frames_without_face_in_original=without_face,
+                    frame_sampling="the middle frame of each of N equal stretches of the protected video (0 = first "
+                                   "frame)",
+                    matching="same frame of the original video, faces paired by landmarks" if photo is None else
+                    "original photo: each model takes the face of the frame it finds most alike")
+    if photo is not None:
+        settings.update(faces_in_original=len(photo.faces),
+                        excluded_as_same_person=[int(s.sum()) for s in photo.same])
     return rows, settings
 
 
@@ -170,9 +259,35 @@ def display_rows(rows: list[dict]) -> list[dict]:
 
 def lost_faces_note(rows: list[dict]) -> str:
     """One line naming the faces of the original that were not found again in the protected photo ('' if none)."""
-    lost = sorted({int(r["face"]) for r in rows if r["score"] is None and r.get("transform", "none") == "none"})
+    lost = sorted({int(r["face"]) for r in rows if r["score"] is None and r.get("transform", "none") == "none"
+                   and "frame" not in r})  # a video's frames say it in their own verdicts
     if not lost:
         return ""
     names = ", ".join(str(i) for i in lost)
     return (f"face {names}: {NOT_FOUND} in the protected photo, so no model could compare it (the detector no "
             "longer finds it there, or the two photos do not show the same scene)")
+
+
+def frame_faces(rows: list[dict], frames: list[int]) -> list[tuple[int, list[dict]]]:
+    """Per sampled frame, its face rows in the verdict's shape (face, redetected, model -> {score, matches}) from
+    the untransformed rows; a frame without rows had no face in the original frame."""
+    faces: dict[int, dict[int, dict]] = {k: {} for k in frames}
+    for row in rows:
+        if row.get("transform", "none") != "none":
+            continue
+        face = faces.setdefault(int(row["frame"]), {}).setdefault(int(row["face"]), {"face": int(row["face"])})
+        face["redetected"] = row["score"] is not None
+        if row["score"] is not None:
+            face[row["model"]] = {"score": row["score"], "matches": bool(row["matches"])}
+    return [(k, [by_face[i] for i in sorted(by_face)]) for k, by_face in sorted(faces.items())]
+
+
+def frame_summaries(rows: list[dict], frames: list[int]) -> tuple[list[dict], str]:
+    """Per sampled frame its verdict in words ({frame, protected, verdict}), and the line over all frames."""
+    per_frame = frame_faces(rows, frames)
+    summaries = []
+    for k, faces in per_frame:
+        protected, words = photo_verdict(faces) if faces else (None, NO_FACE_IN_ORIGINAL)
+        summaries.append({"frame": k, "protected": protected, "verdict": words,
+                          "recognised_by": sorted({m for f in faces for m in face_verdict(f).recognised_by})})
+    return summaries, frames_verdict([faces for _, faces in per_frame])[1]

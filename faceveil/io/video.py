@@ -27,7 +27,8 @@ from faceveil.io import atomic
 from faceveil.io.images import DEFAULT_MAX_PIXELS
 
 __all__ = [
-    "VideoInfo", "VideoWriter", "ffmpeg_exe", "iter_frames", "probe_video", "process_video",
+    "VideoInfo", "VideoWriter", "ffmpeg_exe", "iter_frames", "probe_video", "process_video", "read_frames_at",
+    "sample_frame_indices",
 ]
 
 COPYABLE_AUDIO = frozenset({"aac", "mp3", "alac", "ac3", "eac3"})
@@ -182,6 +183,34 @@ def iter_frames(path: Path | str, info: VideoInfo | None = None) -> Iterator[np.
                 raise FaceveilError(f"{info.path}: cannot decode video ({_read_log(log)})")
         finally:
             _stop(proc)
+
+
+def sample_frame_indices(frame_count: int, count: int) -> list[int]:
+    """`count` frame indices evenly spaced over a video of `frame_count` frames: the middle frame of each of `count`
+    equal stretches (so neither the first nor the last frame, often a fade; every frame when there are no more)."""
+    if count <= 0:
+        raise FaceveilError(f"`frames` must be a positive number of frames, got {count}")
+    if frame_count <= count:
+        return list(range(frame_count))
+    return [(2 * i + 1) * frame_count // (2 * count) for i in range(count)]
+
+
+def read_frames_at(path: Path | str, indices: list[int], info: VideoInfo | None = None) -> dict[int, np.ndarray]:
+    """The frames at those indices (0 = first), decoding the video once up to the last of them; an index past the
+    video's end (a container that over-counts its frames) is absent from the result."""
+    wanted, out = set(indices), {}
+    if not wanted:
+        return out
+    frames = iter_frames(path, info)
+    try:
+        for index, frame in enumerate(frames):
+            if index in wanted:
+                out[index] = frame
+            if index >= max(wanted):
+                break
+    finally:
+        frames.close()
+    return out
 
 
 def _read_raw_frames(

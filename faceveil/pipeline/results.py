@@ -8,7 +8,7 @@ its faces are protected is the verdict."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from typing import Any
 # left_alone (apply: not the enrolled person, nothing pasted).
 PROTECTED, RECOGNISED, NOT_FOUND, UNCHECKED, LEFT_ALONE = "protected", "recognised", "not_found", "unchecked", \
     "left_alone"
+NO_FACE_IN_ORIGINAL = "no face in the original frame"  # a sampled video frame with nothing to protect (verify)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,45 @@ def photo_verdict(rows: Iterable[Mapping[str, Any]], detail: bool = True) -> tup
                      f"faces {', '.join(lost)} not found again")
     if UNCHECKED in states:
         parts.append(f"{states.count(UNCHECKED)} not checked")
+    return protected, "; ".join(parts)
+
+
+def frames_verdict(frames: Sequence[Sequence[Mapping[str, Any]]]) -> tuple[bool | None, str]:
+    """(protected, words) over the sampled frames of a video, each given by its face rows (empty: no face in the
+    original frame, nothing to protect there), e.g. "8 frames checked: the face is still recognised by at least one
+    model in 3 of 8 (faceres in 3, facenet-vgg in 1)". protected: False when a face is still recognised in some
+    frame, True when every face of every frame with one is protected, None otherwise."""
+    head = f"{len(frames)} frame{'s' if len(frames) != 1 else ''} checked"
+    verdicts = [[face_verdict(row) for row in rows] for rows in frames if rows]
+    verdicts = [[v for v in frame if v.state != LEFT_ALONE] for frame in verdicts]
+    verdicts = [frame for frame in verdicts if frame]
+    if not verdicts:
+        return None, f"{head}: no face in the original frames"
+    who = "the face is" if all(len(frame) == 1 for frame in verdicts) else "a face is"
+    recognised = [frame for frame in verdicts if any(v.state == RECOGNISED for v in frame)]
+    safe = [frame for frame in verdicts if all(v.state == PROTECTED for v in frame)]
+    if recognised:
+        by_model: dict[str, int] = {}
+        for frame in recognised:
+            for model in dict.fromkeys(m for v in frame for m in v.recognised_by):
+                by_model[model] = by_model.get(model, 0) + 1
+        judges = max(len(v.judges) for frame in verdicts for v in frame)
+        if judges > 1 and len(by_model) == judges and len(set(by_model.values())) == 1:
+            models = f"all {judges} models in {len(recognised)}"
+        else:
+            models = ", ".join(f"{m} in {k}" for m, k in sorted(by_model.items(), key=lambda item: -item[1]))
+        parts = [f"{head}: {who} still recognised by at least one model in {len(recognised)} of {len(verdicts)} "
+                 f"({models})"]
+    else:
+        judges = max(len(v.judges) for frame in verdicts for v in frame)
+        against = f"all {judges} models" if judges > 1 else "the model"
+        parts = [f"{head}: protected against {against} in {len(safe)} of {len(verdicts)}"]
+    lost = sum(any(v.state == NOT_FOUND for v in frame) for frame in verdicts)
+    if lost:
+        parts.append(f"a face not found again in {lost}")
+    if len(verdicts) < len(frames):
+        parts.append(f"{len(frames) - len(verdicts)} with {NO_FACE_IN_ORIGINAL}")
+    protected = False if recognised else (True if len(safe) == len(verdicts) else None)
     return protected, "; ".join(parts)
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from faceveil.errors import FaceveilError
 from faceveil.pipeline.results import (
     LEFT_ALONE,
+    NO_FACE_IN_ORIGINAL,
     NOT_FOUND,
     UNCHECKED,
     FaceTally,
@@ -173,7 +174,7 @@ def face_block(index: int, face: dict, pair: I.PhotoPair | None, context: dict, 
 def photo_card(result: dict, context: dict, with_images: bool) -> tuple[str, list[str]]:
     """One photo's card, and the tones of its faces (for the summary)."""
     source, output = resolve(result.get("file"), context["base"]), resolve(result.get("output"), context["base"])
-    name = Path(result.get("file") or "?").name
+    name = result.get("title") or Path(result.get("file") or "?").name
     details = result.get("details") or {}
     faces = [f for f in details.get("faces") or [] if isinstance(f, dict)]
     head = f"<h2>{H.esc(name)}</h2>"
@@ -315,17 +316,19 @@ def ordinal_rank(rank: int | None, size: int | None) -> str:
     return f"rank {rank} of {size}" if size else f"rank {rank}"
 
 
-def verify_faces(doc: dict) -> list[dict]:
+def verify_faces(doc: dict, frame: int | None = None) -> list[dict]:
     """Verify rows (model x transform x face) regrouped into protect-style face records, plus per-face transform
-    rows for the robustness plot."""
+    rows for the robustness plot; a video's rows: those of one sampled frame."""
     faces: dict[int, dict] = {}
     for row in doc.get("rows") or []:
+        if row.get("frame") != frame:
+            continue
         face = faces.setdefault(int(row.get("face", 0)), {"ranks": {}, "by_transform": []})
         if row.get("transform", "none") == "none":
             face[row["model"]] = {"score": row.get("score"), "matches": bool(row.get("matches"))}
             face["ranks"][row["model"]] = ordinal_rank(row.get("rank"), row.get("gallery_size"))
         face["by_transform"].append(row)
-    boxes = (doc.get("settings") or {}).get("face_boxes") or []
+    boxes = (doc.get("settings") or {}).get("face_boxes") or [] if frame is None else []
     for i, face in faces.items():
         if i < len(boxes):
             face["box"] = boxes[i]
@@ -338,25 +341,37 @@ def verify_body(payload: dict, progress: bool = False, originals: bool = False) 
     """(lede, body) of a verify report: protect's view plus the gallery rank and the transforms."""
     from faceveil.report import plots
 
-    cards, tones = [], []
+    cards, tones, lines = [], [], []
     for doc in tqdm(documents(payload), desc="report", unit="pair", disable=not progress or not sys.stderr.isatty()):
         settings = doc.get("settings") or {}
         context = context_for(doc, originals)
-        faces = verify_faces(doc)
-        for face in faces:
-            chart = plots.transform_bars(face["by_transform"], context["thresholds"])
-            face["extra_html"] = (
-                "<p class=\"small muted\">Rank: where the original face comes when the protected face is searched "
-                f"in a gallery of the original plus other people's faces ({H.esc(settings.get('gallery', ''))}); "
-                "rank 1 = recognised first.</p>"
-                + (H.figure(chart, "The same check after everyday changes a photo goes through (JPEG quality 75, "
-                                   "half size, slight blur). Bars above the line: the model still recognises the "
-                                   "person.") if chart else ""))
-        result = {"file": settings.get("original"), "output": settings.get("protected"), "status": "ok",
-                  "details": {"faces": faces}}
-        card, face_tones = photo_card(result, context, True)
-        cards.append(card)
-        tones += face_tones
-    body = (f"<div id=\"summary\">{summary_banner(tones)}</div><p class=\"howto\">{how_to_read(originals)}</p>"
+        frames = settings.get("frames")  # a video: a card per sampled frame, without pictures
+        for frame in frames if isinstance(frames, list) else [None]:
+            faces = verify_faces(doc, frame)
+            for face in faces:
+                chart = plots.transform_bars(face["by_transform"], context["thresholds"])
+                face["extra_html"] = (
+                    "<p class=\"small muted\">Rank: where the original face comes when the protected face is "
+                    "searched in a gallery of the original plus other people's faces "
+                    f"({H.esc(settings.get('gallery', ''))}); rank 1 = recognised first.</p>"
+                    + (H.figure(chart, "The same check after everyday changes a photo goes through (JPEG quality "
+                                       "75, half size, slight blur). Bars above the line: the model still "
+                                       "recognises the person.") if chart else ""))
+            result = {"file": settings.get("original"), "output": settings.get("protected"), "status": "ok",
+                      "details": {"faces": faces}}
+            if frame is not None:
+                result["title"] = f"{Path(settings.get('protected') or '?').name}, frame {frame}"
+                if not faces:
+                    cards.append(f"<section class=\"card photo-card\"><h2>{H.esc(result['title'])}</h2><p>"
+                                 f"{H.esc(NO_FACE_IN_ORIGINAL[:1].upper() + NO_FACE_IN_ORIGINAL[1:])}: nothing to "
+                                 "protect there.</p></section>")
+                    continue
+            card, face_tones = photo_card(result, context, frame is None)
+            cards.append(card)
+            tones += face_tones
+        if doc.get("summary"):
+            lines.append(f"<p class=\"small\">{H.esc(doc['summary'])}.</p>")
+    body = (f"<div id=\"summary\">{summary_banner(tones)}{''.join(lines)}</div>"
+            f"<p class=\"howto\">{how_to_read(originals)}</p>"
             f"{''.join(cards)}")
     return f"{count(len(documents(payload)), 'original / protected pair')} checked", body
