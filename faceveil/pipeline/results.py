@@ -142,7 +142,8 @@ def photo_verdict(rows: Iterable[Mapping[str, Any]], detail: bool = True) -> tup
     if len(verdicts) == 1:
         return protected, verdicts[0][1].words
     judges = max((len(v.judges) for _, v in verdicts), default=0)
-    parts = [f"{states.count(PROTECTED)} of {len(verdicts)} faces protected against all {judges} models"
+    against = f"all {judges} models" if judges > 1 else "the model"
+    parts = [f"{states.count(PROTECTED)} of {len(verdicts)} faces protected against {against}"
              if judges else f"{len(verdicts)} faces"]
     if not detail:
         return protected, parts[0]
