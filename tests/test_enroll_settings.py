@@ -29,3 +29,20 @@ def test_given_values_win() -> None:
         0, 0, (), "linf", 0)
     with pytest.raises(FaceveilError, match="texture shapes an L-inf budget"):
         enroll_settings(name="a", norm="l2", budget="texture")
+
+
+def test_enroll_strengths():
+    """high: the texture budget of mean L-inf 16, 40 iterations, momentum 1; explicit values win over it; it is an
+    L-inf budget, so an L2 method takes it only with its own eps; an unknown strength is one line."""
+    from faceveil.pipeline.person import user_budget
+
+    high = enroll_settings(name="a", strength="high").attack
+    assert (high.steps, high.momentum, high.budget) == (40, 1.0, "texture")
+    assert user_budget(high)[0] == pytest.approx(16.0)
+    assert enroll_settings(name="a", strength="high", iters=20, budget="linf").attack.steps == 20
+    assert enroll_settings(name="a", strength="mid").attack.steps == ENROLL_DEFAULTS["iters"]
+    with pytest.raises(FaceveilError, match="L-inf budget"):
+        enroll_settings(name="a", method="advcloak-convex", strength="high")
+    assert enroll_settings(name="a", method="advcloak-convex", strength="high", eps=1500).attack.norm == "l2"
+    with pytest.raises(FaceveilError, match="strength takes mid, high"):
+        enroll_settings(name="a", strength="max")

@@ -31,7 +31,7 @@ from faceveil.errors import FaceveilError
 from faceveil.io.paths import DEFAULT_JPEG_QUALITY, FORMAT_CHOICES
 from faceveil.methods import registry
 from faceveil.pipeline.batch import printable
-from faceveil.pipeline.presets import ENROLL_DEFAULTS
+from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_STRENGTHS
 
 
 def register(groups: Groups) -> None:
@@ -54,15 +54,20 @@ def _add_enroll(root) -> None:
     p.add_argument("--method", default="opom-convex",  # no choices: an unknown name is the registry's one-line error
                    help="person method (default opom-convex): " + "; ".join(
                        f"{e.name}: {e.summary}" for e in map(registry.entry, registry.names("person"))))
+    p.add_argument("--strength", default="mid", choices=list(ENROLL_STRENGTHS),
+                   help="mid (default): OPOM's own budget (L-inf 8, 16 iterations), a light mask that lowers the "
+                        "similarity but does not defeat a 1:1 check; high: texture budget of mean L-inf 16, 40 "
+                        "iterations, momentum 1, which did defeat most judges in the README's example with a mask "
+                        "you can see (face SSIM 0.80). Values given explicitly win over the strength's")
     p.add_argument("--surrogates", default="mobileface,mfn512", help="models the mask is optimised against")
     p.add_argument("--eps", type=positive, default=None,
-                   help="budget in 0..255 units: L-inf (default 8, OPOM; at most 255), or with --norm l2 the L2 norm "
-                        "of the 112x112x3 face (default 1200, AdvCloak)")
+                   help="budget in 0..255 units: L-inf (default 8, OPOM; at most 16, a mask file's limit), or with "
+                        "--norm l2 the L2 norm of the 112x112x3 face (default 1200, AdvCloak; at most 2400)")
     p.add_argument("--norm", default=None, choices=["linf", "l2"],
                    help="budget norm, default each method's paper's: l2 for the AdvCloak methods (1200), linf for "
                         "the others (8); l2 is measured on what is pasted, at the 112-crop scale")
-    p.add_argument("--iters", type=number_in(0, 100_000, integer=True), default=ENROLL_DEFAULTS["iters"],
-                   help="iterations, 0..100000 (paper: 16)")
+    p.add_argument("--iters", type=number_in(0, 100_000, integer=True), default=None,
+                   help=f"iterations, 0..100000 (default: the strength's; paper and mid {ENROLL_DEFAULTS['iters']})")
     p.add_argument("--alpha", type=positive, default=None,
                    help="step size, 0..255 units (paper: 1, the sign step of Algorithms 1-2)")
     p.add_argument("--momentum", type=number_in(0, 10), default=None,
@@ -99,7 +104,8 @@ def _enroll_settings(args: argparse.Namespace):
     return enroll_settings(name=args.name, method=args.method, seed=args.seed, surrogates=args.surrogates,
                            eps=args.eps, norm=args.norm, iters=args.iters, alpha=args.alpha, momentum=args.momentum,
                            dropout=args.dropout, masks=args.masks, diversity_weight=args.diversity_weight,
-                           mode=args.mode, jitter=args.jitter, budget=args.budget, ssim=args.ssim, psnr=args.psnr)
+                           mode=args.mode, jitter=args.jitter, budget=args.budget, ssim=args.ssim, psnr=args.psnr,
+                           strength=args.strength)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -120,7 +126,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
                       notice=lambda line: print(f"faceveil: {line}", file=sys.stderr))
     save_mask(enrolled.mask, output)
     a = settings.attack
-    report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method,
+    report = {"name": enrolled.mask.name, "output": str(output), "method": settings.method, "strength": args.strength,
               "surrogates": settings.surrogates, "masks": settings.masks, "mode": settings.mode,
               "norm": a.norm, "eps": round(eps, 4), "alpha": round(alpha, 4), "iters": a.steps,
               "momentum": a.momentum, "dropout": a.dropout, "model_dropout": dict(a.model_dropout),
@@ -237,8 +243,8 @@ def verdict_line(totals: dict[str, int], judges: int) -> str:
     if totals["not_redetected"]:
         line += f"; not found again: {totals['not_redetected']}"
     if masked and nothing == masked:
-        line += (" -- this mask protects none of these faces against these judges (enroll again with a stronger "
-                 "setting, e.g. more --iters or a larger --eps)")
+        line += (" -- this mask protects none of these faces against these judges (enroll again with "
+                 "--strength high, a visible mask, or protect these photos with `faceveil protect`)")
     return line
 
 

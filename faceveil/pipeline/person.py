@@ -42,7 +42,7 @@ from faceveil.pipeline.batch import BatchItem
 from faceveil.pipeline.faces import default_confirmer
 from faceveil.pipeline.job import OutputSettings, PhotoJob, paste_faces, with_skipped
 from faceveil.pipeline.maskfile import PersonMask
-from faceveil.pipeline.presets import ENROLL_DEFAULTS, ENROLL_MAX_EPS, ENROLL_MAX_MASKS, L2_DEFAULT_EPS
+from faceveil.pipeline.presets import ENROLL_MAX_EPS, ENROLL_MAX_MASKS, ENROLL_STRENGTHS, L2_DEFAULT_EPS
 from faceveil.pipeline.results import FaceCheck
 from faceveil.pipeline.verify import verify_faces
 
@@ -77,7 +77,7 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
                     momentum: float | None = None, dropout: float | str | None = None, masks: int = 1,
                     diversity_weight: float | None = None, mode: str = "photos",
                     jitter: float | None = None, budget: str | None = None, ssim: float | None = None,
-                    psnr: float | None = None) -> EnrollSettings:
+                    psnr: float | None = None, strength: str = "mid") -> EnrollSettings:
     """enroll's settings from a user's values (None = the preset's): eps and alpha in 0..255 units, L-inf (default
     8, OPOM's) or with norm "l2" the L2 norm of the 112x112x3 face (default 1200, AdvCloak's). The norm defaults to
     the method's paper's: L2 for AdvCloak (its generators were trained under an L2 norm; their mean mask scaled to
@@ -85,11 +85,13 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
     every surrogate, or "calibrated" (each its own, attacks.core.CALIBRATED_DROPOUT). budget "texture": the L-inf
     budget shaped by the person's face texture (eps its face-area mean); ssim / psnr > 0: a visibility budget,
     face-area SSIM / PSNR on the person's photos, every mask projected onto it (attacks.perceptual). The levers'
-    defaults are ENROLL_DEFAULTS' (the texture budget only under L-inf)."""
+    defaults are the strength's (ENROLL_STRENGTHS: mid = ENROLL_DEFAULTS; the texture budget only under L-inf);
+    values given explicitly win over them."""
     norm = norm or str(registry.check_kind(method, "person").preset.get("norm", "linf"))
-    momentum, dropout, budget, ssim, psnr = _lever_defaults(norm, momentum, dropout, budget, ssim, psnr)
-    iters = int(ENROLL_DEFAULTS["iters"]) if iters is None else iters
-    eps, alpha = _user_budget(norm, eps, alpha, iters)
+    preset = _strength_preset(strength, norm, eps)
+    momentum, dropout, budget, ssim, psnr = _lever_defaults(preset, norm, momentum, dropout, budget, ssim, psnr)
+    iters = int(preset["iters"]) if iters is None else iters
+    eps, alpha = _user_budget(preset, norm, eps, alpha, iters)
     if norm not in ("linf", "l2"):
         raise FaceveilError(f"norm takes linf or l2, got {norm!r}")
     if not 0 < eps <= ENROLL_MAX_EPS[norm]:  # a mask file above it is refused by apply as tampered
@@ -116,23 +118,35 @@ def enroll_settings(*, name: str, method: str = "opom-convex", seed: int = 0, su
                           attack=attack, masks=masks, diversity_weight=weight, mode=mode)
 
 
-def _lever_defaults(norm: str, momentum: float | None, dropout: float | str | None, budget: str | None,
-                    ssim: float | None, psnr: float | None) -> tuple[float, float | str, str, float, float]:
-    """The transfer and visibility levers a user left unset, from ENROLL_DEFAULTS (a texture budget shapes an L-inf
-    budget only: under L2 the default is the plain budget)."""
+def _strength_preset(strength: str, norm: str, eps: float | None) -> dict[str, float | str]:
+    """The defaults of an enroll strength; high is a budget in L-inf units (an L2 method takes it with --eps)."""
+    if strength not in ENROLL_STRENGTHS:
+        raise FaceveilError(f"strength takes {', '.join(ENROLL_STRENGTHS)}, got {strength!r}")
+    if strength != "mid" and norm != "linf" and eps is None:
+        raise FaceveilError(f"strength {strength} is an L-inf budget (OPOM's methods); under the L2 norm give the "
+                            "budget with eps")
+    return ENROLL_STRENGTHS[strength]
+
+
+def _lever_defaults(preset: dict[str, float | str], norm: str, momentum: float | None, dropout: float | str | None,
+                    budget: str | None, ssim: float | None,
+                    psnr: float | None) -> tuple[float, float | str, str, float, float]:
+    """The transfer and visibility levers a user left unset, from the strength's preset (a texture budget shapes an
+    L-inf budget only: under L2 the default is the plain budget)."""
     if budget is None:
-        budget = str(ENROLL_DEFAULTS["budget"]) if norm == "linf" else "linf"
+        budget = str(preset["budget"]) if norm == "linf" else "linf"
     pick = {"momentum": momentum, "dropout": dropout, "ssim": ssim, "psnr": psnr}
-    chosen = {k: ENROLL_DEFAULTS[k] if v is None else v for k, v in pick.items()}
+    chosen = {k: preset[k] if v is None else v for k, v in pick.items()}
     return float(chosen["momentum"]), chosen["dropout"], budget, float(chosen["ssim"]), float(chosen["psnr"])
 
 
-def _user_budget(norm: str, eps: float | None, alpha: float | None, iters: int) -> tuple[float, float]:
+def _user_budget(preset: dict[str, float | str], norm: str, eps: float | None, alpha: float | None,
+                 iters: int) -> tuple[float, float]:
     """(eps, alpha) in the user's units: L-inf 0..255 (defaults 8, 1); L2 at the 112-crop scale (default 1200,
     alpha 2.5 eps / iters: the budget is crossed in under half the iterations)."""
     if norm == "linf":
-        eps = float(ENROLL_DEFAULTS["eps"]) if eps is None else eps
-        return eps, float(ENROLL_DEFAULTS["alpha"]) if alpha is None else alpha
+        eps = float(preset["eps"]) if eps is None else eps
+        return eps, float(preset["alpha"]) if alpha is None else alpha
     eps = L2_DEFAULT_EPS if eps is None else eps
     return eps, 2.5 * eps / max(iters, 1) if alpha is None else alpha
 
