@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import ipaddress
 import json
 import time
 import zipfile
@@ -26,6 +25,7 @@ from faceveil.app.jobs import AppSettings, ProtectRequest, Worker
 from faceveil.app.sessions import FORMAT_EXTENSIONS, Photo, Session, Sessions, display_name
 from faceveil.app.uploads import Limits, RejectedUpload, check_photo, check_video, is_video_name
 from faceveil.errors import FaceveilError
+from faceveil.runtime.net import is_loopback
 
 DEFAULT_PORT = 8766
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -41,15 +41,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_host(host: str, public: bool) -> None:

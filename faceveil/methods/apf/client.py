@@ -8,9 +8,7 @@ telemetry. Environment proxies are ignored for loopback servers (a local proxy w
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import ipaddress
 import json
 import urllib.error
 import urllib.parse
@@ -21,6 +19,7 @@ import torch
 
 from faceveil.errors import FaceveilError
 from faceveil.methods.apf import wire
+from faceveil.runtime.net import is_loopback
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -98,15 +97,6 @@ class NoiseClient:
             return f"the APF server at {self.url} did not answer within {self.timeout:g} s"
         text = " ".join(str(reason).split()) or type(reason).__name__
         return f"cannot reach the APF server at {self.url}: {text}"
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1."""
-    if host == "localhost":
-        return True
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    return False
 
 
 def _check_gradient(g: torch.Tensor) -> None:

@@ -38,8 +38,8 @@ from starlette.requests import ClientDisconnect
 from faceveil import __version__
 from faceveil.errors import FaceveilError
 from faceveil.methods.apf import wire
-from faceveil.methods.apf.client import is_loopback
 from faceveil.methods.apf.networks import APF_GRID, ApfServerModel
+from faceveil.runtime.net import is_loopback
 
 log = logging.getLogger("faceveil.serve")
 
