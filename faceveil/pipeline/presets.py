@@ -24,16 +24,18 @@ LINF_STRENGTHS = {
     "mid": (8.0, 50),
     "high": (12.0, 50),
 }
-# What each strength measured (README, "The strength presets"; `faceveil eval goal --probes 8 --judges
-# faceres,faceres-deep,mfn192,facenet-vgg,facenet-casia`, photos saved as JPEG q95, re-read, re-detected,
-# leave-one-family-out): the face area's SSIM and PSNR against the original, and per judge the share of probes no
-# longer ranked first (Rank-1-UT). Re-measure when STRENGTHS change; the web app shows these to people choosing a
-# strength. high is not measured yet.
+# What each strength measured (README, "The strength presets"; `faceveil eval goal --probes 50 --judges all`: 50 LFW
+# people, photos saved as protect writes a JPEG (q85 4:2:0), re-read, re-detected, leave-one-family-out over all six
+# families): the face area's SSIM and PSNR against the original, and per judge the share of probes no longer ranked
+# first (Rank-1-UT; every judge black-box). Re-measure when STRENGTHS change; the web app shows these to people
+# choosing a strength. high is measured on fewer people (see README).
 STRENGTH_MEASURED = {
-    "low": {"face_ssim": 0.962, "face_psnr_db": 34.9, "not_ranked_first": {
-        "faceres": 0.00, "faceres-deep": 0.38, "mfn192": 0.25, "facenet-vgg": 0.25, "facenet-casia": 0.38}},
-    "mid": {"face_ssim": 0.944, "face_psnr_db": 33.0, "not_ranked_first": {
-        "faceres": 0.38, "faceres-deep": 0.50, "mfn192": 0.62, "facenet-vgg": 0.50, "facenet-casia": 0.62}},
+    "low": {"people": 50, "face_ssim": 0.958, "face_psnr_db": 35.3, "not_ranked_first": {
+        "mobileface": 0.24, "faceres": 0.42, "faceres-deep": 0.48, "dlib": 0.58, "mfn512": 0.50, "mfn192": 0.46,
+        "facenet-vgg": 0.36, "facenet-casia": 0.50}},
+    "mid": {"people": 50, "face_ssim": 0.940, "face_psnr_db": 33.3, "not_ranked_first": {
+        "mobileface": 0.34, "faceres": 0.68, "faceres-deep": 0.72, "dlib": 0.82, "mfn512": 0.70, "mfn192": 0.70,
+        "facenet-vgg": 0.66, "facenet-casia": 0.80}},
 }
 # The recipes before issue 23: DEFAULT (the `previous` row of `faceveil eval goal`), and THOROUGH, what carried
 # protection furthest to unseen families at that default's visibility (docs/methods.md: black-box Rank-1-UT 0.67

@@ -46,7 +46,8 @@ function showTab(name) {
 function percent(x) { return `${Math.round(100 * x)} %`; }
 
 function strengthWords(s) {
-  const budget = `Changes each pixel by at most ${s.eps} of 255 brightness levels, in ${s.iters} rounds.`;
+  const budget = `Changes the face by ${s.eps} of 255 brightness levels on average (more in hair and edges, less ` +
+    `on smooth skin), in ${s.iters} rounds.`;
   const m = s.measured;
   if (!m) return [budget, "Not measured yet."];
   const shares = Object.values(m.not_ranked_first);
@@ -55,7 +56,8 @@ function strengthWords(s) {
     m.face_ssim >= 0.88 ? "A faint grain on the face, visible up close" : "A visible grain on the face";
   return [
     `${look}: the face keeps ${percent(m.face_ssim)} of its structure (SSIM ${m.face_ssim}, PSNR ${m.face_psnr_db} dB).`,
-    `In our tests on 20 people, a face search no longer put the right person first in ${percent(mean)} of cases ` +
+    `In our tests on ${m.people} people, a face search no longer put the right person first in ${percent(mean)} ` +
+      `of cases ` +
       `on average over ${shares.length} models (${percent(Math.min(...shares))} to ${percent(Math.max(...shares))}).`,
     budget,
   ];
