@@ -97,3 +97,20 @@ def test_network_clock_counts_each_of_two_networks_on_one_input_once():
     x.grad = None
     sum(m(x * 1.0).square().sum() for m in models).backward()
     assert torch.equal(x.grad, reference)  # the clock's views change no value
+
+
+@needs_weights
+@pytest.mark.slow
+def test_bench_protect_runs_every_case_without_refusing_its_own_files():
+    """The photo case and the folder case write into their own folders: the whole bench runs (it once stopped at
+    'sample6.jpg exists: not overwritten' when the folder case wrote where the photo case had)."""
+    import dataclasses
+
+    from faceveil.bench.protect import run
+    from faceveil.pipeline.protect import ProtectSettings
+
+    base = ProtectSettings(surrogates=["mobileface"], verify=False)
+    settings = dataclasses.replace(base, attack=dataclasses.replace(base.attack, steps=1))
+    rows, info = run({"tiny": settings}, repeats=1, progress=False)
+    assert [r["case"] for r in rows] == ["photo", "folder", "optimise-1", "optimise-16"]
+    assert all(r["seconds_per_face"] > 0 for r in rows) and info["threads"] >= 1

@@ -121,7 +121,9 @@ def bench_preset(name: str, settings: ProtectSettings, repeats: int, out_dir: Pa
     photo = next(p for p in weights.sample_photos() if p.name == BENCH_PHOTO)
     item = BatchItem(path=photo, kind="image")
     faces = protector(item)["faces"]  # warm-up, and how many faces the photo has
-    folder = _folder_case(settings, out_dir)
+    folder_out = out_dir / "folder"  # its own: a second job does not overwrite a file the first one wrote
+    folder_out.mkdir(exist_ok=True)
+    folder = _folder_case(settings, folder_out)
     # (case, faces, run it, floor or None: the surrogates' own at that batch, the job's stage clock or None)
     cases = [("photo", faces, lambda: protector(item), None, protector.stages), folder]
     photos, marks = _sample_faces(protector.detector, BATCH_FACES)
@@ -167,6 +169,8 @@ def run(presets: dict[str, ProtectSettings], repeats: int = 3, progress: bool = 
     rows = []
     with tempfile.TemporaryDirectory(prefix="faceveil-bench-") as tmp:
         for name, settings in tqdm(presets.items(), desc="bench protect", disable=not progress):
-            rows += bench_preset(name, settings, repeats, Path(tmp))
+            out_dir = Path(tmp) / name
+            out_dir.mkdir()
+            rows += bench_preset(name, settings, repeats, out_dir)
     info = {"threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}
     return rows, info
