@@ -106,11 +106,11 @@ def best_probes(image: np.ndarray, reference: dict[str, torch.Tensor], detector:
 
 
 @torch.no_grad()
-def verify_best(before: np.ndarray, faces: list[Face], after: np.ndarray, judges: list[str],
+def verify_best(reference: dict[str, torch.Tensor], faces: list[Face], after: np.ndarray, judges: list[str],
                 detector: MTCNN) -> list[FaceCheck]:
-    """Per face of `before` (another photo of the person): each judge's score to the face of `after` it finds most
-    alike (`best_probes`); redetected is False when `after` holds no face at all."""
-    reference = embed_faces(before, faces, judges)
+    """Per face of another photo of the person (`faces`, embedded once by embed_faces as `reference`): each
+    judge's score to the face of `after` it finds most alike (`best_probes`); redetected is False when `after` holds
+    no face at all."""
     checks = []
     for i, (face, probe) in enumerate(zip(faces, best_probes(after, reference, detector, judges), strict=True)):
         check = FaceCheck(i, [round(float(v), 1) for v in face.box], probe is not None)
@@ -177,7 +177,8 @@ def verify_video(original: Path, protected: Path, judges: list[str], detector: M
         faces = choose_faces(photo)
         if not faces:
             raise FaceveilError(f"{original}: no face found in the original photo")
-        return [FrameCheck(k, verify_best(photo, faces, sampled.protected[k], judges, detector))
+        reference = embed_faces(photo, faces, judges)  # once for every frame
+        return [FrameCheck(k, verify_best(reference, faces, sampled.protected[k], judges, detector))
                 for k in sampled.indices]
     checks = []
     for k in sampled.indices:

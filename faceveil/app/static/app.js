@@ -57,8 +57,8 @@ function strengthWords(s) {
   return [
     `${look}: the face keeps ${percent(m.face_ssim)} of its structure (SSIM ${m.face_ssim}, PSNR ${m.face_psnr_db} dB).`,
     `In our tests on ${m.people} people, a face search no longer put the right person first in ${percent(mean)} ` +
-      `of cases ` +
-      `on average over ${shares.length} models (${percent(Math.min(...shares))} to ${percent(Math.max(...shares))}).`,
+      `of cases on average over ${shares.length} models ` +
+      `(${percent(Math.min(...shares))} to ${percent(Math.max(...shares))}).`,
     budget,
   ];
 }
