@@ -371,22 +371,20 @@ def verify(original: Any, protected: Any, *, judges: Sequence[str] | None = None
     from faceveil.detect.mtcnn import MTCNN
     from faceveil.io.paths import is_video_path
     from faceveil.models import zoo
-    from faceveil.pipeline.faces import default_confirmer
-    from faceveil.pipeline.job import select_faces
-    from faceveil.pipeline.verify import verify_arrays, verify_video
+    from faceveil.pipeline.verify import original_faces, verify_arrays, verify_video
 
     detector = MTCNN()
 
-    def original_faces(image: np.ndarray) -> list:
-        return select_faces(default_confirmer().split(image, detector.detect_large(image))[0], faces)
+    def chosen_faces(image: np.ndarray) -> list:
+        return original_faces(image, detector, faces)
 
     videos = [x for x in (original, protected) if isinstance(x, (str, Path)) and is_video_path(Path(x))]
     if videos:
         if not isinstance(original, (str, Path)) or not isinstance(protected, (str, Path)):
             raise FaceveilError("verify: a video is checked from files: give both the original and the protected as "
                                 "paths")
-        return verify_video(Path(original), Path(protected), list(judges or zoo.SPECS), detector, original_faces,
+        return verify_video(Path(original), Path(protected), list(judges or zoo.SPECS), detector, chosen_faces,
                             frames)
     before, after = load_pixels(original), load_pixels(protected)
-    return verify_arrays(before, after, original_faces(before), list(judges or zoo.SPECS), detector)
+    return verify_arrays(before, after, chosen_faces(before), list(judges or zoo.SPECS), detector)
 

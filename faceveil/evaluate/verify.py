@@ -30,10 +30,8 @@ from faceveil.io import weights
 from faceveil.io.images import read_image
 from faceveil.io.paths import is_video_path
 from faceveil.models import zoo
-from faceveil.pipeline.faces import default_confirmer
-from faceveil.pipeline.job import select_faces
 from faceveil.pipeline.results import NO_FACE_IN_ORIGINAL, face_verdict, frames_verdict, photo_verdict
-from faceveil.pipeline.verify import DEFAULT_FRAMES, best_probes, embed_faces, sample_frames
+from faceveil.pipeline.verify import DEFAULT_FRAMES, best_probes, embed_faces, original_faces, sample_frames
 
 CHECKED_TRANSFORMS = ("none", "jpeg75", "resize0.5", "blur1")
 VIDEO_TRANSFORMS = ("none",)  # every transform re-detects and re-embeds each frame: opt in with --transforms
@@ -139,10 +137,6 @@ def checked_transforms(names: str | None, video: bool) -> list[str]:
     return ["none"] + [n for n in dict.fromkeys(asked) if n != "none"]
 
 
-def _original_faces(image: np.ndarray, detector: MTCNN, faces: str) -> list[Face]:
-    return select_faces(default_confirmer().split(image, detector.detect_large(image))[0], faces)
-
-
 @dataclass
 class _Original:
     """The original faces of one check, their embeddings and which distractors are the same person."""
@@ -189,7 +183,7 @@ def run(original: Path, protected: Path, models: list[str], dataset: Path | None
         return _run_video(original, protected, models, dataset, faces, seed, detector or MTCNN(), frames, checked)
     before, after = _read_rgb(original, "original"), _read_rgb(protected, "protected")
     detector = detector or MTCNN()
-    originals = _original_faces(before, detector, faces)
+    originals = original_faces(before, detector, faces)
     if not originals:
         raise FaceveilError(f"{original}: no face found in the original photo")
     gallery = _gallery(models, dataset, detector, seed)
@@ -218,7 +212,7 @@ def _run_video(original: Path, protected: Path, models: list[str], dataset: Path
     photo_image, photo_faces = None, []
     if sampled.original is None:  # a photo of the person: its faces, once
         photo_image = _read_rgb(original, "original")
-        photo_faces = _original_faces(photo_image, detector, faces)
+        photo_faces = original_faces(photo_image, detector, faces)
         if not photo_faces:
             raise FaceveilError(f"{original}: no face found in the original photo")
     gallery = _gallery(models, dataset, detector, seed)
@@ -228,7 +222,7 @@ def _run_video(original: Path, protected: Path, models: list[str], dataset: Path
         if sampled.original is None:
             prepared = photo
         else:
-            frame_faces = _original_faces(sampled.original[k], detector, faces)
+            frame_faces = original_faces(sampled.original[k], detector, faces)
             if not frame_faces:
                 without_face.append(k)
                 continue

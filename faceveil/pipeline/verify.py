@@ -23,6 +23,8 @@ from faceveil.io.images import read_image
 from faceveil.io.paths import is_video_path
 from faceveil.io.video import probe_video, read_frames_at, sample_frame_indices
 from faceveil.models import zoo
+from faceveil.pipeline.faces import default_confirmer
+from faceveil.pipeline.job import FaceChoice, select_faces
 from faceveil.pipeline.results import NO_FACE_IN_ORIGINAL, FaceCheck, JudgeScore, photo_verdict
 
 DEFAULT_FRAMES = 8  # frames sampled from a protected video
@@ -71,6 +73,12 @@ def _target_scores(photo: np.ndarray, face: Face, centres: dict[str, torch.Tenso
         score = float(model.score(emb, centre[None])[0])
         out[name] = {"score": round(score, 4), "matches": score >= zoo.threshold(name)}
     return out
+
+
+def original_faces(image: np.ndarray, detector: MTCNN, which: FaceChoice = "all") -> list[Face]:
+    """The faces of an original that a check compares: confirmed faces only (a non-face is never checked), the
+    user's selection of them (faceveil.pipeline.job.select_faces)."""
+    return select_faces(default_confirmer().split(image, detector.detect_large(image))[0], which)
 
 
 @torch.no_grad()
